@@ -1,0 +1,335 @@
+"""The user API: ``distill_loss`` (a function) and ``RobustDistillationLoss`` (an ``nn.Module``).
+
+Per row ``i`` (METHOD.md section 3): ``p_i = softmax(g_i / gamma)`` (or given), ``q_i = (1 - a_i) e_{y_i}
++ a_i p_i``, ``s_i = softmax(f_i - log c)`` and ``loss_i = -sum_j w_j q_ij log s_ij`` (with the Hinton
+student temperature ``tau`` on the teacher part). Besides the loss, every call returns the per-class
+statistics ``mass``, ``risk`` and ``error`` summed over the batch, which drive the DRO class weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rkd_engine.dro import ClassDRO
+from rkd_engine.ops import REDUCTIONS, acc_dtype, distill, select_backend
+
+OBJECTIVES: tuple[str, ...] = ("standard", "balanced", "robust", "tradeoff")
+Objective = Literal["standard", "balanced", "robust", "tradeoff"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# How far a row of teacher probabilities may be from summing to 1, by dtype.
+_PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-8}
+
+
+class LossOutput(NamedTuple):
+    """The loss and the per-class statistics of METHOD.md section 3.6 (summed over the batch).
+
+    ``risk / mass`` and ``error / mass`` are the per-class surrogate and 0-1 risk estimates.
+    """
+
+    loss: Tensor
+    mass: Tensor
+    risk: Tensor
+    error: Tensor
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_companion(name: str, t: Tensor, student: Tensor, shape: tuple[int, ...], same_dtype: bool) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != student.device:
+        raise ValueError(f"{name} is on {t.device} but student_logits is on {student.device}")
+    if same_dtype and t.dtype != student.dtype:
+        raise ValueError(f"{name} must have the dtype of student_logits ({student.dtype}), got {t.dtype}")
+    if not same_dtype and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but distill_loss differentiates only in student_logits: pass {name}.detach()"
+        )
+
+
+def _check_values(name: str, t: Tensor, *, allow_neg_inf: bool = False, positive: bool = False, nonneg: bool = False) -> None:
+    """Value checks that read the tensor (a host synchronisation): skipped when ``validate=False``."""
+    if torch.isnan(t).any():
+        raise ValueError(f"{name} contains NaN")
+    bad_inf = torch.isposinf(t) if allow_neg_inf else torch.isinf(t)
+    if bad_inf.any():
+        raise ValueError(f"{name} must be finite{' or -inf' if allow_neg_inf else ''}, found an infinite value")
+    if positive and (t <= 0).any():
+        raise ValueError(f"{name} must be > 0 everywhere")
+    if nonneg and (t < 0).any():
+        raise ValueError(f"{name} must be >= 0 everywhere")
+
+
+def distill_loss(
+    student_logits: Tensor,
+    *,
+    labels: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_probs: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_weight: float | Tensor | None = None,
+    class_costs: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    student_temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    validate: bool = True,
+) -> LossOutput:
+    """Margin-adjusted distillation loss with per-class statistics, fused in one pass over the logits.
+
+    Args:
+        student_logits: ``f``, (B, m), float16 / bfloat16 / float32 / float64. The only input the
+            loss is differentiated in.
+        labels: ``y``, (B,) integers in ``[0, m)``; needed where ``teacher_weight < 1``.
+        teacher_logits: ``g``, (B, m), same dtype as ``f``; ``-inf`` marks a masked class.
+        teacher_probs: ``p`` given directly instead of ``teacher_logits`` (rows on the simplex).
+        temperature: ``gamma > 0``: ``p = softmax(g / gamma)``.
+        teacher_weight: ``a`` in [0, 1], a float or a (B,) tensor; ``q = (1 - a) e_y + a p``.
+            Defaults to 1 when a teacher is given and 0 when only labels are.
+        class_costs: ``c`` (m,) > 0: the loss uses ``s = softmax(f - log c)`` (logit adjustment).
+        class_weights: ``w`` (m,) >= 0: multiplicative per-class weights of the loss terms.
+        student_temperature: ``tau > 0`` (Hinton) on the teacher part of the loss, scaled by ``tau^2``.
+        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` (a (B,) loss).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+        validate: check values (NaN, label range, probability rows...). These checks read the
+            tensors and so synchronise with the device; pass ``False`` in a training hot path.
+
+    Returns:
+        ``LossOutput(loss, mass, risk, error)``; the statistics are (m,) float32 (float64 for
+        float64 inputs) sums over the batch: ``mass_j = sum_i q_ij``, ``risk_j = sum_i q_ij (-log s_ij)``,
+        ``error_j = sum_i q_ij [argmax_k f_ik != j]``.
+    """
+    if not isinstance(student_logits, Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must have shape (B, m), got {tuple(student_logits.shape)}")
+    if student_logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"student_logits must be float16, bfloat16, float32 or float64, got {student_logits.dtype}")
+    rows, m = student_logits.shape
+    if rows == 0 or m == 0:
+        raise ValueError(f"student_logits must have at least one row and one class, got shape {(rows, m)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    gamma = _check_positive_number("temperature", temperature)
+    tau = _check_positive_number("student_temperature", student_temperature)
+    check_values = validate and not torch.compiler.is_compiling()
+    device = student_logits.device
+    acc = acc_dtype(student_logits.dtype)
+
+    if teacher_logits is not None and teacher_probs is not None:
+        raise ValueError("pass either teacher_logits or teacher_probs, not both")
+    teacher = teacher_logits if teacher_logits is not None else teacher_probs
+    teacher_is_probs = teacher_probs is not None
+    if teacher is not None:
+        _check_companion("teacher_probs" if teacher_is_probs else "teacher_logits", teacher, student_logits, (rows, m), True)
+
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != (rows,):
+            raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels is on {labels.device} but student_logits is on {device}")
+        labels = labels.to(torch.int64).contiguous()
+
+    if teacher_weight is None:
+        if teacher is None and labels is None:
+            raise ValueError("distill_loss needs labels, a teacher (teacher_logits or teacher_probs), or both")
+        a = torch.full((rows,), 1.0 if teacher is not None else 0.0, dtype=acc, device=device)
+        a_const: float | None = 1.0 if teacher is not None else 0.0
+    elif isinstance(teacher_weight, Tensor):
+        _check_companion("teacher_weight", teacher_weight, student_logits, (rows,), False)
+        a = teacher_weight.to(acc).contiguous()
+        a_const = None
+        if check_values and (torch.isnan(a).any() or (a < 0).any() or (a > 1).any()):
+            raise ValueError("teacher_weight must lie in [0, 1] in every row")
+    else:
+        if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
+            raise TypeError(f"teacher_weight must be a float in [0, 1] or a (B,) tensor, got {type(teacher_weight).__name__}")
+        a_const = float(teacher_weight)
+        if not 0.0 <= a_const <= 1.0:
+            raise ValueError(f"teacher_weight must lie in [0, 1], got {a_const}")
+        a = torch.full((rows,), a_const, dtype=acc, device=device)
+    if teacher is None:
+        if a_const != 0.0:
+            raise ValueError("teacher_weight > 0 needs teacher_logits or teacher_probs")
+    if labels is None:
+        if a_const != 1.0:
+            raise ValueError("teacher_weight < 1 needs labels (the one-hot part of the target)")
+    if teacher is not None and a_const == 0.0:
+        teacher, teacher_is_probs = None, False
+    if labels is not None and a_const == 1.0:
+        labels = None
+
+    log_c = None
+    if class_costs is not None:
+        _check_companion("class_costs", class_costs, student_logits, (m,), False)
+        if check_values:
+            _check_values("class_costs", class_costs, positive=True)
+        log_c = torch.log(class_costs.to(acc)).contiguous()
+    w = None
+    if class_weights is not None:
+        _check_companion("class_weights", class_weights, student_logits, (m,), False)
+        if check_values:
+            _check_values("class_weights", class_weights, nonneg=True)
+        w = class_weights.to(acc).contiguous()
+
+    if check_values:
+        _check_values("student_logits", student_logits, allow_neg_inf=True)
+        if torch.isneginf(student_logits).all(-1).any():
+            raise ValueError("student_logits has a row that is -inf everywhere (no class left)")
+        if labels is not None and ((labels < 0).any() or (labels >= m).any()):
+            raise ValueError(f"labels must lie in [0, {m}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        if teacher is not None and teacher_is_probs:
+            _check_values("teacher_probs", teacher, nonneg=True)
+            sums = teacher.to(acc).sum(-1)
+            if ((sums - 1).abs() > _PROB_SUM_TOL[teacher.dtype]).any():
+                raise ValueError("teacher_probs rows must sum to 1")
+        elif teacher is not None:
+            _check_values("teacher_logits", teacher, allow_neg_inf=True)
+            if torch.isneginf(teacher).all(-1).any():
+                raise ValueError("teacher_logits has a row that is -inf everywhere (no class left)")
+
+    name = select_backend(backend, device, student_logits.dtype, m)
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    loss, _grad, mass, risk, error = distill(
+        student_logits.contiguous(),
+        None if teacher is None else teacher.contiguous(),
+        labels,
+        a,
+        log_c,
+        w,
+        gamma,
+        tau,
+        teacher_is_probs,
+        reduction,
+        need_grad,
+        name,
+    )
+    return LossOutput(loss, mass, risk, error)
+
+
+class RobustDistillationLoss(nn.Module):
+    """The paper's objectives for teacher training (labels) and student training (a teacher).
+
+    ``objective`` sets the class costs ``c`` of the margin loss (METHOD.md section 3):
+    ``"standard"``: ``c = 1``; ``"balanced"``: ``c = 1 / pi``; ``"robust"``: ``c = lambda / pi``;
+    ``"tradeoff"``: ``c = beta / pi`` with ``beta = (1 - alpha) / m + alpha * lambda``. ``pi`` is the
+    label prior of the training set for a teacher and the teacher marginal ``pi_t`` for a student
+    (``set_prior``). ``lambda`` lives in the ``dro`` submodule (a ``ClassDRO``) and moves with
+    ``update_weights(error, mass)``, the validation step of METHOD.md section 4.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        objective: Objective = "standard",
+        *,
+        alpha: float | None = None,
+        temperature: float = 1.0,
+        student_temperature: float = 1.0,
+        teacher_weight: float | None = None,
+        prior: Tensor | None = None,
+        step_size: float = 0.1,
+        class_weights: Tensor | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective == "tradeoff" and alpha is None:
+            raise ValueError("objective='tradeoff' needs alpha in [0, 1]")
+        if objective != "tradeoff" and alpha is not None:
+            raise ValueError(f"alpha is only used by objective='tradeoff' (objective={objective!r})")
+        alpha = 1.0 if objective == "robust" else (0.0 if alpha is None else float(alpha))
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.objective = objective
+        self.temperature = _check_positive_number("temperature", temperature)
+        self.student_temperature = _check_positive_number("student_temperature", student_temperature)
+        self.teacher_weight = teacher_weight
+        self.reduction = reduction
+        self.backend = backend
+        self.dro = ClassDRO(num_classes, alpha=alpha, step_size=step_size, prior=prior)
+        if class_weights is not None:
+            if tuple(class_weights.shape) != (num_classes,):
+                raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(class_weights.shape)}")
+            self.register_buffer("class_weights", class_weights.detach().float().clone())
+        else:
+            self.class_weights = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.dro.num_classes
+
+    @property
+    def costs(self) -> Tensor | None:
+        """The class costs ``c`` of the objective (``None`` for ``"standard"``: ``c = 1``)."""
+        if self.objective == "standard":
+            return None
+        if self.objective == "balanced":
+            return 1.0 / self.dro.prior
+        return self.dro.costs
+
+    def set_prior(self, prior: Tensor) -> None:
+        """Set ``pi``: the training label prior (teacher) or the teacher marginal ``pi_t`` (student)."""
+        self.dro.set_prior(prior)
+
+    @torch.no_grad()
+    def update_weights(self, error: Tensor, mass: Tensor) -> None:
+        """The DRO step from validation statistics (``error`` and ``mass`` summed over a validation set).
+
+        A no-op for ``"standard"`` and ``"balanced"``; on device, no host synchronisation.
+        """
+        if self.objective in ("robust", "tradeoff"):
+            self.dro.update(error, mass)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        labels: Tensor | None = None,
+        teacher_logits: Tensor | None = None,
+        teacher_probs: Tensor | None = None,
+        teacher_weight: float | Tensor | None = None,
+        validate: bool = False,
+    ) -> LossOutput:
+        """The objective's loss and per-class statistics for one batch (see ``distill_loss``)."""
+        return distill_loss(
+            student_logits,
+            labels=labels,
+            teacher_logits=teacher_logits,
+            teacher_probs=teacher_probs,
+            temperature=self.temperature,
+            teacher_weight=self.teacher_weight if teacher_weight is None else teacher_weight,
+            class_costs=self.costs,
+            class_weights=self.class_weights,
+            student_temperature=self.student_temperature,
+            reduction=self.reduction,
+            backend=self.backend,
+            validate=validate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, objective={self.objective!r}, alpha={self.dro.alpha}, "
+            f"temperature={self.temperature}, student_temperature={self.student_temperature}"
+        )

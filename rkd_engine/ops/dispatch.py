@@ -1,0 +1,104 @@
+"""Backend selection: a fixed order per device, each backend saying why it cannot take the inputs.
+
+``auto`` on CUDA tensors tries ``cuda`` and ``triton`` (in the order that measured faster for the
+shape, see ``_cuda_order``), then ``reference``; on CPU tensors ``cpp`` then ``reference``. An explicit
+backend that cannot run raises ``RuntimeError`` with its reason; it never silently falls back. The
+environment variable ``RKD_BACKEND`` forces a backend wherever ``backend="auto"`` is passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
+
+_log = logging.getLogger("rkd_engine.ops")
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (imported lazily: a missing toolchain never breaks import)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
+    return importlib.import_module(f"rkd_engine.ops.{name}_backend")
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, m: int) -> str | None:
+    """``None`` when backend ``name`` can run these inputs, else why not."""
+    try:
+        module = backend_module(name)
+    except ImportError as exc:  # a backend module whose own imports fail
+        return f"its module could not be imported: {exc}"
+    return module.unavailable_reason(device, dtype, m)
+
+
+def _cuda_order(m: int) -> tuple[str, ...]:
+    """Which GPU backend to try first for rows of ``m`` classes (measured on an H100, see README)."""
+    return ("triton", "cuda")
+
+
+def candidate_order(device: torch.device) -> tuple[str, ...]:
+    """Backends ``auto`` tries, best first, for tensors on ``device``."""
+    if device.type == "cuda":
+        return (*_cuda_order(0), "reference")
+    if device.type == "cpu":
+        return ("cpp", "reference")
+    return ("reference",)
+
+
+def explain_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000) -> dict[str, str | None]:
+    """For every backend, ``None`` if it can run (``device``, ``dtype``, ``m``) here, else the reason."""
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device, dtype, m) for name in BACKENDS}
+
+
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000) -> list[str]:
+    """Names of the backends that can run (``device``, ``dtype``, ``m``) here."""
+    return [name for name, reason in explain_backends(device, dtype, m).items() if reason is None]
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype, m: int) -> str:
+    """Resolve ``requested`` (``"auto"`` or a backend name) to a backend that can run the inputs.
+
+    The answer depends only on its arguments and the environment, so ``torch.compile`` treats it as a
+    constant of the traced graph.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    return _resolve(requested, device, dtype, m)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, m: int) -> str:
+    if requested == "auto":
+        requested = os.environ.get("RKD_BACKEND", "auto") or "auto"
+    return _resolve_cached(requested, device, dtype, m)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(requested: str, device: torch.device, dtype: torch.dtype, m: int) -> str:
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {requested!r}")
+        reason = unavailable_reason(requested, device, dtype, m)
+        if reason is not None:
+            raise RuntimeError(f"backend={requested!r} cannot run {dtype} inputs with m={m} on {device}: {reason}")
+        return requested
+    passed_over = []
+    if device.type == "cuda":
+        order = (*_cuda_order(m), "reference")
+    else:
+        order = candidate_order(device)
+    for name in order:
+        reason = unavailable_reason(name, device, dtype, m)
+        if reason is None:
+            if passed_over:
+                _log.debug("backend auto -> %s (passed over: %s)", name, "; ".join(passed_over))
+            return name
+        passed_over.append(f"{name}: {reason}")
+    raise RuntimeError("no backend can run these inputs: " + "; ".join(passed_over))

@@ -1,0 +1,122 @@
+"""The ``rkd::distill`` custom op: one op for eager, autograd and ``torch.compile``.
+
+The forward runs a backend's fused kernel, which returns the loss, the per-class statistics and the
+gradient of the (reduced) loss with respect to the student scores, computed in the same pass. The
+gradient is saved instead of recomputed; the backward only scales it by the incoming gradient, in
+place, with the backend's ``scale_rows_``, which leaves the gradient untouched when the incoming
+gradient is exactly 1 (the usual ``loss.backward()`` of a mean or sum): a training step reads the logits
+once and writes the gradient once. A later backward through a retained graph undoes the first scaling
+out of place. With ``reduction="none"`` the backward multiplies out of place (one more pass).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rkd_engine.ops.dispatch import backend_module
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("rkd::distill", mutates_args=())
+def distill(
+    student: Tensor,
+    teacher: Optional[Tensor],
+    labels: Optional[Tensor],
+    a: Tensor,
+    log_c: Optional[Tensor],
+    w: Optional[Tensor],
+    gamma: float,
+    tau: float,
+    teacher_is_probs: bool,
+    reduction: str,
+    need_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused distillation loss (reduced), its saved gradient, and per-class ``mass``, ``risk``, ``error``."""
+    rows = student.shape[0]
+    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
+        student,
+        teacher,
+        labels,
+        a,
+        log_c,
+        w,
+        gamma=gamma,
+        tau=tau,
+        teacher_is_probs=teacher_is_probs,
+        grad_scale=grad_scale,
+        need_grad=need_grad,
+    )
+    if reduction == "mean":
+        loss = loss_rows.sum() / rows
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows
+    return loss, grad, mass, risk, error
+
+
+@distill.register_fake
+def _distill_fake(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend):
+    rows, m = student.shape
+    acc = acc_dtype(student.dtype)
+    loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+    grad = student.new_empty((rows, m) if need_grad else (0,))
+    stats = [student.new_empty((m,), dtype=acc) for _ in range(3)]
+    return (loss, grad, *stats)
+
+
+def _setup_context(ctx, inputs, output):
+    student, *_rest = inputs
+    reduction, need_grad, backend = inputs[9], inputs[10], inputs[11]
+    ctx.reduction = reduction
+    ctx.backend = backend
+    ctx.need_grad = need_grad
+    ctx.rows = student.shape[0]
+    ctx.applied = None
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+
+
+def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError(
+            "rkd::distill was called without computing the gradient (need_grad=False); "
+            "call it with a student that requires grad under torch.enable_grad()"
+        )
+    go = g_loss.to(acc_dtype(grad.dtype))
+    go = go.expand(ctx.rows) if go.dim() == 0 else go
+    nones = (None,) * 11
+    if ctx.reduction == "none" or type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        # Out of place: under tracing (torch.compile, AOTAutograd: functional or fake tensor subclasses)
+        # a graph may not mutate a saved forward output, and the compiler fuses this multiply; with
+        # per-row losses, Jacobian-style use (gradcheck, vmap over upstream gradients) must stay exact.
+        return (grad * go.unsqueeze(-1).to(grad.dtype), *nones)
+    if ctx.applied is None:
+        # First backward: scale the saved gradient in place; rows whose upstream gradient is exactly 1
+        # (loss.backward()) are skipped on device. `.data` keeps the saved tensor's version unchanged.
+        ctx.applied = go.contiguous()
+        backend_module(ctx.backend).scale_rows_(grad.data, ctx.applied)
+        return (grad, *nones)
+    # A later backward through a retained graph (retain_graph=True, gradcheck, Jacobians): the saved
+    # gradient holds go_1 * dloss/df; undo go_1 out of place. Not a hot path, so the check may sync.
+    if bool((ctx.applied == 0).any()):
+        raise RuntimeError(
+            "rkd::distill: a second backward through a retained graph cannot recover rows whose first "
+            "upstream gradient was 0; compute the loss again instead"
+        )
+    return (grad * (go / ctx.applied).unsqueeze(-1).to(grad.dtype), *nones)
+
+
+distill.register_autograd(_backward, setup_context=_setup_context)

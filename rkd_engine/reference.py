@@ -1,0 +1,205 @@
+"""Pure-PyTorch reference of every formula in METHOD.md sections 3 and 4.
+
+This module is the test oracle, the fallback backend on any device and the baseline of every
+benchmark. It favours clarity over speed, works in any floating dtype (float64 included) and is
+differentiable with autograd, so ``torch.autograd.gradcheck`` can check both the loss and the
+closed-form gradient below.
+
+Symbols (METHOD.md section 1 and 3), per row ``i`` of a batch of ``B`` rows and ``m`` classes:
+
+    p_i   = softmax(g_i / gamma)                       (teacher; or given as probabilities)
+    q_i   = (1 - a_i) e_{y_i} + a_i p_i                (target)
+    z_i   = f_i - log c                                (margin-adjusted student scores)
+    (computed as (f_i - max_j f_ij) - log c and (g_i - max_j g_ij) / gamma: equal in exact arithmetic,
+    and what keeps logits near 1e4 at extreme temperatures accurate in float32)
+    s_i   = softmax(z_i),  s^tau_i = softmax(z_i / tau)
+    loss_i = (1 - a_i) w_{y_i} (-log s_{i,y_i}) + a_i tau^2 sum_j w_j p_ij (-log s^tau_ij)
+    dloss_i/df_ij = (1 - a_i) w_{y_i} (s_ij - e_{y_i,j}) + a_i tau (s^tau_ij sum_k w_k p_ik - w_j p_ij)
+                  = s_ij sum_k w_k q_ik - w_j q_ij      when tau = 1
+    mass_j  = sum_i q_ij
+    risk_j  = sum_i q_ij (-log s_ij)                   (tau = 1, unweighted by w)
+    error_j = sum_i q_ij [argmax_k f_ik != j]
+
+A term with ``q_ij = 0`` contributes exactly 0, also where ``s_ij = 0`` (masked ``-inf`` columns).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FusedRows",
+    "dro_update",
+    "fused_rows",
+    "loss_rows",
+    "teacher_probs_from_logits",
+    "target_distribution",
+    "tradeoff_beta",
+]
+
+
+class FusedRows(NamedTuple):
+    """Everything the fused kernel returns for one batch (see the module docstring)."""
+
+    loss: Tensor  # (B,) per-row loss
+    grad: Tensor  # (B, m) dloss_i / df_i
+    mass: Tensor  # (m,)
+    risk: Tensor  # (m,)
+    error: Tensor  # (m,)
+
+
+def _shift(x: Tensor) -> Tensor:
+    """``x - max_j x_j`` row-wise: exact near the maximum, so large logits lose no precision below."""
+    return x - x.detach().amax(dim=-1, keepdim=True)
+
+
+def teacher_probs_from_logits(teacher_logits: Tensor, gamma: float) -> Tensor:
+    """``p = softmax(g / gamma)`` row-wise; ``-inf`` logits get probability 0.
+
+    The row maximum is subtracted before dividing by ``gamma`` (same result in exact arithmetic,
+    far less rounding for logits near 1e4 and small ``gamma``).
+    """
+    return torch.softmax(_shift(teacher_logits) / gamma, dim=-1)
+
+
+def target_distribution(p: Tensor | None, labels: Tensor | None, a: Tensor, m: int) -> Tensor:
+    """``q = (1 - a) e_y + a p`` with ``a`` of shape (B,). Missing parts must have weight 0."""
+    a = a.unsqueeze(-1)
+    q = None
+    if labels is not None:
+        one_hot = torch.nn.functional.one_hot(labels.long(), m).to(a.dtype)
+        q = (1 - a) * one_hot
+    if p is not None:
+        q = a * p if q is None else q + a * p
+    if q is None:
+        raise ValueError("target_distribution needs labels or teacher probabilities")
+    return q
+
+
+def _neg_log_softmax_masked(z: Tensor, q: Tensor) -> Tensor:
+    """``-log softmax(z)`` with entries where ``q == 0`` set to 0 (no ``0 * inf``)."""
+    nls = -torch.log_softmax(z, dim=-1)
+    return torch.where(q > 0, nls, torch.zeros_like(nls))
+
+
+def loss_rows(
+    student: Tensor,
+    *,
+    teacher: Tensor | None = None,
+    teacher_is_probs: bool = False,
+    labels: Tensor | None = None,
+    a: Tensor,
+    gamma: float = 1.0,
+    log_c: Tensor | None = None,
+    w: Tensor | None = None,
+    tau: float = 1.0,
+) -> Tensor:
+    """Per-row loss ``loss_i`` of METHOD.md section 3, differentiable in ``student`` (and teacher).
+
+    ``a`` is a (B,) tensor; ``log_c`` and ``w`` are (m,) tensors or ``None`` (``c = 1``, ``w = 1``).
+    Computed in the dtype of ``student`` (use float64 for an oracle).
+    """
+    dtype = student.dtype
+    m = student.shape[-1]
+    a = a.to(dtype)
+    z = _shift(student) if log_c is None else _shift(student) - log_c.to(dtype)
+    p = None
+    if teacher is not None:
+        p = teacher.to(dtype) if teacher_is_probs else teacher_probs_from_logits(teacher.to(dtype), gamma)
+    w_ = torch.ones(m, dtype=dtype, device=student.device) if w is None else w.to(dtype)
+
+    total = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
+    if labels is not None:
+        one_hot = torch.nn.functional.one_hot(labels.long(), m).to(dtype)
+        hard = one_hot * (1 - a).unsqueeze(-1)
+        total = total + (hard * w_ * _neg_log_softmax_masked(z, hard)).sum(-1)
+    if p is not None:
+        soft = p * a.unsqueeze(-1)
+        total = total + tau * tau * (soft * w_ * _neg_log_softmax_masked(z / tau, soft)).sum(-1)
+    return total
+
+
+def fused_rows(
+    student: Tensor,
+    *,
+    teacher: Tensor | None = None,
+    teacher_is_probs: bool = False,
+    labels: Tensor | None = None,
+    a: Tensor,
+    gamma: float = 1.0,
+    log_c: Tensor | None = None,
+    w: Tensor | None = None,
+    tau: float = 1.0,
+    grad_scale: float = 1.0,
+    need_grad: bool = True,
+) -> FusedRows:
+    """Loss, closed-form gradient and per-class statistics in one call (the kernels' contract).
+
+    Arithmetic runs in float64 for float64 inputs and in float32 otherwise; ``grad`` is returned in
+    the dtype of ``student`` multiplied by ``grad_scale`` (``1/B`` for a mean), or as an empty tensor
+    when ``need_grad`` is false. ``loss``, ``mass``, ``risk`` and ``error`` are float32 (float64 for
+    float64 inputs).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    f = student.detach().to(acc)
+    m = f.shape[-1]
+    a_ = a.detach().to(acc)
+    z = _shift(f) if log_c is None else _shift(f) - log_c.detach().to(acc)
+    p = None
+    if teacher is not None:
+        t = teacher.detach().to(acc)
+        p = t if teacher_is_probs else teacher_probs_from_logits(t, gamma)
+    q = target_distribution(p, labels, a_, m)
+    w_ = torch.ones(m, dtype=acc, device=f.device) if w is None else w.detach().to(acc)
+
+    loss = loss_rows(f, teacher=p, teacher_is_probs=True, labels=labels, a=a_, log_c=None if log_c is None else log_c.detach().to(acc), w=w_, tau=tau)
+
+    nls = _neg_log_softmax_masked(z, q)
+    mass = q.sum(0)
+    risk = (q * nls).sum(0)
+    pred = f.argmax(-1)
+    wrong = torch.ones_like(q)
+    wrong.scatter_(1, pred.unsqueeze(1), 0.0)
+    error = (q * wrong).sum(0)
+
+    if need_grad:
+        s = torch.softmax(z, dim=-1)
+        grad = torch.zeros_like(f)
+        if labels is not None:
+            one_hot = torch.nn.functional.one_hot(labels.long(), m).to(acc)
+            w_y = (one_hot * w_).sum(-1, keepdim=True)
+            grad = grad + (1 - a_).unsqueeze(-1) * w_y * (s - one_hot)
+        if p is not None:
+            s_tau = torch.softmax(z / tau, dim=-1)
+            w_p = (w_ * p).sum(-1, keepdim=True)
+            grad = grad + a_.unsqueeze(-1) * tau * (s_tau * w_p - w_ * p)
+        grad = (grad * grad_scale).to(student.dtype)
+    else:
+        grad = student.new_empty(0)
+    return FusedRows(loss, grad, mass, risk, error)
+
+
+def tradeoff_beta(weights: Tensor, alpha: float) -> Tensor:
+    """``beta = (1 - alpha) / m + alpha * lambda`` (METHOD.md section 2)."""
+    m = weights.shape[-1]
+    return (1.0 - alpha) / m + alpha * weights
+
+
+def dro_update(weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float, step_size: float) -> Tensor:
+    """One exponentiated-gradient step on the class weights ``lambda`` (METHOD.md section 4).
+
+    ``R_j = risk_numerator_j / mass_j`` for classes with ``mass_j > 0``;
+    ``lambda_j <- lambda_j exp(step_size * alpha * R_j)``, renormalised over the classes present so
+    that a class with zero mass keeps its weight exactly and ``lambda`` stays on the simplex.
+    Returns the new weights (the input is not modified).
+    """
+    present = mass > 0
+    ratio = torch.where(present, risk_numerator / torch.where(present, mass, torch.ones_like(mass)), torch.zeros_like(mass))
+    grown = torch.where(present, weights * torch.exp(step_size * alpha * ratio), torch.zeros_like(weights))
+    old_present = torch.where(present, weights, torch.zeros_like(weights)).sum()
+    new_present = grown.sum()
+    scale = torch.where(new_present > 0, old_present / torch.where(new_present > 0, new_present, torch.ones_like(new_present)), torch.zeros_like(new_present))
+    return torch.where(present, grown * scale, weights)
