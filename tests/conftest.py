@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors (tests/test_triton_backend.py).
+# Triton reads TRITON_INTERPRET when triton.language is first imported, which importing torch._dynamo
+# already does, so it is set here, before rkd_engine is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rkd_engine.ops import explain_backends
 
