@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One GPU session: build rkd (C++ and CUDA extensions) against the machine's torch, run the GPU tests and
+# the CUDA benchmark. Usage: bash benchmarks/gpu_run.sh [build] [tests] [bench] [bench-quick]
+# Results go to $OUT (or benchmarks/results) so they can be committed.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+for stage in "$@"; do
+  case "$stage" in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+      python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
+      nvcc --version | tail -1
+      ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/gpu_build.log" 2>&1
+      tail -5 "$OUT/gpu_build.log"
+      python3 -c "import torch, rkd_engine; print(rkd_engine.explain_backends('cuda', torch.bfloat16, 131072))"
+      ;;
+    tests)
+      files=$(ls tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_dro.py 2>/dev/null)
+      RKD_TEST_LARGE=1 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider $files 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -25
+      ;;
+    bench)
+      timeout 560 python3 benchmarks/bench_loss.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^W1\|warn"
+      ;;
+    bench-quick)
+      timeout 300 python3 benchmarks/bench_loss.py --device cuda --out "$OUT" --tag quick \
+        --methods eager,compile,rkd-triton,rkd-cuda,liger-kldiv 2>&1 | tee "$OUT/gpu_bench_quick.log"
+      ;;
+  esac
+done
