@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device)
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | copy {bandwidth / 1e9:.1f} GB/s")
     rows_out = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench_loss_{device}{'_' + args.tag if args.tag else ''}"
     for rows, m in shapes:
         for dtype in dtypes:
             f, g, costs = make_case(rows, m, dtype, device)
@@ -285,17 +287,19 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             del f, g, costs, methods
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"bench_loss_{device}{'_' + args.tag if args.tag else ''}"
+            write_results(rows_out, env, bandwidth, stem)  # after every case: a cut-off run keeps what it measured
+    plot(rows_out, f"{stem}.png")
+    print(f"wrote {stem}.csv, .json, .png")
+    return 0
+
+
+def write_results(rows_out: list[dict], env: dict, bandwidth: float, stem: Path) -> None:
     with open(f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
         writer.writeheader()
         writer.writerows(rows_out)
     with open(f"{stem}.json", "w") as fh:
         json.dump({"environment": env, "copy_GBps": bandwidth / 1e9, "rows": rows_out}, fh, indent=1)
-    plot(rows_out, f"{stem}.png")
-    print(f"wrote {stem}.csv, .json, .png")
-    return 0
 
 
 def plot(rows: list[dict], path: str) -> None:

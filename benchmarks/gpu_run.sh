@@ -26,7 +26,7 @@ for stage in "$@"; do
         | tee "$OUT/gpu_tests.log" | tail -25
       ;;
     bench)
-      timeout 560 python3 benchmarks/bench_loss.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^W1\|warn"
+      timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_loss.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^W1\|warn"
       ;;
     bench-quick)
       timeout 300 python3 benchmarks/bench_loss.py --device cuda --out "$OUT" --tag quick \

@@ -92,6 +92,10 @@ rows take up to 163), so about 16 warps fill the 64K-register file."""
 _TILE = 2048
 """Elements per row tile on the narrow path (short rows are packed several to a tile) and in pass 2."""
 
+_WIDE_PASS2_TILE = 1024
+"""Columns per wide pass-2 tile (4 warps). Measured on an H100 at (8192, 131072): 5.05 ms against 5.36 ms
+for 2048 columns / 8 warps in bf16, equal in fp32 (benchmarks/results/tune_triton_*.csv)."""
+
 _PASS2_WAVES = 8
 """Pass 2 aims at this many programs per resident slot, so that the last wave leaves little idle."""
 
@@ -171,7 +175,7 @@ def fused_config(
         programs = min(triton.cdiv(rows, block_r), _slots(num_warps, sm_count))
         return FusedConfig(False, block_r, block_m, num_warps, programs)
     block_n1 = wide_block_n or min(4096, _pow2(m))
-    block_n = wide_block_n or min(_TILE, _pow2(m))
+    block_n = wide_block_n or min(_WIDE_PASS2_TILE, _pow2(m))
     block_r = 1 if wide_block_n is None else 2
     num_warps = _warps(block_r * block_n, _ELEMENTS_PER_THREAD)
     n_col = triton.cdiv(m, block_n)
@@ -647,22 +651,28 @@ def _sum_partials_kernel(
     n_parts,
     m,
     BLOCK: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    """Stage 2: sum the slices in a fixed order (reproducible), one program per BLOCK classes."""
+    """Stage 2: sum the slices in a fixed order (reproducible), one program per BLOCK classes.
+
+    Each step loads a (PARTS, BLOCK) tile of slices, so the loop runs n_parts / PARTS times.
+    """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < m
-    mass = tl.zeros([BLOCK], tl.float32)
-    risk = tl.zeros([BLOCK], tl.float32)
-    error = tl.zeros([BLOCK], tl.float32)
-    base = part_ptr + offs  # advanced by one (3, m) slice per step: 64-bit pointer arithmetic
-    for _ in range(n_parts):
-        mass += tl.load(base, mask=ok, other=0.0)
-        risk += tl.load(base + m, mask=ok, other=0.0)
-        error += tl.load(base + 2 * m, mask=ok, other=0.0)
-        base += 3 * m
-    tl.store(mass_ptr + offs, mass, mask=ok)
-    tl.store(risk_ptr + offs, risk, mask=ok)
-    tl.store(error_ptr + offs, error, mask=ok)
+    mass = tl.zeros([PARTS, BLOCK], tl.float32)
+    risk = tl.zeros([PARTS, BLOCK], tl.float32)
+    error = tl.zeros([PARTS, BLOCK], tl.float32)
+    stride = 3 * m
+    for p0 in range(0, n_parts, PARTS):
+        parts = p0 + tl.arange(0, PARTS)
+        ptr = part_ptr + parts.to(tl.int64)[:, None] * stride + offs[None, :]
+        mask = (parts < n_parts)[:, None] & ok[None, :]
+        mass += tl.load(ptr, mask=mask, other=0.0)
+        risk += tl.load(ptr + m, mask=mask, other=0.0)
+        error += tl.load(ptr + 2 * m, mask=mask, other=0.0)
+    tl.store(mass_ptr + offs, tl.sum(mass, axis=0), mask=ok)
+    tl.store(risk_ptr + offs, tl.sum(risk, axis=0), mask=ok)
+    tl.store(error_ptr + offs, tl.sum(error, axis=0), mask=ok)
 
 
 @triton.jit
@@ -673,12 +683,14 @@ def _scale_rows_kernel(
     m,
     BLOCK: tl.constexpr,
 ):
-    """``grad[i, :] *= go[i]`` for one (row, column tile); a row with ``go[i] == 1`` is neither read nor written."""
+    """``grad[i, :] *= go[i]``, one program per row looping over column tiles; a row with ``go[i] == 1``
+    is neither read nor written (the usual ``loss.backward()``: the launch then costs one load per row)."""
     row = tl.program_id(0)
     go = tl.load(go_ptr + row)
     if go != 1.0:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = cols < m
-        ptr = grad_ptr + row.to(tl.int64) * stride + cols
-        x = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptr, (x * go).to(grad_ptr.dtype.element_ty), mask=ok)
+        base = grad_ptr + row.to(tl.int64) * stride
+        for start in range(0, m, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < m
+            x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(base + cols, (x * go).to(grad_ptr.dtype.element_ty), mask=ok)

@@ -84,6 +84,8 @@ def _setup_context(ctx, inputs, output):
     ctx.need_grad = need_grad
     ctx.rows = student.shape[0]
     ctx.applied = None
+    # The statistics and the saved gradient get no upstream gradient: don't let autograd build B x m zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
 
@@ -95,6 +97,8 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
             "rkd::distill was called without computing the gradient (need_grad=False); "
             "call it with a student that requires grad under torch.enable_grad()"
         )
+    if g_loss is None:
+        return (None,) * 12
     go = g_loss.to(acc_dtype(grad.dtype))
     go = go.expand(ctx.rows) if go.dim() == 0 else go
     nones = (None,) * 11

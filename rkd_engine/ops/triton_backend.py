@@ -239,8 +239,10 @@ def _launch_fused(distill, cfg, student, common, grad_arg, need_grad, loss, part
             rows, m, cfg.rows_per_group, inv_gamma, tau, inv_tau, grad_scale,
             **flags, NEED_GRAD=bool(need_grad), BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_m, num_warps=cfg.num_warps,
         )  # fmt: skip
-    block = min(1024, max(16, 1 << (m - 1).bit_length()))
-    distill._sum_partials_kernel[(_cdiv(m, block),)](parts, mass, risk, error, cfg.n_parts, m, BLOCK=block, num_warps=4)
+    block = min(256, max(16, 1 << (m - 1).bit_length()))
+    distill._sum_partials_kernel[(_cdiv(m, block),)](
+        parts, mass, risk, error, cfg.n_parts, m, BLOCK=block, PARTS=16, num_warps=4
+    )
 
 
 def scale_rows_(grad: Tensor, go: Tensor) -> None:
@@ -255,7 +257,7 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     distill, _ = _kernels()
     block, num_warps = distill.scale_rows_config(m)
     with _on(grad.device):
-        distill._scale_rows_kernel[(rows, _cdiv(m, block))](
+        distill._scale_rows_kernel[(rows,)](
             grad, grad.stride(0), go, m, BLOCK=block, num_warps=num_warps
         )
 
