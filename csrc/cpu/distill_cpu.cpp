@@ -1,0 +1,353 @@
+// rkd_engine._C: the fused distillation loss on CPU (METHOD.md section 3), bound with pybind11.
+//
+// Math, per row i of B rows and m classes (METHOD.md symbols), with f = student scores, g = teacher
+// logits (or p given directly), y = label, a = a_i, c = class costs, w = class weights:
+//   p_j   = softmax(g / gamma)_j                  q_j = (1 - a) [j == y] + a p_j
+//   z_j   = (f_j - max_k f_k) - log c_j           s = softmax(z),  s^tau = softmax(z / tau)
+//   loss  = (1 - a) w_y (-log s_y) + a tau^2 sum_j w_j p_j (-log s^tau_j)
+//   dloss/df_j = (1 - a) w_y (s_j - [j == y]) + a tau (s^tau_j W_p - w_j p_j),   W_p = sum_k w_k p_k
+//              = s_j W_q - w_j q_j  when tau = 1,                               W_q = sum_k w_k q_k
+//   mass_j += q_j,  risk_j += q_j (-log s_j),  error_j += q_j [argmax_k f_k != j]   (s at tau = 1)
+// A term with q_j = 0 contributes exactly 0 (no 0 * inf for -inf teacher columns).
+//
+// How a row is computed (distill_rows.h). With u_j = z_j - max_k z_k <= 0 and
+// e_j = exp((g_j - max_k g_k) / gamma):
+//   L = log sum_j exp(u_j)  gives  -log s_j = L - u_j;   L_tau = log sum_j exp(u_j / tau);
+//   p_j = e_j / S_g with S_g = sum_j e_j (S_g = 1 for given probabilities);
+//   loss = (1 - a) w_y (L - u_y) + a tau^2 (L_tau W_p - (1/tau) sum_{j: w_j e_j > 0} w_j e_j u_j / S_g),
+// where both teacher terms are >= 0, so no cancellation. Pass A reads the row once, tile by tile,
+// keeping running maxima of f, z and g and the sums above; when a later tile raises a maximum the
+// sums are rescaled (exp(-du) for sum exp(u), sum w e u - du sum w e for the linear one). Pass B
+// forms q, the gradient (fp32 math, one rounding at the store, times grad_scale) and the statistics.
+// A row of up to kMaxSingleTile classes is held whole in per-thread scratch (u, e and exp(u) stored
+// by pass A), so it is read from memory once and its gradient written once: 3 x element size bytes
+// per logit; the next row is prefetched during the exponential pass. Wider rows reread each tile in
+// pass B (5 x). Per-class accumulators belong to a block of rows (no atomics) and are merged once;
+// error_j = mass_j - hit_j with hit_j = sum_{i: argmax f_i = j} q_ij (first index on ties).
+// Accumulation is float for float32/bfloat16/float16 inputs and double for float64 inputs.
+//
+// Threads: rows are split into contiguous blocks, each with its own accumulators, claimed by the
+// threads of one at::parallel_for as they finish; blocks are merged in order, so results do not depend
+// on scheduling. Vector code: distill_kernel_avx2.cpp (AVX2/FMA/F16C, chosen at run time when
+// the CPU has them) or distill_kernel_generic.cpp (portable); RKD_CPU_ISA=generic|avx2|auto or
+// set_cpu_isa() overrides the choice.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "distill_kernel.h"
+
+namespace rkd::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool avx2_usable() {
+  static const bool usable = avx2_kernels() != nullptr && cpu_has_avx2();
+  return usable;
+}
+
+const KernelTable* table_for(const std::string& isa) {
+  if (isa == "generic") return generic_kernels();
+  if (isa == "avx2") {
+    TORCH_CHECK(avx2_usable(), "rkd_engine._C: the AVX2 kernels are not available on this CPU or build");
+    return avx2_kernels();
+  }
+  TORCH_CHECK(isa == "auto", "rkd_engine._C: cpu isa must be 'auto', 'avx2' or 'generic', got '", isa, "'");
+  return avx2_usable() ? avx2_kernels() : generic_kernels();
+}
+
+const KernelTable*& active_table() {
+  static const KernelTable* table = [] {
+    const char* env = std::getenv("RKD_CPU_ISA");
+    return table_for(env != nullptr && env[0] != '\0' ? std::string(env) : std::string("auto"));
+  }();
+  return table;
+}
+
+struct Tiling {
+  int64_t max_single = kMaxSingleTile;
+  int64_t tile = kTile;
+};
+
+Tiling& tiling() {
+  static Tiling t;
+  return t;
+}
+
+// Tests use small values to run the tiled (online) path on small rows.
+void set_tiling(int64_t max_single_tile, int64_t tile) {
+  TORCH_CHECK(tile >= kPad && tile % kPad == 0, "rkd_engine._C: tile must be a positive multiple of ", kPad,
+              ", got ", tile);
+  TORCH_CHECK(max_single_tile >= 0, "rkd_engine._C: max_single_tile must be >= 0, got ", max_single_tile);
+  tiling() = Tiling{max_single_tile, tile};
+}
+
+std::tuple<int64_t, int64_t> get_tiling() { return {tiling().max_single, tiling().tile}; }
+
+std::string cpu_isa() { return active_table()->isa; }
+
+void set_cpu_isa(const std::string& isa) { active_table() = table_for(isa); }
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kFloat32;
+    case at::kBFloat16:
+      return kBFloat16;
+    case at::kHalf:
+      return kFloat16;
+    case at::kDouble:
+      return kFloat64;
+    default:
+      TORCH_CHECK(false, "rkd_engine._C: student scores must be float32, bfloat16, float16 or float64, got ", t);
+  }
+  return kFloat32;  // unreachable
+}
+
+// The kernel table entry for dtype `code`: the active ISA's, or the portable one where it has none.
+const KernelTable* table_with(DType code) {
+  const KernelTable* t = active_table();
+  return t->rows[code] != nullptr ? t : generic_kernels();
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t len, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "rkd_engine._C: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "rkd_engine._C: ", name, " must have shape (", len, ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "rkd_engine._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "rkd_engine._C: ", name, " must be contiguous");
+}
+
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "rkd_engine._C: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == like.sizes(), "rkd_engine._C: ", name, " must have shape ", like.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rkd_engine._C: ", name, " must be ", like.scalar_type(),
+              " like the student scores, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "rkd_engine._C: ", name, " must be contiguous");
+}
+
+// Blocks of rows, each with its own per-class accumulators: enough blocks for the threads to balance
+// their load (threads claim blocks as they finish, which matters on a shared machine), few enough
+// that the accumulators stay small. Results do not depend on which thread ran a block.
+int64_t num_blocks(int64_t rows, int64_t m_pad, int64_t threads, int64_t elem) {
+  constexpr int64_t kBlocksPerThread = 4;
+  constexpr int64_t kMinRowsPerBlock = 16;
+  constexpr int64_t kAccumulatorBytes = int64_t(8) << 20;
+  const int64_t by_memory = std::max<int64_t>(1, kAccumulatorBytes / (3 * m_pad * elem));
+  const int64_t by_rows = std::max<int64_t>(1, rows / kMinRowsPerBlock);
+  const int64_t wanted = std::max<int64_t>(threads, std::min(kBlocksPerThread * threads, by_memory));
+  return std::max<int64_t>(1, std::min(wanted, by_rows));
+}
+
+template <class T>
+void copy_padded(T* dst, const std::optional<at::Tensor>& v, int64_t m, int64_t m_pad, T fill) {
+  if (v.has_value()) {
+    std::memcpy(dst, v->data_ptr(), static_cast<size_t>(m) * sizeof(T));
+  } else {
+    std::fill(dst, dst + m, fill);
+  }
+  std::fill(dst + m, dst + m_pad, T(0));
+}
+
+// mass = sum_b mass_b, risk = sum_b risk_b, error = mass - sum_b hit_b, summing blocks in order.
+template <class T>
+void merge_blocks(const T* stats, int64_t blocks, int64_t m, int64_t m_pad, T* mass, T* risk, T* error) {
+  at::parallel_for(0, m, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T ms = 0, rs = 0, hs = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const T* st = stats + b * 3 * m_pad;
+        ms += st[j];
+        rs += st[m_pad + j];
+        hs += st[2 * m_pad + j];
+      }
+      mass[j] = ms;
+      risk[j] = rs;
+      error[j] = ms - hs;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& a, const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double gamma,
+    double tau, bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<at::Tensor>& grad_out) {
+  TORCH_CHECK(student.device().is_cpu(), "rkd_engine._C: student scores must be a CPU tensor, got ",
+              student.device());
+  TORCH_CHECK(student.dim() == 2, "rkd_engine._C: student scores must have shape (B, m), got ", student.sizes());
+  TORCH_CHECK(student.is_contiguous(), "rkd_engine._C: student scores must be contiguous");
+  const DType code = dtype_code(student.scalar_type());
+  const int64_t rows = student.size(0);
+  const int64_t m = student.size(1);
+  TORCH_CHECK(m >= 1, "rkd_engine._C: student scores need at least one class (m >= 1), got m = ", m);
+  const at::ScalarType acc = code == kFloat64 ? at::kDouble : at::kFloat;
+  const auto acc_opts = student.options().dtype(acc);
+  TORCH_CHECK(teacher.has_value() || labels.has_value(), "rkd_engine._C: need labels, a teacher, or both");
+  if (teacher.has_value()) check_matrix(*teacher, "teacher", student);
+  if (labels.has_value()) check_vector(*labels, "labels", rows, at::kLong);
+  check_vector(a, "a", rows, acc);
+  if (log_c.has_value()) check_vector(*log_c, "log_c", m, acc);
+  if (w.has_value()) check_vector(*w, "w", m, acc);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "rkd_engine._C: tau must be finite and > 0, got ", tau);
+  TORCH_CHECK(!teacher.has_value() || teacher_is_probs || (std::isfinite(gamma) && gamma > 0),
+              "rkd_engine._C: gamma must be finite and > 0, got ", gamma);
+  TORCH_CHECK(std::isfinite(grad_scale), "rkd_engine._C: grad_scale must be finite, got ", grad_scale);
+
+  at::Tensor grad;
+  if (need_grad) {
+    if (grad_out.has_value()) {
+      check_matrix(*grad_out, "grad_out", student);
+      grad = *grad_out;
+    } else {
+      grad = at::empty_like(student);
+    }
+  } else {
+    grad = at::empty({0}, student.options());
+  }
+  at::Tensor loss = at::empty({rows}, acc_opts);
+  at::Tensor mass = at::empty({m}, acc_opts);
+  at::Tensor risk = at::empty({m}, acc_opts);
+  at::Tensor error = at::empty({m}, acc_opts);
+
+  // One workspace: padded log c and w, per-block accumulators (mass, risk, hit), per-thread scratch.
+  const int64_t m_pad = round_up(m, kPad);
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t blocks = num_blocks(rows, m_pad, threads, elem);
+  const int64_t tile = tile_len(m, tiling().max_single, tiling().tile);
+  const int64_t scratch_len = kScratchBuffers * tile;
+  at::Tensor work = at::empty({2 * m_pad + blocks * 3 * m_pad + threads * scratch_len}, acc_opts);
+  char* lc_pad = static_cast<char*>(work.data_ptr());
+  char* w_pad = lc_pad + m_pad * elem;
+  char* stats = w_pad + m_pad * elem;
+  char* scratch = stats + blocks * 3 * m_pad * elem;
+  if (code == kFloat64) {
+    copy_padded(reinterpret_cast<double*>(lc_pad), log_c, m, m_pad, 0.0);
+    copy_padded(reinterpret_cast<double*>(w_pad), w, m, m_pad, 1.0);
+  } else {
+    copy_padded(reinterpret_cast<float*>(lc_pad), log_c, m, m_pad, 0.0f);
+    copy_padded(reinterpret_cast<float*>(w_pad), w, m, m_pad, 1.0f);
+  }
+
+  FusedArgs args;
+  args.student = student.data_ptr();
+  args.teacher = teacher.has_value() ? teacher->data_ptr() : nullptr;
+  args.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  args.a = a.data_ptr();
+  args.log_c = lc_pad;
+  args.w = w_pad;
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
+  args.loss = loss.data_ptr();
+  args.rows = rows;
+  args.m = m;
+  args.tile = tile;
+  args.gamma = gamma;
+  args.tau = tau;
+  args.grad_scale = grad_scale;
+  args.teacher_is_probs = teacher_is_probs;
+  args.need_grad = need_grad;
+  args.has_log_c = log_c.has_value();
+  args.has_w = w.has_value();
+  // A gradient this large leaves the caches before anything reads it: write it around them.
+  constexpr int64_t kStreamBytes = int64_t(8) << 20;
+  args.stream_grad = need_grad && rows * m * static_cast<int64_t>(student.element_size()) >= kStreamBytes;
+
+  const RowsFn fn = table_with(code)->rows[code];
+  std::vector<int64_t> bad_rows(static_cast<size_t>(blocks), -1);
+  std::atomic<int64_t> next_block{0};
+  if (rows > 0) {
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
+          char* st = stats + b * 3 * m_pad * elem;
+          std::memset(st, 0, static_cast<size_t>(3 * m_pad * elem));
+          ChunkOut out{scratch + t * scratch_len * elem, st, st + m_pad * elem, st + 2 * m_pad * elem, -1};
+          fn(args, rows * b / blocks, rows * (b + 1) / blocks, out);
+          bad_rows[b] = out.bad_row;
+        }
+      }
+    });
+  }
+  for (const int64_t bad : bad_rows) {
+    TORCH_CHECK(bad < 0, "rkd_engine._C: labels must be in [0, ", m, "), got labels[", bad,
+                "] = ", labels->data_ptr<int64_t>()[bad]);
+  }
+  if (rows == 0) {
+    mass.zero_();
+    risk.zero_();
+    error.zero_();
+  } else if (code == kFloat64) {
+    merge_blocks(reinterpret_cast<const double*>(stats), blocks, m, m_pad, mass.data_ptr<double>(),
+                 risk.data_ptr<double>(), error.data_ptr<double>());
+  } else {
+    merge_blocks(reinterpret_cast<const float*>(stats), blocks, m, m_pad, mass.data_ptr<float>(),
+                 risk.data_ptr<float>(), error.data_ptr<float>());
+  }
+  return {loss, grad, mass, risk, error};
+}
+
+void scale_rows_(const at::Tensor& grad, const at::Tensor& go) {
+  TORCH_CHECK(grad.device().is_cpu(), "rkd_engine._C: grad must be a CPU tensor, got ", grad.device());
+  TORCH_CHECK(grad.dim() == 2, "rkd_engine._C: grad must have shape (B, m), got ", grad.sizes());
+  TORCH_CHECK(grad.is_contiguous(), "rkd_engine._C: grad must be contiguous");
+  const DType code = dtype_code(grad.scalar_type());
+  const int64_t rows = grad.size(0);
+  const int64_t m = grad.size(1);
+  check_vector(go, "go", rows, code == kFloat64 ? at::kDouble : at::kFloat);
+  if (rows == 0 || m == 0) return;
+  const ScaleRowFn fn = table_with(code)->scale_row[code];
+  char* base = static_cast<char*>(grad.data_ptr());
+  const int64_t row_bytes = m * static_cast<int64_t>(grad.element_size());
+  const int64_t grain = std::max<int64_t>(1, 32768 / m);
+  auto run = [&](auto* g) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const double s = static_cast<double>(g[i]);
+        if (s != 1.0) fn(base + i * row_bytes, m, s);
+      }
+    });
+  };
+  if (code == kFloat64) {
+    run(go.data_ptr<double>());
+  } else {
+    run(go.data_ptr<float>());
+  }
+}
+
+}  // namespace
+}  // namespace rkd::cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  namespace py = pybind11;
+  mod.doc() = "Fused distillation loss on CPU (rkd): loss, gradient and per-class statistics in one pass.";
+  mod.def("fused_forward", &rkd::cpu::fused_forward, py::arg("student"), py::arg("teacher"), py::arg("labels"),
+          py::arg("a"), py::arg("log_c"), py::arg("w"), py::kw_only(), py::arg("gamma"), py::arg("tau"),
+          py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("grad_out") = py::none(),
+          py::call_guard<py::gil_scoped_release>(),
+          "(loss, grad, mass, risk, error) of METHOD.md section 3 for CPU tensors (see rkd_engine.reference.fused_rows).");
+  mod.def("scale_rows_", &rkd::cpu::scale_rows_, py::arg("grad"), py::arg("go"),
+          py::call_guard<py::gil_scoped_release>(), "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1.");
+  mod.def("cpu_isa", &rkd::cpu::cpu_isa, "The instruction set of the kernels in use: 'avx2' or 'generic'.");
+  mod.def("set_cpu_isa", &rkd::cpu::set_cpu_isa, py::arg("isa"),
+          "Use the 'avx2' or 'generic' kernels, or 'auto' (AVX2 where the CPU has AVX2, FMA and F16C).");
+  mod.def("get_tiling", &rkd::cpu::get_tiling,
+          "(max_single_tile, tile): rows of up to max_single_tile classes are held whole, wider ones tiled.");
+  mod.def("set_tiling", &rkd::cpu::set_tiling, py::arg("max_single_tile"), py::arg("tile"),
+          "Change the tiling (for tests of the tiled path; the defaults are the tuned ones).");
+}

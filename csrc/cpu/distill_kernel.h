@@ -1,0 +1,86 @@
+// Torch-free interface between the binding (distill_cpu.cpp) and the row kernels, which are compiled
+// once per instruction set (distill_kernel_generic.cpp, distill_kernel_avx2.cpp) from the template in
+// distill_rows.h. Nothing here depends on compiler target flags, so every translation unit may include it.
+#pragma once
+
+#include <cstdint>
+
+namespace rkd::cpu {
+
+// Input dtypes, in the order of KernelTable's arrays.
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kNumDTypes = 4 };
+
+// Storage of one bfloat16 / IEEE half value (layout-compatible with c10::BFloat16 and c10::Half).
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+// Row padding of every scratch and accumulator buffer (a multiple of any vector width used).
+constexpr int64_t kPad = 16;
+// Default tiling (distill_cpu.cpp may change it for tests). Rows of up to kMaxSingleTile (padded)
+// classes are held whole in per-thread scratch (at most 2 MiB of float): one pass over memory, and
+// each exponential computed once. Wider rows are processed in tiles of kTile classes: an online
+// max/sum pass, then a second pass that rereads the tile and recomputes its exponentials.
+constexpr int64_t kMaxSingleTile = 131072;
+constexpr int64_t kTile = 4096;
+// Scratch buffers per thread, each of tile_len(...) accumulation-type values: u, e, exp(u), exp(u / tau).
+constexpr int64_t kScratchBuffers = 4;
+
+constexpr int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
+// Classes per tile for rows of m classes: the whole (padded) row, or `tile` (a multiple of kPad).
+constexpr int64_t tile_len(int64_t m, int64_t max_single_tile, int64_t tile) {
+  return round_up(m, kPad) <= max_single_tile ? round_up(m, kPad) : tile;
+}
+
+// One fused_forward call. Acc is float for float32/bfloat16/float16 inputs and double for float64.
+// Every pointer is to contiguous row-major memory; row r of a (B, m) tensor starts at r * m.
+struct FusedArgs {
+  const void* student;    // (B, m) input dtype: f
+  const void* teacher;    // (B, m) input dtype, or nullptr: g (logits) or p (probabilities)
+  const int64_t* labels;  // (B,) or nullptr: y
+  const void* a;          // (B,) Acc: weight of the teacher in q
+  const void* log_c;      // (round_up(m, kPad),) Acc: log c, zero padded (all zero when there are no costs)
+  const void* w;          // (round_up(m, kPad),) Acc: w, zero padded (ones on [0, m) when there are no weights)
+  void* grad;             // (B, m) input dtype, or nullptr when need_grad is false
+  void* loss;             // (B,) Acc
+  int64_t rows;
+  int64_t m;
+  int64_t tile;  // classes per tile: tile_len(m, ...); == round_up(m, kPad) when rows are held whole
+  double gamma;
+  double tau;
+  double grad_scale;
+  bool teacher_is_probs;
+  bool need_grad;
+  bool has_log_c;
+  bool has_w;
+  bool stream_grad;  // write the gradient with non-temporal stores (large outputs; aligned rows only)
+};
+
+// Per-thread workspace and per-class accumulators (Acc, round_up(m, kPad) each, zero on entry).
+struct ChunkOut {
+  void* scratch;  // kScratchBuffers * tile Acc
+  void* mass;     // sum_i q_ij
+  void* risk;     // sum_i q_ij (-log s_ij)
+  void* hit;      // sum_i q_ij [argmax_k f_ik == j]   (error = mass - hit)
+  int64_t bad_row;  // -1, or the first row of the chunk whose label is outside [0, m)
+};
+
+using RowsFn = void (*)(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out);
+using ScaleRowFn = void (*)(void* row, int64_t m, double scale);
+
+struct KernelTable {
+  const char* isa;
+  RowsFn rows[kNumDTypes];
+  ScaleRowFn scale_row[kNumDTypes];
+};
+
+// Portable kernels (every dtype, including float64); always present.
+const KernelTable* generic_kernels();
+// AVX2 + FMA + F16C kernels for float32/bfloat16/float16 (float64 entries are null); nullptr where the
+// compiler cannot target x86-64 AVX2. The caller checks the running CPU before using them.
+const KernelTable* avx2_kernels();
+
+}  // namespace rkd::cpu

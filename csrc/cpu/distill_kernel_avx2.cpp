@@ -1,0 +1,159 @@
+// AVX2 + FMA + F16C row kernels (float32, bfloat16, float16 inputs; float32 arithmetic).
+//
+// The whole file after the standard headers is compiled for that target with a pragma, so the package
+// itself needs no -mavx2 (which would let the compiler use AVX2 anywhere) and still runs on any x86-64:
+// distill_cpu.cpp calls these kernels only when the running CPU reports avx2, fma and f16c. No torch
+// header is included after the pragma, and everything compiled for AVX2 lives in rkd::cpu::avx2, so no
+// inline function shared with other translation units is ever emitted with AVX2 instructions.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "distill_kernel.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RKD_HAVE_AVX2_KERNELS 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+
+namespace rkd::cpu::avx2 {
+
+struct VecAvx2 {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+  static inline V set1(float x) { return _mm256_set1_ps(x); }
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V fma_if_pos(V c, V x, V acc) {
+    const V keep = _mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_GT_OQ);
+    return _mm256_fmadd_ps(c, _mm256_and_ps(keep, x), acc);
+  }
+
+  // Same algorithm and constants as generic::exp_lane (see there); NaN propagates through the
+  // arithmetic. exp: the final mask zeroes x < lo, including -inf. exp_clamped: x is first raised to
+  // -87 (so -inf and underflow give exp(-87) ~ 1.6e-38; a NaN stays NaN: max returns its second
+  // operand when one is NaN), one instruction instead of two.
+  static inline V exp_core(V x) {
+    const V magic = _mm256_set1_ps(12583039.0f);
+    const V t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+    const V n = _mm256_sub_ps(t, magic);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    V p = _mm256_fmadd_ps(_mm256_set1_ps(0.008290315046906471f), r, _mm256_set1_ps(0.04189793020486832f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.1666763573884964f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4999915063381195f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.9999997019767761f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+    return _mm256_mul_ps(p, scale);
+  }
+  static inline V exp(V x) {
+    const V under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, exp_core(x));
+  }
+  static inline V exp_clamped(V x) { return exp_core(_mm256_max_ps(_mm256_set1_ps(-87.0f), x)); }
+
+  static inline float hsum(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float hmax(V a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline int64_t first_eq(const float* p, int64_t n, float v) {
+    const V vv = _mm256_set1_ps(v);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), vv, _CMP_EQ_OQ));
+      if (bits != 0) return j + __builtin_ctz(static_cast<unsigned>(bits));
+    }
+    for (; j < n; ++j) {
+      if (p[j] == v) return j;
+    }
+    return 0;
+  }
+
+  static inline V load_in(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V load_in(const bf16_t* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  static inline V load_in(const fp16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline void store_out(float* p, V a) { _mm256_storeu_ps(p, a); }
+  // Round to nearest even, NaN -> 0x7FC0 (what c10::BFloat16 does).
+  static inline __m128i to_bf16(V a) {
+    const __m256i b = _mm256_castps_si256(a);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  static inline __m128i to_fp16(V a) { return _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline void store_out(bf16_t* p, V a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
+  static inline void store_out(fp16_t* p, V a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
+  static inline void store_out_stream(float* p, V a) { _mm256_stream_ps(p, a); }
+  static inline void store_out_stream(bf16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
+  static inline void store_out_stream(fp16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
+  static inline void stream_fence() { _mm_sfence(); }
+  template <class Out>
+  static inline void store_out_partial(Out* p, V a, int64_t count) {
+    Out tmp[W];
+    store_out(tmp, a);
+    std::memcpy(p, tmp, static_cast<size_t>(count) * sizeof(Out));
+  }
+};
+
+using VF = VecAvx2;
+
+#include "distill_rows.h"
+
+}  // namespace rkd::cpu::avx2
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // x86-64 with GCC or clang
+
+namespace rkd::cpu {
+
+const KernelTable* avx2_kernels() {
+#ifdef RKD_HAVE_AVX2_KERNELS
+  using avx2::VF;
+  static const KernelTable table = {
+      "avx2",
+      {&avx2::run_rows<VF, float>, &avx2::run_rows<VF, bf16_t>, &avx2::run_rows<VF, fp16_t>, nullptr},
+      {&avx2::scale_row<VF, float>, &avx2::scale_row<VF, bf16_t>, &avx2::scale_row<VF, fp16_t>, nullptr},
+  };
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace rkd::cpu

@@ -1,0 +1,188 @@
+// Portable row kernels: plain C++ lane loops that the compiler may vectorise for the baseline target
+// (SSE2 on x86-64, NEON on AArch64). They serve every dtype and are the reference for the AVX2 path:
+// the float exponential below is the same algorithm, operation for operation.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "distill_kernel.h"
+
+namespace rkd::cpu::generic {
+
+// exp(x) for float: round(x log2 e) = n (adding 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa
+// bits of t), r = x - n ln 2 (in two parts), a degree-5 polynomial fitted for relative error on
+// |r| <= ln(2)/2 (max error about 1.4 ulp over [-87.3, 0]), times 2^n made by shifting t's bits into
+// the exponent field. x < -87.3365 gives exactly 0 (the subnormal range is flushed), -inf gives 0, NaN
+// stays NaN. Requires x <= 88: every argument in this kernel is <= 0 (a value minus its row maximum).
+inline float exp_lane(float x) {
+  constexpr float kLo = -87.33654f, kLog2e = 1.44269504088896341f, kMagic = 12583039.0f;
+  constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+  constexpr float c1 = 0.9999997019767761f, c2 = 0.4999915063381195f, c3 = 0.1666763573884964f;
+  constexpr float c4 = 0.04189793020486832f, c5 = 0.008290315046906471f;
+  const float t = x * kLog2e + kMagic;
+  const float n = t - kMagic;
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = c5 * r + c4;
+  p = p * r + c3;
+  p = p * r + c2;
+  p = p * r + c1;
+  p = p * r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < kLo ? 0.0f : p * scale;
+}
+
+// exp_lane for x raised to -87 first (-inf and underflow give exp(-87) ~ 1.6e-38; NaN stays NaN).
+inline float exp_clamped_lane(float x) { return exp_lane(x < -87.0f ? -87.0f : x); }
+
+inline double exp_lane(double x) { return std::exp(x); }
+inline double exp_clamped_lane(double x) { return std::exp(x); }
+
+template <class T_, int N>
+struct VecGeneric {
+  using T = T_;
+  static constexpr int W = N;
+  struct V {
+    T v[N];
+  };
+
+  static inline V load(const T* p) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static inline void store(T* p, const V& a) {
+    for (int l = 0; l < N; ++l) p[l] = a.v[l];
+  }
+  static inline V set1(T x) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = x;
+    return r;
+  }
+  static inline V zero() { return set1(T(0)); }
+  static inline V add(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  static inline V sub(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = a.v[l] - b.v[l];
+    return r;
+  }
+  static inline V mul(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+  }
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static inline V fnmadd(const V& a, const V& b, const V& c) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = c.v[l] - a.v[l] * b.v[l];
+    return r;
+  }
+  static inline V max(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = b.v[l] > a.v[l] ? b.v[l] : a.v[l];
+    return r;
+  }
+  static inline V fma_if_pos(const V& c, const V& x, const V& acc) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = acc.v[l] + (c.v[l] > T(0) ? c.v[l] * x.v[l] : T(0));
+    return r;
+  }
+  static inline V exp(const V& a) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = exp_lane(a.v[l]);
+    return r;
+  }
+  static inline V exp_clamped(const V& a) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = exp_clamped_lane(a.v[l]);
+    return r;
+  }
+  static inline T hsum(const V& a) {
+    T s = 0;
+    for (int l = 0; l < N; ++l) s += a.v[l];
+    return s;
+  }
+  static inline T hmax(const V& a) {
+    T s = a.v[0];
+    for (int l = 1; l < N; ++l) s = a.v[l] > s ? a.v[l] : s;
+    return s;
+  }
+  static inline int64_t first_eq(const T* p, int64_t n, T v) {
+    for (int64_t k = 0; k < n; ++k) {
+      if (p[k] == v) return k;
+    }
+    return 0;
+  }
+
+  static inline T to_t(float x) { return static_cast<T>(x); }
+  static inline T to_t(double x) { return static_cast<T>(x); }
+  static inline T to_t(bf16_t x) {
+    return static_cast<T>(c10::BFloat16(x.bits, c10::BFloat16::from_bits()));
+  }
+  static inline T to_t(fp16_t x) { return static_cast<T>(c10::detail::fp16_ieee_to_fp32_value(x.bits)); }
+  static inline void from_t(T x, float* p) { *p = static_cast<float>(x); }
+  static inline void from_t(T x, double* p) { *p = static_cast<double>(x); }
+  static inline void from_t(T x, bf16_t* p) { p->bits = c10::detail::round_to_nearest_even(static_cast<float>(x)); }
+  static inline void from_t(T x, fp16_t* p) { p->bits = c10::detail::fp16_ieee_from_fp32_value(static_cast<float>(x)); }
+
+  template <class In>
+  static inline V load_in(const In* p) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = to_t(p[l]);
+    return r;
+  }
+  template <class Out>
+  static inline void store_out(Out* p, const V& a) {
+    for (int l = 0; l < N; ++l) from_t(a.v[l], p + l);
+  }
+  template <class Out>
+  static inline void store_out_stream(Out* p, const V& a) {
+    store_out(p, a);
+  }
+  static inline void stream_fence() {}
+  template <class Out>
+  static inline void store_out_partial(Out* p, const V& a, int64_t count) {
+    for (int64_t l = 0; l < count; ++l) from_t(a.v[l], p + l);
+  }
+};
+
+using VF = VecGeneric<float, 8>;
+using VD = VecGeneric<double, 4>;
+
+#include "distill_rows.h"
+
+}  // namespace rkd::cpu::generic
+
+namespace rkd::cpu {
+
+const KernelTable* generic_kernels() {
+  using generic::VD;
+  using generic::VF;
+  static const KernelTable table = {
+      "generic",
+      {&generic::run_rows<VF, float>, &generic::run_rows<VF, bf16_t>, &generic::run_rows<VF, fp16_t>,
+       &generic::run_rows<VD, double>},
+      {&generic::scale_row<VF, float>, &generic::scale_row<VF, bf16_t>, &generic::scale_row<VF, fp16_t>,
+       &generic::scale_row<VD, double>},
+  };
+  return &table;
+}
+
+}  // namespace rkd::cpu

@@ -1,0 +1,501 @@
+// The fused row kernel, written once over a vector-traits class VT and included (without include
+// guard, on purpose) inside one namespace per instruction set: rkd::cpu::generic, rkd::cpu::avx2.
+// The including file has already included <cmath>, <cstdint>, <cstring>, <limits>, <type_traits> and
+// distill_kernel.h, and defined its traits classes. See distill_cpu.cpp for the math.
+//
+// VT provides: T (float or double), V (a vector of W values of T), W,
+//   load/store (T*), set1, zero, add, sub, mul, fmadd(a, b, c) = a*b + c, fnmadd(a, b, c) = c - a*b,
+//   max, exp (for x <= 88: exact 0 for -inf, NaN propagated), exp_clamped (x raised to -87 first),
+//   fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0),
+//   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v),
+//   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial,
+//   store_out_stream (non-temporal, aligned) and stream_fence (orders those stores before returning).
+
+// Per-call constants of the row kernel.
+template <class VT>
+struct Consts {
+  using T = typename VT::T;
+  int64_t m;
+  int64_t tile;    // classes per tile (a multiple of kPad)
+  int64_t ntiles;  // 1: the whole row is held in scratch
+  const T* lc;     // log c, zero padded
+  const T* w;      // w, zero padded
+  bool has_lc;
+  T inv_gamma;
+  T tau;
+  T inv_tau;
+  T gs;  // grad_scale
+};
+
+// Running sums of pass A, in the frames described in distill_cpu.cpp.
+template <class T>
+struct Sums {
+  T sz = 0;    // sum_j exp(u_j)
+  T szt = 0;   // sum_j exp(u_j / tau)
+  T sg = 0;    // sum_j e_j, e_j = exp((g_j - Rg) / gamma)   (1 for teacher probabilities)
+  T swg = 0;   // sum_j w_j e_j
+  T swgu = 0;  // sum_{j: w_j e_j > 0} w_j e_j u_j
+};
+
+template <class T>
+inline constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Converts one input value to T through the vector path (identical rounding to the vector loads).
+template <class VT, class In>
+inline typename VT::T scalar_in(const In* p) {
+  In tmp[VT::W];
+  std::memset(tmp, 0, sizeof(tmp));
+  tmp[0] = *p;
+  typename VT::T out[VT::W];
+  VT::store(out, VT::load_in(tmp));
+  return out[0];
+}
+
+// Reads one tile of an input row. Copy: dst[0, n) = src[0, n) as T (inputs of another dtype are
+// converted once); otherwise only the last partial vector is copied (float inputs are read in place
+// by the later passes). dst[n, npad) = pad in both cases (npad a multiple of W). WithMax: returns
+// max_j src_j and, when lc is given, sets *zmax = max_j (src_j - lc_j), the stabiliser of the student
+// exponentials (any value within rounding of the maximum of z serves; see tile_exp). pf > 0: also
+// prefetch the same classes of the row pf elements further on (the next row), so that memory is read
+// while this row is computed.
+template <class VT, bool WithMax, bool Copy, bool HasLc, bool Prefetch, class In>
+inline typename VT::T load_tile_impl(const In* src, int64_t n, int64_t npad, typename VT::T* dst, typename VT::T pad,
+                                     const typename VT::T* lc, typename VT::T* zmax, int64_t pf) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  V vmax = VT::set1(neg_inf<T>()), vz = VT::set1(neg_inf<T>());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if (Prefetch) __builtin_prefetch(src + pf + j, 0, 3);
+    const V x = VT::load_in(src + j);
+    if (Copy) VT::store(dst + j, x);
+    if (WithMax) vmax = VT::max(vmax, x);
+    if (WithMax && HasLc) vz = VT::max(vz, VT::sub(x, VT::load(lc + j)));
+  }
+  if (j < n) {
+    In tmp[W];
+    std::memset(tmp, 0, sizeof(tmp));
+    std::memcpy(tmp, src + j, static_cast<size_t>(n - j) * sizeof(In));
+    VT::store(dst + j, VT::load_in(tmp));
+  }
+  for (int64_t k = n; k < npad; ++k) dst[k] = pad;
+  if (!WithMax) return T(0);
+  for (; j < npad; j += W) {
+    const V x = VT::load(dst + j);
+    vmax = VT::max(vmax, x);
+    if (HasLc) vz = VT::max(vz, VT::sub(x, VT::load(lc + j)));
+  }
+  if (HasLc) *zmax = VT::hmax(vz);
+  return VT::hmax(vmax);
+}
+
+template <class VT, bool WithMax, bool Copy, class In>
+inline typename VT::T load_tile(const In* src, int64_t n, int64_t npad, typename VT::T* dst, typename VT::T pad,
+                                const typename VT::T* lc, typename VT::T* zmax, int64_t pf = 0) {
+  if (pf > 0) {
+    return lc != nullptr ? load_tile_impl<VT, WithMax, Copy, true, true>(src, n, npad, dst, pad, lc, zmax, pf)
+                         : load_tile_impl<VT, WithMax, Copy, false, true>(src, n, npad, dst, pad, lc, zmax, pf);
+  }
+  return lc != nullptr ? load_tile_impl<VT, WithMax, Copy, true, false>(src, n, npad, dst, pad, lc, zmax, pf)
+                       : load_tile_impl<VT, WithMax, Copy, false, false>(src, n, npad, dst, pad, lc, zmax, pf);
+}
+
+// The exponential pass over vectors [j0, j1) of one tile: u = ((f - rf) - lc) - mz, exp(u),
+// exp(u / tau) and the teacher's e = exp((g - rg) / gamma) (or e = p for probabilities), reading f and
+// g from f_in, g_in (the input row in place, or the scratch copies U, E). Acc: add the sums to `out`.
+// StoreU: write u to U and e to E. StoreS: write exp(u) to S and exp(u / tau) to St. u <= 0 up to rounding, so the student exponentials are clamped below at the
+// underflow threshold instead of masked (exp(-87.3) ~ 1e-38 instead of 0 changes nothing that
+// matters, and -log s uses u itself); the teacher's are masked so that -inf logits give p = 0 exactly.
+template <class VT, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS>
+inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typename VT::T* U, typename VT::T* E,
+                     typename VT::T* S, typename VT::T* St, const typename VT::T* lc, const typename VT::T* w,
+                     int64_t j0, int64_t j1, typename VT::T rf, typename VT::T mz, typename VT::T rg,
+                     typename VT::T inv_gamma, typename VT::T inv_tau, Sums<typename VT::T>& out) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  const V vrf = VT::set1(rf), vmz = VT::set1(mz), vrg = VT::set1(rg), vig = VT::set1(inv_gamma);
+  const V vit = VT::set1(inv_tau);
+  V sz = VT::zero(), szt = VT::zero(), sg = VT::zero(), swg = VT::zero(), swgu = VT::zero();
+  for (int64_t j = j0; j < j1; j += VT::W) {
+    const V u = VT::sub(VT::sub(VT::sub(VT::load(f_in + j), vrf), VT::load(lc + j)), vmz);
+    const V eu = VT::exp_clamped(u);
+    if (Acc) sz = VT::add(sz, eu);
+    if (StoreU) VT::store(U + j, u);
+    if (StoreS) VT::store(S + j, eu);
+    if (!Tau1) {
+      const V eut = VT::exp_clamped(VT::mul(u, vit));
+      if (Acc) szt = VT::add(szt, eut);
+      if (StoreS) VT::store(St + j, eut);
+    }
+    if (Soft) {
+      const V e = Probs ? VT::load(g_in + j) : VT::exp(VT::mul(VT::sub(VT::load(g_in + j), vrg), vig));
+      if (StoreU) VT::store(E + j, e);
+      if (Acc) {
+        if (!Probs) sg = VT::add(sg, e);
+        const V we = HasW ? VT::mul(VT::load(w + j), e) : e;
+        if (HasW || Probs) swg = VT::add(swg, we);
+        swgu = VT::fma_if_pos(we, u, swgu);
+      }
+    }
+  }
+  if (Acc) {
+    out.sz += VT::hsum(sz);
+    if (!Tau1) out.szt += VT::hsum(szt);
+    if (Soft) {
+      const T tsg = Probs ? T(0) : VT::hsum(sg);
+      out.sg += tsg;
+      out.swg += (HasW || Probs) ? VT::hsum(swg) : tsg;
+      out.swgu += VT::hsum(swgu);
+    }
+  }
+}
+
+// tile_exp over one tile of row (f, g) starting at class `off`: the whole vectors straight from the
+// input row when it is of the accumulation type, the rest (and every vector otherwise) from the
+// scratch copies U, E made by load_tile.
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS>
+inline void exp_pass(const In* f, const In* g, typename VT::T* scratch, const Consts<VT>& c, int64_t off, int64_t n,
+                     int64_t npad, typename VT::T rfe, typename VT::T mze, typename VT::T rge,
+                     Sums<typename VT::T>& s) {
+  using T = typename VT::T;
+  T* U = scratch;
+  T* E = U + c.tile;
+  T* S = E + c.tile;
+  T* St = S + c.tile;
+  const int64_t direct = std::is_same<In, T>::value ? n / VT::W * VT::W : 0;
+  if (direct > 0) {
+    const T* f_in = reinterpret_cast<const T*>(f + off);
+    const T* g_in = Soft ? reinterpret_cast<const T*>(g + off) : nullptr;
+    tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS>(f_in, g_in, U, E, S, St, c.lc + off, c.w + off, 0,
+                                                               direct, rfe, mze, rge, c.inv_gamma, c.inv_tau, s);
+  }
+  tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS>(U, E, U, E, S, St, c.lc + off, c.w + off, direct, npad,
+                                                             rfe, mze, rge, c.inv_gamma, c.inv_tau, s);
+}
+
+// A full vector of the gradient: a plain store, or a non-temporal one that bypasses the caches.
+template <class VT, class Out>
+inline void store_grad(Out* p, const typename VT::V& g, bool stream) {
+  if (stream) {
+    VT::store_out_stream(p, g);
+  } else {
+    VT::store_out(p, g);
+  }
+}
+
+// Start of the W-vector holding position p of a tile of n values, or -1 when p is outside [0, n).
+template <int W>
+inline int64_t vector_start(int64_t p, int64_t n) {
+  return p >= 0 && p < n ? p / W * W : -1;
+}
+
+// body(j, std::true_type{}) for the vectors starting at s0, s1, s2 (vector starts, or -1 for none) and
+// body(j, std::false_type{}) for every other vector start j < n, in increasing j: the special cases
+// (label column, argmax column, partial last vector) stay out of the main loop.
+template <int W, class Body>
+inline void for_vectors(int64_t n, int64_t s0, int64_t s1, int64_t s2, Body&& body) {
+  int64_t sp[3] = {s0, s1, s2};
+  for (int a = 0; a < 2; ++a) {
+    for (int b = 0; b < 2 - a; ++b) {
+      if (sp[b] > sp[b + 1]) {
+        const int64_t t = sp[b];
+        sp[b] = sp[b + 1];
+        sp[b + 1] = t;
+      }
+    }
+  }
+  int64_t j = 0;
+  for (int k = 0; k < 3; ++k) {
+    if (sp[k] < j) continue;  // none (-1) or a duplicate
+    for (; j < sp[k]; j += W) body(j, std::false_type{});
+    body(j, std::true_type{});
+    j += W;
+  }
+  for (; j < n; j += W) body(j, std::false_type{});
+}
+
+// One row. Soft: the teacher term is present (a teacher is given and a_i > 0); otherwise only the
+// label term. y < 0: no labels. Writes loss[i], grad row i (NeedGrad) and adds to the accumulators.
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
+void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename VT::T a_i, int64_t y,
+                typename VT::T* scratch, const ChunkOut& acc) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  const int64_t m = c.m;
+  const In* f = static_cast<const In*>(args.student) + i * m;
+  const In* g = Soft ? static_cast<const In*>(args.teacher) + i * m : nullptr;
+  In* grad = NeedGrad ? static_cast<In*>(args.grad) + i * m : nullptr;
+  T* mass = static_cast<T*>(acc.mass);
+  T* risk = static_cast<T*>(acc.risk);
+  T* hit = static_cast<T*>(acc.hit);
+  T* U = scratch;
+  T* E = U + c.tile;
+  T* S = E + c.tile;
+  T* St = S + c.tile;
+  const T ninf = neg_inf<T>();
+  const T hw = y >= 0 ? T(1) - a_i : T(0);  // weight of the label term
+  const T sw = Soft ? a_i : T(0);           // weight of the teacher term
+  const bool single = c.ntiles == 1;
+  constexpr bool kCopy = !std::is_same<In, T>::value;  // inputs of the accumulation type are read in place
+  // Rows held whole prefetch the next row while they are read (wide rows rely on the hardware).
+  const int64_t pf = single && i + 1 < args.rows ? m : 0;
+  // Non-temporal gradient stores need every vector aligned: true when the row start is.
+  const bool stream = NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(grad) % (W * sizeof(In)) == 0;
+
+  // ---- pass A: maxima, argmax and the sums, tile by tile (online rescaling across tiles)
+  T rf = ninf, mz = ninf, rg = ninf, rfe = 0, mze = 0, rge = 0;
+  int64_t am = 0;
+  Sums<T> s;
+  for (int64_t k = 0; k < c.ntiles; ++k) {
+    const int64_t off = k * c.tile;
+    const int64_t n = m - off < c.tile ? m - off : c.tile;
+    const int64_t npad = round_up(n, kPad);
+    T tz = ninf;  // max_j (f_j - lc_j) over the tile
+    const T tf = load_tile<VT, true, kCopy>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz, pf);
+    T tg = ninf;
+    if (Soft) {
+      if (Probs) {
+        load_tile<VT, false, kCopy>(g + off, n, npad, E, T(0), nullptr, nullptr, pf);
+      } else {
+        tg = load_tile<VT, true, kCopy>(g + off, n, npad, E, ninf, nullptr, nullptr, pf);
+      }
+    }
+    // Student frame: rf = max f so far, mz ~ max z so far with z = (f - rf) - lc, u = z - mz. mz only
+    // stabilises the exponentials and cancels in -log s = L - u, so max(f - lc) - rf is close enough.
+    if (tf > rf) am = off + VT::first_eq(kCopy ? U : reinterpret_cast<const T*>(f + off), n, tf);
+    const T rf_new = tf > rf ? tf : rf;
+    rfe = rf_new > ninf ? rf_new : T(0);
+    const T mt = (c.has_lc ? tz : tf) - rfe;
+    T mz_new = mt;
+    if (rf > ninf) {
+      const T mz_old = mz - (rf_new - rf);  // the old maximum in the new frame
+      mz_new = mt > mz_old ? mt : mz_old;
+      const T du = mz_new - mz_old;  // every old u decreases by du
+      if (du > 0) {
+        s.sz *= std::exp(-du);
+        if (!Tau1) s.szt *= std::exp(-du * c.inv_tau);
+        s.swgu -= du * s.swg;
+      }
+    }
+    rf = rf_new;
+    mz = mz_new;
+    mze = mz > ninf ? mz : T(0);
+    if (Soft && !Probs) {
+      const T rg_new = tg > rg ? tg : rg;
+      if (rg > ninf && rg_new > rg) {
+        const T sc = std::exp((rg - rg_new) * c.inv_gamma);
+        s.sg *= sc;
+        s.swg *= sc;
+        s.swgu *= sc;
+      }
+      rg = rg_new;
+      rge = rg > ninf ? rg : T(0);
+    }
+    if (single) {
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, true, NeedGrad>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+    } else {
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, false, false>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+    }
+  }
+
+  // ---- per-row scalars
+  const T L = std::log(s.sz);  // -log s_j = L - u_j
+  const T Lt = Tau1 ? L : std::log(s.szt);
+  const T isz = T(1) / s.sz;
+  const T iszt = Tau1 ? isz : T(1) / s.szt;
+  const T isg = (Soft && !Probs) ? T(1) / s.sg : T(1);
+  const T wp = Soft ? s.swg * isg : T(0);  // sum_j w_j p_j
+  const T w_y = y >= 0 ? (HasW ? c.w[y] : T(1)) : T(0);
+  T u_y = 0;
+  if (y >= 0) u_y = single ? U[y] : ((scalar_in<VT>(f + y) - rfe) - c.lc[y]) - mze;
+  T loss = 0;
+  if (hw > 0) loss += hw * w_y * (L - u_y);
+  if (Soft) loss += sw * c.tau * c.tau * (Lt * wp - c.inv_tau * (s.swgu * isg));
+  static_cast<T*>(args.loss)[i] = loss;
+
+  // ---- pass B: gradient and per-class statistics
+  if (!Soft) {
+    // q = hw e_y: the statistics touch one class; the gradient is gs hw w_y (s - e_y).
+    if (hw != T(0)) {
+      mass[y] += hw;
+      if (hw > 0) risk[y] += hw * (L - u_y);
+      if (am == y) hit[y] += hw;
+    }
+    if (!NeedGrad) return;
+    const V c1 = VT::set1(c.gs * hw * w_y * isz);
+    const T at_y = c.gs * hw * w_y;
+    for (int64_t k = 0; k < c.ntiles; ++k) {
+      const int64_t off = k * c.tile;
+      const int64_t n = m - off < c.tile ? m - off : c.tile;
+      const int64_t npad = round_up(n, kPad);
+      if (!single) {
+        load_tile<VT, false, kCopy>(f + off, n, npad, U, ninf, nullptr, nullptr);
+        exp_pass<VT, In, false, false, true, false, false, false, true>(f, g, scratch, c, off, n, npad, rfe, mze, rge,
+                                                                        s);
+      }
+      const int64_t yl = y - off;
+      for_vectors<W>(n, vector_start<W>(yl, n), n % W != 0 ? n / W * W : -1, -1, [&](int64_t j, auto special) {
+        constexpr bool kSpecial = decltype(special)::value;
+        V gv = VT::mul(VT::load(S + j), c1);
+        if (kSpecial && yl >= j && yl < j + W) {
+          T tmp[W];
+          VT::store(tmp, gv);
+          tmp[yl - j] -= at_y;
+          gv = VT::load(tmp);
+        }
+        if (kSpecial && j + W > n) {
+          VT::store_out_partial(grad + off + j, gv, n - j);
+        } else {
+          store_grad<VT>(grad + off + j, gv, stream);
+        }
+      });
+    }
+    return;
+  }
+
+  const V ca = VT::set1(sw * isg);  // q = e * ca (+ hw at y)
+  const V vL = VT::set1(L);
+  const V vgs = VT::set1(c.gs);
+  // tau = 1: grad = s Wq - w q with s = exp(u) / sz, Wq = hw w_y + a Wp.
+  const V cs = VT::set1(c.gs * (hw * w_y + sw * wp) * isz);
+  // tau != 1: grad = hw w_y s + a tau Wp s^tau - w (a tau p + hw e_y), all times gs.
+  const V c1 = VT::set1(c.gs * hw * w_y * isz);
+  const V c2 = VT::set1(c.gs * sw * c.tau * wp * iszt);
+  const V cq2 = VT::set1(c.gs * sw * c.tau * isg);
+  T q_am = 0;
+  for (int64_t k = 0; k < c.ntiles; ++k) {
+    const int64_t off = k * c.tile;
+    const int64_t n = m - off < c.tile ? m - off : c.tile;
+    const int64_t npad = round_up(n, kPad);
+    if (!single) {
+      load_tile<VT, false, kCopy>(f + off, n, npad, U, ninf, nullptr, nullptr);
+      load_tile<VT, false, kCopy>(g + off, n, npad, E, Probs ? T(0) : ninf, nullptr, nullptr);
+      exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+    }
+    const int64_t yl = y >= 0 && hw != T(0) ? y - off : -1;
+    const int64_t aml = am - off;
+    T* mass_t = mass + off;
+    T* risk_t = risk + off;
+    const T* w_t = c.w + off;
+    In* grad_t = NeedGrad ? grad + off : nullptr;
+    for_vectors<W>(n, vector_start<W>(yl, n), vector_start<W>(aml, n), n % W != 0 ? n / W * W : -1,
+                   [&](int64_t j, auto special) {
+                     constexpr bool kSpecial = decltype(special)::value;
+                     const V e = VT::load(E + j);
+                     const V u = VT::load(U + j);
+                     V hv = VT::zero();
+                     if (kSpecial && yl >= j && yl < j + W) {
+                       T tmp[W];
+                       std::memset(tmp, 0, sizeof(tmp));
+                       tmp[yl - j] = hw;
+                       hv = VT::load(tmp);
+                     }
+                     const V q = VT::fmadd(e, ca, hv);
+                     VT::store(mass_t + j, VT::add(VT::load(mass_t + j), q));
+                     VT::store(risk_t + j, VT::fma_if_pos(q, VT::sub(vL, u), VT::load(risk_t + j)));
+                     if (kSpecial && aml >= j && aml < j + W) {
+                       T tmp[W];
+                       VT::store(tmp, q);
+                       q_am = tmp[aml - j];
+                     }
+                     if (NeedGrad) {
+                       V gv;
+                       if (Tau1) {
+                         const V wq = HasW ? VT::mul(VT::load(w_t + j), q) : q;
+                         gv = VT::fnmadd(wq, vgs, VT::mul(VT::load(S + j), cs));
+                       } else {
+                         const V q2 = VT::fmadd(e, cq2, VT::mul(hv, vgs));
+                         const V wq2 = HasW ? VT::mul(VT::load(w_t + j), q2) : q2;
+                         gv = VT::sub(VT::fmadd(VT::load(S + j), c1, VT::mul(VT::load(St + j), c2)), wq2);
+                       }
+                       if (kSpecial && j + W > n) {
+                         VT::store_out_partial(grad_t + j, gv, n - j);
+                       } else {
+                         store_grad<VT>(grad_t + j, gv, stream);
+                       }
+                     }
+                   });
+  }
+  hit[am] += q_am;
+}
+
+template <class VT, class In, bool Soft, bool Probs, bool Tau1>
+inline auto pick_row(bool need_grad, bool has_w) -> void (*)(const FusedArgs&, const Consts<VT>&, int64_t,
+                                                               typename VT::T, int64_t, typename VT::T*,
+                                                               const ChunkOut&) {
+  if (need_grad) {
+    return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, true, true> : &row_kernel<VT, In, Soft, Probs, Tau1, true, false>;
+  }
+  return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, false, true> : &row_kernel<VT, In, Soft, Probs, Tau1, false, false>;
+}
+
+// Rows [begin, end) of one call, with this thread's scratch and accumulators.
+template <class VT, class In>
+void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) {
+  using T = typename VT::T;
+  Consts<VT> c;
+  c.m = args.m;
+  c.tile = args.tile;
+  c.ntiles = (args.m + c.tile - 1) / c.tile;
+  c.lc = static_cast<const T*>(args.log_c);
+  c.w = static_cast<const T*>(args.w);
+  c.has_lc = args.has_log_c;
+  c.inv_gamma = static_cast<T>(1.0 / args.gamma);
+  c.tau = static_cast<T>(args.tau);
+  c.inv_tau = static_cast<T>(1.0 / args.tau);
+  c.gs = static_cast<T>(args.grad_scale);
+  const bool tau1 = args.tau == 1.0;
+  const bool probs = args.teacher_is_probs;
+  using Fn = void (*)(const FusedArgs&, const Consts<VT>&, int64_t, T, int64_t, T*, const ChunkOut&);
+  // Label-only rows read w at the label alone (ones when absent), so one variant serves both.
+  const Fn hard = args.need_grad ? &row_kernel<VT, In, false, false, true, true, true>
+                                 : &row_kernel<VT, In, false, false, true, false, true>;
+  Fn soft = nullptr;
+  if (args.teacher != nullptr) {
+    if (probs) {
+      soft = tau1 ? pick_row<VT, In, true, true, true>(args.need_grad, args.has_w)
+                  : pick_row<VT, In, true, true, false>(args.need_grad, args.has_w);
+    } else {
+      soft = tau1 ? pick_row<VT, In, true, false, true>(args.need_grad, args.has_w)
+                  : pick_row<VT, In, true, false, false>(args.need_grad, args.has_w);
+    }
+  }
+  const T* a = static_cast<const T*>(args.a);
+  T* scratch = static_cast<T*>(out.scratch);
+  for (int64_t i = begin; i < end; ++i) {
+    int64_t y = -1;
+    if (args.labels != nullptr) {
+      y = args.labels[i];
+      if (y < 0 || y >= args.m) {
+        if (out.bad_row < 0) out.bad_row = i;
+        static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+    }
+    const T a_i = a[i];
+    const Fn fn = (soft != nullptr && a_i > 0) ? soft : hard;
+    fn(args, c, i, a_i, y, scratch, out);
+  }
+  if (args.stream_grad) VT::stream_fence();
+}
+
+// row[0, m) *= scale, rounded once to the storage dtype.
+template <class VT, class In>
+void scale_row(void* row_v, int64_t m, double scale) {
+  using T = typename VT::T;
+  constexpr int W = VT::W;
+  In* row = static_cast<In*>(row_v);
+  const typename VT::V sv = VT::set1(static_cast<T>(scale));
+  int64_t j = 0;
+  for (; j + W <= m; j += W) VT::store_out(row + j, VT::mul(VT::load_in(row + j), sv));
+  if (j < m) {
+    In tmp[W];
+    std::memset(tmp, 0, sizeof(tmp));
+    std::memcpy(tmp, row + j, static_cast<size_t>(m - j) * sizeof(In));
+    VT::store_out_partial(row + j, VT::mul(VT::load_in(tmp), sv), m - j);
+  }
+}

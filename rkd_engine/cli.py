@@ -1,0 +1,314 @@
+"""The ``rkd`` command line: ``rkd teacher``, ``rkd student``, ``rkd eval``, ``rkd demo``.
+
+Options come from the defaults, then ``--config FILE`` (YAML or JSON), then the flags (later wins).
+A bad value or combination ends with a one-line error and exit status 2; an unusable checkpoint with
+exit status 1. ``RKD_DEBUG=1`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from rkd_engine.training.config import (
+    CONFIG_CLASSES,
+    ConfigError,
+    StudentConfig,
+    TrainConfig,
+    flag,
+    load_config_file,
+    merge,
+    option_fields,
+)
+
+_GROUPS = {
+    "data": ("data", "imbalance", "val_per_class", "test_per_class", "data_seed", "augment"),
+    "model and optimisation": (
+        "model",
+        "model_options",
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "warmup_epochs",
+        "lr_decay_at",
+        "lr_decay",
+        "seed",
+    ),
+    "objective (METHOD.md 2-4)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
+    "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
+    "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
+}
+
+_MAIN_DESCRIPTION = """\
+rkd trains teachers and students with the objectives of "Robust distillation for worst-class
+performance" (Wang et al., UAI 2023): standard, balanced (mean of per-class risks), robust (worst
+per-class risk, by DRO over classes) and a trade-off between the last two.
+
+A typical session: train a teacher, distil a student from it, look at its worst-class accuracy.
+Every run writes a directory (config.json, log.jsonl, checkpoint.pt, model.pt, metrics.json).
+"""
+
+_MAIN_EPILOG = """\
+examples:
+  rkd demo --out demo_out                         the paper's teacher x student grid on long-tailed digits
+  rkd teacher --objective balanced --out runs/teacher-bal
+  rkd student --teacher runs/teacher-bal --objective robust --out runs/student-rob
+  rkd eval runs/student-rob
+
+run `rkd COMMAND --help` for the options of a command. Errors are one line (exit status 2 for bad options,
+1 for an unusable checkpoint); RKD_DEBUG=1 shows the full traceback instead.
+"""
+
+_EPILOGS = {
+    "teacher": """\
+examples:
+  rkd teacher --out runs/t-std                                   standard teacher on long-tailed digits
+  rkd teacher --objective robust --dro-every 8 --out runs/t-rob  DRO weights from validation error every 8 steps
+  rkd teacher --objective tradeoff --alpha 0.5 --out runs/t-tdf
+  rkd teacher --data cifar10:~/data/cifar-10-batches-py --imbalance 100 --model resnet56 --epochs 200 \\
+              --batch-size 128 --lr-decay-at 0.5,0.75 --device cuda --out runs/c10-t
+  rkd teacher --config teacher.yaml --seed 3                     a YAML/JSON file of options; flags win
+  rkd teacher --out runs/t-rob --resume                          continue a killed run exactly where it stopped
+""",
+    "student": """\
+examples:
+  rkd student --teacher runs/t-std --out runs/s-std                       standard distillation (a = 1)
+  rkd student --teacher runs/t-bal --objective robust --gamma 3 --out runs/s-rob
+  rkd student --teacher runs/t-bal --objective robust --val-labels onehot --out runs/s-rob-1h
+  rkd student --teacher runs/t-std --method hinton --teacher-weight 0.5 --tau 4 --out runs/s-hinton
+  rkd student --teacher runs/t-std --method post-shift --out runs/s-post     the teacher, post-shifted
+  rkd student --method group-dro --out runs/s-gdro                        Group DRO without a teacher
+  torchrun --nproc_per_node=2 -m rkd_engine.cli student --teacher runs/t-std --out runs/s-ddp
+
+methods: distill (the paper's student, q = p), hinton (q = (1-a) e_y + a p, student temperature tau),
+post-shift (f_y = log(shift_y p_y), shift tuned for worst-class validation accuracy), group-dro (no
+teacher, online DRO weights from the batch losses), ada-alpha (a per example from the teacher margin),
+ada-margin (a per-example margin from the teacher margin); see rkd_engine/training/methods.py.
+A student uses its teacher's data split; the data options default to the teacher's.
+""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+_METAVARS = {"data": "SPEC", "out": "DIR", "teacher": "RUN_DIR", "model": "NAME", "lr_decay_at": "F1,F2"}
+
+
+def _metavar(name: str, kind: str) -> str:
+    if name in _METAVARS:
+        return _METAVARS[name]
+    return "N" if kind.endswith("int") else "X"
+
+
+def _add_train_options(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
+    fields = {f.name: f for f in option_fields(cls)}
+    defaults = cls()
+    for title, names in _GROUPS.items():
+        present = [n for n in names if n in fields]
+        if not present:
+            continue
+        group = parser.add_argument_group(title)
+        for name in present:
+            meta = fields[name].metadata
+            default = getattr(defaults, name)
+            shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
+            help_text = meta["help"] + ("" if shown in (None, {}) else f" (default: {shown})")
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else _metavar(name, meta["kind"])
+            if name == "model_options":
+                group.add_argument(
+                    "--model-option",
+                    dest=name,
+                    action="append",
+                    metavar="KEY=VALUE",
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
+            else:
+                group.add_argument(flag(name), dest=name, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+    control = parser.add_argument_group("control")
+    control.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
+    control.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    control.add_argument("--overwrite", action="store_true", help="start again in an existing --out directory")
+    control.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rkd`` argument parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="rkd", description=_MAIN_DESCRIPTION, epilog=_MAIN_EPILOG, formatter_class=fmt)
+    from rkd_engine import __version__
+
+    parser.add_argument("--version", action="version", version=f"rkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    teacher = sub.add_parser(
+        "teacher",
+        help="train a teacher on labels",
+        formatter_class=fmt,
+        description="Train a teacher with a standard, balanced, robust or trade-off objective.",
+        epilog=_EPILOGS["teacher"],
+    )
+    _add_train_options(teacher, CONFIG_CLASSES["teacher"])
+    student = sub.add_parser(
+        "student",
+        help="distil a student from a teacher run",
+        formatter_class=fmt,
+        description="Distil a student from a teacher run (or run a baseline method).",
+        epilog=_EPILOGS["student"],
+    )
+    _add_train_options(student, StudentConfig)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a finished run",
+        formatter_class=fmt,
+        description="Evaluate a run's model: accuracy, balanced, worst-class and worst-k accuracy, "
+        "per-class recall, ECE. Prints the report and writes RUN_DIR/eval.json.",
+        epilog="examples:\n  rkd eval runs/s-rob\n  rkd eval runs/s-rob --data digits --split test\n",
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rkd teacher or rkd student")
+    ev.add_argument("--data", metavar="SPEC", help="evaluate on this data source instead of the run's own")
+    ev.add_argument(
+        "--split", default="val,test", metavar="SPLITS", help="comma-separated: train, val, test (default: val,test)"
+    )
+    ev.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="device (default: cpu)")
+
+    demo = sub.add_parser(
+        "demo",
+        help="the paper's teacher x student grid on long-tailed digits",
+        formatter_class=fmt,
+        description="Train standard, balanced and robust teachers on long-tailed digits, distil "
+        "standard, balanced and robust students from each (the paper's Table 1 grid), print the "
+        "average and worst-class test accuracy, write DIR/results.json and DIR/pareto.png.",
+        epilog="examples:\n  rkd demo --out demo_out\n  rkd demo --out demo_out --seeds 5\n",
+    )
+    demo.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: demo_out)")
+    demo.add_argument("--seeds", default=None, metavar="N", help="number of seeds averaged over (default: 5)")
+    demo.add_argument(
+        "--imbalance", default=None, metavar="RHO", help="imbalance ratio rho of the training set (default: 100)"
+    )
+    demo.add_argument("--epochs", default=None, metavar="N", help="epochs of every teacher and student (default: 30)")
+    demo.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="device (default: cpu)")
+    demo.add_argument("--backend", default="auto", metavar="NAME", help="loss backend (default: auto)")
+    demo.add_argument("--quiet", action="store_true", help="print only the table")
+    return parser
+
+
+def _flag_values(args: argparse.Namespace, cls: type[TrainConfig]) -> dict[str, Any]:
+    names = {f.name for f in option_fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rkd_engine.training import engine
+    from rkd_engine.training.runs import RunDir
+
+    cls = CONFIG_CLASSES[args.command]
+    file_values = load_config_file(args.config) if args.config else {}
+    flags = _flag_values(args, cls)
+    layers: list[dict[str, Any]] = []
+    if args.resume:
+        out = flags.get("out", file_values.get("out"))
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        layers.append(RunDir(out).read_config())
+    file_cfg = merge(cls, *layers, file_values, source=args.config or "")
+    config = merge(cls, file_cfg.to_dict(), flags)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    run = engine.train_teacher if args.command == "teacher" else engine.train_student
+    result = run(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    if result.metrics and not args.quiet:
+        print(f"wrote {result.path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rkd_engine.training.evaluation import evaluate_run, summary_line
+
+    splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
+    if not splits or any(s not in ("train", "val", "test") for s in splits):
+        raise ConfigError(f"--split must list train, val and/or test, got {args.split!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
+    result = evaluate_run(args.run_dir, data=args.data, splits=splits, device=args.device)
+    print(f"{result['run']} on {result['data']}")
+    for name in splits:
+        rep = result[name]
+        print(f"  {name:5s} {summary_line(rep)}  ece {rep['ece']:.3f}  ({rep['num_examples']} examples)")
+        recalls = " ".join("  -  " if r is None else f"{100 * r:5.1f}" for r in rep["per_class_recall"])
+        print(f"        per-class recall: {recalls}")
+    return 0
+
+
+def _positive_int(name: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        out = int(value)
+    except ValueError:
+        out = 0
+    if out < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return out
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rkd_engine.training.demo import run_demo
+
+    imbalance = None
+    if args.imbalance is not None:
+        try:
+            imbalance = float(args.imbalance)
+        except ValueError:
+            imbalance = 0.0
+        if not imbalance >= 1:
+            raise ConfigError(f"--imbalance must be a number >= 1, got {args.imbalance!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
+    run_demo(
+        args.out,
+        seeds=_positive_int("--seeds", args.seeds),
+        imbalance=imbalance,
+        epochs=_positive_int("--epochs", args.epochs),
+        device=args.device,
+        backend=args.backend,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rkd`` console script; returns the exit status."""
+    from rkd_engine.training.runs import CheckpointError, RunDirError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"teacher": _train, "student": _train, "eval": _eval, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (CheckpointError, RunDirError, ConfigError, ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("RKD_DEBUG"):
+            raise
+        status = 1 if isinstance(exc, CheckpointError) else 2
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.stderr.write(f"rkd {args.command}: error: {message}\n")
+        return status
+    except KeyboardInterrupt:
+        sys.stderr.write(f"rkd {args.command}: interrupted (a run continues with --resume)\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

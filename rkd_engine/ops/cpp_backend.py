@@ -1,0 +1,96 @@
+"""The C++ CPU backend: the fused kernel of ``csrc/cpu`` (extension ``rkd_engine._C``) behind the backend contract.
+
+One pass per row computes ``loss_i``, ``grad_scale * dloss_i/df_i`` and the per-class ``mass``, ``risk`` and
+``error`` of METHOD.md section 3 (see ``csrc/cpu/distill_cpu.cpp`` for the math), with OpenMP over rows and
+AVX2 vector code where the CPU has it. The extension is imported on first use, so a checkout or
+installation without it still imports; ``unavailable_reason`` then says why the backend cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_extension: ModuleType | None = None
+_import_error: str | None = None
+
+
+def _load() -> ModuleType | None:
+    """``rkd_engine._C``, or ``None`` (with the reason kept) when it cannot be imported."""
+    global _extension, _import_error
+    if _extension is None and _import_error is None:
+        try:
+            _extension = importlib.import_module("rkd_engine._C")
+        except ImportError as exc:  # not built, or built against another torch
+            _import_error = f"{type(exc).__name__}: {exc}"
+    return _extension
+
+
+def _require() -> ModuleType:
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the C++ extension rkd_engine._C is not built: {_import_error}")
+    return module
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str | None:
+    """``None`` if the C++ kernel can run (``device``, ``dtype``, ``m``) here, else why not."""
+    if torch.device(device).type != "cpu":
+        return f"the C++ backend runs on CPU tensors only, got {torch.device(device)}"
+    if dtype not in DTYPES:
+        return f"the C++ backend supports float32, bfloat16, float16 and float64, got {dtype}"
+    if m < 1:
+        return f"the C++ backend needs at least one class, got m={m}"
+    if _load() is None:
+        return f"the C++ extension rkd_engine._C is not built: {_import_error}"
+    return None
+
+
+def fused_forward(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None,
+    a: Tensor,
+    log_c: Tensor | None,
+    w: Tensor | None,
+    *,
+    gamma: float,
+    tau: float,
+    teacher_is_probs: bool,
+    grad_scale: float,
+    need_grad: bool,
+    grad_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad, mass, risk, error)`` for CPU tensors; the contract of ``rkd_engine.reference.fused_rows``.
+
+    ``loss`` (B,), ``mass``/``risk``/``error`` (m,) are in the accumulation dtype (float64 for float64
+    inputs, else float32); ``grad`` (B, m) is ``grad_scale * dloss_i/df_i`` in the student dtype, written
+    into ``grad_out`` when given (it may be ``student`` itself), or an empty tensor when ``need_grad`` is
+    false. Invalid shapes, dtypes or labels raise ``RuntimeError`` from the extension.
+    """
+    return tuple(
+        _require().fused_forward(
+            student,
+            teacher,
+            labels,
+            a,
+            log_c,
+            w,
+            gamma=float(gamma),
+            tau=float(tau),
+            teacher_is_probs=bool(teacher_is_probs),
+            grad_scale=float(grad_scale),
+            need_grad=bool(need_grad),
+            grad_out=grad_out,
+        )
+    )
+
+
+def scale_rows_(grad: Tensor, go: Tensor) -> None:
+    """``grad[i, :] *= go[i]`` in place; rows with ``go[i] == 1`` are neither read nor written."""
+    _require().scale_rows_(grad, go)

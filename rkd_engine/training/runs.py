@@ -1,0 +1,242 @@
+"""Run directories, atomic checkpoints and the random-number state of a run.
+
+A run directory holds ``config.json`` (the resolved options), ``log.jsonl`` (one JSON record per
+logged step and per evaluation), ``checkpoint.pt`` (everything needed to continue exactly),
+``model.pt`` (the final model, loadable without the config) and ``metrics.json`` (the final
+classification reports). Every file is written to a temporary name, flushed to disk and renamed, so a
+run killed at any instant leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rkd_engine.training.config import semantic_diff
+
+CHECKPOINT_FORMAT = "rkd-checkpoint-v1"
+MODEL_FORMAT = "rkd-model-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file that cannot be used: unreadable, corrupt, or from another config."""
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (exists without ``--resume``, missing files...)."""
+
+
+def derive_seed(seed: int, *tags: object) -> int:
+    """A 63-bit seed that is a pure function of ``seed`` and ``tags`` (stable across processes)."""
+    digest = hashlib.sha256(json.dumps([seed, *tags], default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` from ``seed``."""
+    torch.manual_seed(derive_seed(seed, "torch"))
+    np.random.seed(derive_seed(seed, "numpy") % (1 << 32))
+    random.seed(derive_seed(seed, "python"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` atomically: ``write(fileobj)`` into a temporary file, fsync, ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save(obj)``, written atomically."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and Python random states, in ``torch.load(weights_only)`` types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunDir:
+    """The files of one run. Only the writer process (rank 0) writes; every process may read."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    config_path = property(lambda self: self.path / "config.json")
+    log_path = property(lambda self: self.path / "log.jsonl")
+    metrics_path = property(lambda self: self.path / "metrics.json")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    model_path = property(lambda self: self.path / "model.pt")
+
+    def check_new(self, *, overwrite: bool) -> None:
+        """Raise unless a new run may start here (missing or empty directory, or ``overwrite``)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise RunDirError(
+                f"run directory {self.path} already exists: pass --resume to continue it, --overwrite to "
+                "start it again, or choose another --out"
+            )
+
+    def create(self, config: Mapping[str, Any], *, overwrite: bool) -> None:
+        """Start a new run: (re)create the directory, write ``config.json``, an empty log."""
+        if not self.writer:
+            return
+        if overwrite and self.path.is_dir():
+            for name in ("config.json", "log.jsonl", "metrics.json", "checkpoint.pt", "model.pt"):
+                (self.path / name).unlink(missing_ok=True)
+            for extra in self.path.glob("eval*.json"):
+                extra.unlink()
+            shutil.rmtree(self.path / "plots", ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.config_path, dict(config))
+        atomic_write(self.log_path, lambda fh: None)
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved options of this run."""
+        try:
+            return json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} is not a run directory (no config.json)") from None
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{self.config_path} is not valid JSON: {exc}") from None
+
+    def read_metrics(self) -> dict[str, Any]:
+        """The final metrics of a finished run."""
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"run {self.path} has not finished (no metrics.json); resume it with --resume") from None
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON record to ``log.jsonl``."""
+        if not self.writer:
+            return
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(dict(record)) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Drop the log records written after ``step`` (by a run that was killed after its checkpoint)."""
+        if not self.writer or not self.log_path.exists():
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            # Records of the checkpoint's own step were written before it, except the evaluation
+            # that follows an epoch's last step, which the resumed run writes again.
+            at = record.get("step", 0)
+            if at < step or (at == step and record.get("event") != "eval"):
+                kept.append(line)
+        data = "".join(line + "\n" for line in kept).encode()
+        atomic_write(self.log_path, lambda fh: fh.write(data))
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        if self.writer:
+            atomic_write_json(self.metrics_path, dict(metrics))
+
+    def save_checkpoint(self, state: dict[str, Any], config: Mapping[str, Any]) -> None:
+        """Write ``checkpoint.pt`` atomically, stamped with the config it belongs to."""
+        if not self.writer:
+            return
+        payload = {"format": CHECKPOINT_FORMAT, "config": dict(config), **state}
+        atomic_torch_save(self.checkpoint_path, payload)
+
+    def load_checkpoint(self, config: Mapping[str, Any], map_location: torch.device | str = "cpu") -> dict[str, Any]:
+        """Read ``checkpoint.pt`` and check that it belongs to ``config``; ``CheckpointError`` otherwise."""
+        path = self.checkpoint_path
+        if not path.exists():
+            raise CheckpointError(f"cannot resume {self.path}: it has no checkpoint.pt (nothing was saved yet)")
+        payload = load_torch_file(path, map_location, what="checkpoint")
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not an rkd checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        differ = semantic_diff(payload.get("config", {}), config)
+        if differ:
+            detail = ", ".join(f"{k}: {payload['config'].get(k)!r} -> {config.get(k)!r}" for k in differ[:5])
+            raise CheckpointError(
+                f"{path} was written with a different configuration ({detail}); resume with the run's own options "
+                "or start a new run with another --out"
+            )
+        return payload
+
+
+def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) -> Any:
+    """``torch.load`` (weights only) with a clear error for a corrupt or truncated file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} does not exist") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{what} {path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {first}); "
+            "delete it to start over"
+        ) from None

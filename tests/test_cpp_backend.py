@@ -1,0 +1,374 @@
+"""The C++ CPU backend (``rkd_engine._C`` through ``rkd_engine.ops.cpp_backend``) against the float64 reference.
+
+Every check runs on both instruction-set paths where the CPU has them (``avx2`` and the portable
+``generic`` one). The reference is evaluated in float64 on the inputs as the backend sees them (already
+rounded to the test dtype), so loss and statistics, accumulated in float32 for every reduced dtype, are
+held to float32 tolerances, and the gradient additionally to one rounding to the storage dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs
+
+from rkd_engine import reference
+from rkd_engine.ops import cpp_backend
+
+_REASON = cpp_backend.unavailable_reason(torch.device("cpu"), torch.float32, 16)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ backend unavailable: {_REASON}")
+
+if _REASON is None:
+    from rkd_engine import _C
+
+    ISAS = ["generic"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
+    DEFAULT_TILING = _C.get_tiling()
+    WIDE = DEFAULT_TILING[0] + 2 * DEFAULT_TILING[1] + 5  # wider than a whole row: several tiles, one partial
+else:
+    ISAS, DEFAULT_TILING, WIDE = ["generic"], (0, 0), 0
+
+# (accumulated values: loss and statistics, gradient) relative tolerances per input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 8e-3),
+    torch.float16: (2e-5, 1e-3),
+}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa("auto")
+
+
+@pytest.fixture(params=["whole", "tiled"])
+def tiling(request):
+    """``whole``: the default (rows held whole in scratch); ``tiled``: tiles of 64 classes on every row, so
+    small rows run the online max/sum pass and the second pass of wide rows."""
+    if request.param == "tiled":
+        _C.set_tiling(0, 64)
+    yield request.param
+    _C.set_tiling(*DEFAULT_TILING)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _case(
+    rows,
+    m,
+    dtype,
+    *,
+    regime="normal",
+    teacher="logits",
+    labels=True,
+    a="mix",
+    costs=False,
+    weights=False,
+    gamma=2.0,
+    seed=0,
+):
+    """Inputs in the backend's dtypes: (student, teacher, labels, a, log_c, w)."""
+    f, g, y = make_inputs(rows, m, dtype, "cpu", regime, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    acc = _acc(dtype)
+    if teacher is None:
+        a_vals = torch.zeros(rows)
+    elif not labels:
+        a_vals = torch.ones(rows)
+    elif a == "rows":  # per-row weights with exact 0 and 1 among them (label-only and teacher-only rows)
+        a_vals = torch.rand(rows, generator=gen)
+        a_vals[::3] = 0.0
+        a_vals[1::3] = 1.0
+    else:
+        a_vals = torch.full((rows,), {"mix": 0.3, "teacher": 1.0, "labels": 0.0}[a])
+    t = None
+    if teacher == "logits":
+        t = g
+    elif teacher == "probs":
+        t = torch.softmax(g.double() / gamma, dim=-1).to(dtype)
+    log_c = (torch.randn(m, generator=gen) * 2).to(acc) if costs else None
+    w = (torch.rand(m, generator=gen) * 1.5 + 0.25).to(acc) if weights else None
+    return f, t, (y if labels else None), a_vals.to(acc), log_c, w
+
+
+def _reference(f, t, y, a, log_c, w, *, gamma, tau, probs, grad_scale):
+    as64 = lambda x: None if x is None else x.double()  # noqa: E731 - a one-line helper
+    return reference.fused_rows(
+        f.double(),
+        teacher=as64(t),
+        teacher_is_probs=probs,
+        labels=y,
+        a=a.double(),
+        gamma=gamma,
+        log_c=as64(log_c),
+        w=as64(w),
+        tau=tau,
+        grad_scale=grad_scale,
+    )
+
+
+def _run(f, t, y, a, log_c, w, *, gamma, tau, probs, grad_scale=0.25, need_grad=True, grad_out=None):
+    return cpp_backend.fused_forward(
+        f,
+        t,
+        y,
+        a,
+        log_c,
+        w,
+        gamma=gamma,
+        tau=tau,
+        teacher_is_probs=probs,
+        grad_scale=grad_scale,
+        need_grad=need_grad,
+        grad_out=grad_out,
+    )
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * scale, msg=lambda s: f"{what}: {s}")
+
+
+def _check(inputs, dtype, *, gamma=2.0, tau=1.0, probs=False, grad_scale=0.25):
+    f, t, y, a, log_c, w = inputs
+    out = _run(f, t, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=grad_scale)
+    ref = _reference(f, t, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=grad_scale)
+    acc_tol, grad_tol = TOL[dtype]
+    acc = _acc(dtype)
+    loss, grad, mass, risk, error = out
+    assert loss.dtype == mass.dtype == risk.dtype == error.dtype == acc
+    assert grad.dtype == dtype and grad.shape == f.shape
+    _close(loss, ref.loss, acc_tol, "loss")
+    grad_scale_ref = max(ref.grad.abs().max().item(), 1e-30)
+    torch.testing.assert_close(
+        grad.double(), ref.grad, rtol=grad_tol, atol=grad_tol * grad_scale_ref, msg=lambda s: f"grad: {s}"
+    )
+    for name, got in (("mass", mass), ("risk", risk), ("error", error)):
+        _close(got, getattr(ref, name), acc_tol * 4, name)
+    assert torch.isfinite(loss).all()
+    return out
+
+
+# Option sets covering every input of the contract: teacher kind, labels, a, costs, weights.
+OPTIONS = {
+    "labels-only": dict(teacher=None),
+    "labels-costs-weights": dict(teacher=None, costs=True, weights=True),
+    "teacher-only": dict(labels=False),
+    "teacher-only-costs": dict(labels=False, costs=True),
+    "mix": dict(a="mix", costs=True),
+    "rows-weights": dict(a="rows", costs=True, weights=True),
+    "probs-only": dict(teacher="probs", labels=False, weights=True),
+    "probs-rows": dict(teacher="probs", a="rows", costs=True),
+}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 1001])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_float64_all_options(isa, tiling, m, option, tau):
+    opts = OPTIONS[option]
+    inputs = _case(9, m, torch.float64, seed=m, **opts)
+    _check(inputs, torch.float64, tau=tau, probs=opts.get("teacher") == "probs")
+
+
+@pytest.mark.parametrize("option", ["rows-weights", "probs-rows", "labels-only"])
+def test_float64_wide_rows(isa, tiling, option):
+    opts = OPTIONS[option]
+    inputs = _case(3, 50257, torch.float64, seed=3, **opts)
+    _check(inputs, torch.float64, tau=1.7, probs=opts.get("teacher") == "probs")
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0, 20.0])
+@pytest.mark.parametrize("tau", [0.1, 1.0, 20.0])
+@pytest.mark.parametrize("regime", ["normal", "peaked", "equal", "huge", "masked"])
+def test_regimes_temperatures(isa, tiling, regime, gamma, tau):
+    for dtype in (torch.float64, torch.float32):
+        inputs = _case(16, 137, dtype, regime=regime, a="rows", costs=True, weights=True, gamma=gamma, seed=11)
+        _check(inputs, dtype, gamma=gamma, tau=tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [3, 1001])
+@pytest.mark.parametrize("regime", ["normal", "peaked", "huge", "masked"])
+def test_reduced_precision(isa, tiling, dtype, m, regime):
+    rows = 24
+    inputs = _case(rows, m, dtype, regime=regime, a="rows", costs=True, seed=5)
+    _check(inputs, dtype, gamma=1.5)
+    probs = _case(rows, m, dtype, regime=regime, teacher="probs", a="rows", weights=True, seed=6)
+    _check(probs, dtype, tau=2.0, probs=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("regime", ["huge", "masked"])
+@pytest.mark.parametrize("m", [WIDE, 262144])
+def test_default_tiles_of_wide_rows(isa, dtype, regime, m):
+    inputs = _case(1 if m > WIDE else 2, m, dtype, regime=regime, a="rows", costs=True, weights=True, seed=8)
+    _check(inputs, dtype, gamma=0.5, tau=1.0)
+
+
+@pytest.mark.parametrize(
+    "dtype, rows, m", [(torch.float32, 2048, 1024), (torch.float32, 2100, 1001), (torch.bfloat16, 4096, 1024)]
+)
+def test_large_gradient_is_streamed_identically(isa, dtype, rows, m):
+    """Gradients of 8 MiB or more are written with non-temporal stores (on rows that are aligned for them):
+    the values must be bit for bit those of a small call, which stores normally."""
+    inputs = _case(rows, m, dtype, a="rows", costs=True, seed=12)
+    big = _run(*inputs, gamma=1.0, tau=1.0, probs=False)
+    head = [None if x is None else x[:6] for x in inputs[:4]] + list(inputs[4:])
+    small = _run(*head, gamma=1.0, tau=1.0, probs=False)
+    assert torch.equal(big[0][:6], small[0])
+    assert torch.equal(big[1][:6], small[1])
+
+
+@pytest.mark.parametrize("m", [7, 1001])
+def test_masked_classes_have_exactly_zero_statistics(isa, tiling, m):
+    f, g, _ = make_inputs(5, m, torch.float32, "cpu", "normal", 2)
+    g[:, 1::2] = float("-inf")
+    out = _run(f, g, None, torch.ones(5), None, None, gamma=0.5, tau=1.0, probs=False)
+    for stat in out[2:]:
+        assert torch.all(stat[1::2] == 0)
+        assert torch.all(stat[0::2] > 0) or stat is out[4]
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_label_statistics_are_exact(isa):
+    rows, m = 64, 10
+    f, _, y = make_inputs(rows, m, torch.float32, "cpu", "normal", 4)
+    f[torch.arange(rows), y] += 100.0  # every prediction is right
+    out = _run(f, None, y, torch.zeros(rows), None, None, gamma=1.0, tau=1.0, probs=False)
+    counts = torch.bincount(y, minlength=m).float()
+    assert torch.equal(out[2], counts)
+    assert torch.equal(out[4], torch.zeros(m))
+
+
+def test_argmax_first_index_on_ties(isa):
+    f = torch.zeros(2, 5)
+    f[:, 1] = 3.0
+    f[:, 3] = 3.0
+    y = torch.tensor([1, 3])
+    out = _run(f, None, y, torch.zeros(2), None, None, gamma=1.0, tau=1.0, probs=False)
+    assert out[4].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]  # h = 1 for both rows: row 2 (label 3) is wrong
+
+
+@pytest.mark.parametrize("m", [33, 1001])
+def test_need_grad_false_writes_nothing(isa, tiling, m):
+    f, t, y, a, log_c, w = _case(4, m, torch.float32, a="rows", costs=True)
+    sentinel = torch.full_like(f, 7.0)
+    student = f.clone()
+    out = _run(student, t, y, a, log_c, w, gamma=2.0, tau=1.0, probs=False, need_grad=False, grad_out=sentinel)
+    assert out[1].numel() == 0
+    assert torch.equal(sentinel, torch.full_like(f, 7.0))
+    assert torch.equal(student, f)
+    full = _run(f, t, y, a, log_c, w, gamma=2.0, tau=1.0, probs=False)
+    for got, want in zip(out[:1] + out[2:], full[:1] + full[2:], strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1001, 4099])
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_grad_out_may_alias_the_student(isa, tiling, dtype, m, tau):
+    f, t, y, a, log_c, w = _case(4, m, dtype, a="rows", costs=True, weights=True)
+    expected = _run(f, t, y, a, log_c, w, gamma=2.0, tau=tau, probs=False)
+    inplace = f.clone()
+    out = _run(inplace, t, y, a, log_c, w, gamma=2.0, tau=tau, probs=False, grad_out=inplace)
+    assert out[1].data_ptr() == inplace.data_ptr()
+    for got, want in zip(out, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 13, 1001])
+def test_scale_rows_skips_rows_with_unit_scale(isa, dtype, m):
+    rows = 12
+    gen = torch.Generator().manual_seed(m)
+    grad = torch.randn(rows, m, generator=gen).to(dtype)
+    go = torch.rand(rows, generator=gen, dtype=torch.float64).to(_acc(dtype)) * 3
+    go[::2] = 1.0
+    # Rows with go == 1 hold signalling NaNs: multiplying one (even by 1) would quieten it.
+    bits = {torch.float64: 0x7FF0000000000001, torch.float32: 0x7F800001}.get(
+        dtype, 0x7C01 if dtype == torch.float16 else 0x7F81
+    )
+    int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16}[grad.element_size()]
+    grad.view(int_dtype)[::2] = bits
+    expected = (grad.to(_acc(dtype)) * go.unsqueeze(1)).to(dtype)
+    before = grad.view(int_dtype)[::2].clone()
+    cpp_backend.scale_rows_(grad, go)
+    assert torch.equal(grad.view(int_dtype)[::2], before)
+    assert torch.equal(grad[1::2], expected[1::2])
+
+
+def test_isas_agree():
+    if len(ISAS) < 2:
+        pytest.skip("this CPU has no AVX2 path to compare")
+    inputs = _case(32, 1001, torch.float32, a="rows", costs=True, weights=True, seed=9)
+    outs = {}
+    for name in ISAS:
+        _C.set_cpu_isa(name)
+        outs[name] = _run(*inputs, gamma=0.7, tau=1.0, probs=False)
+    _C.set_cpu_isa("auto")
+    for got, want in zip(outs["avx2"], outs["generic"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_repeatable_and_empty_batch(isa):
+    inputs = _case(40, 257, torch.float32, a="rows", costs=True)
+    first = _run(*inputs, gamma=1.0, tau=1.0, probs=False)
+    again = _run(*inputs, gamma=1.0, tau=1.0, probs=False)
+    assert all(torch.equal(x, z) for x, z in zip(first, again, strict=True))
+    f = torch.empty(0, 6)
+    loss, grad, mass, risk, error = _run(
+        f, None, torch.empty(0, dtype=torch.long), torch.empty(0), None, None, gamma=1.0, tau=1.0, probs=False
+    )
+    assert loss.shape == (0,) and grad.shape == (0, 6)
+    assert torch.equal(mass, torch.zeros(6)) and torch.equal(error, torch.zeros(6)) and torch.equal(risk, mass)
+
+
+def _bad(**changes):
+    f, t, y, a, log_c, w = _case(4, 5, torch.float32, costs=True)
+    kwargs = dict(student=f, teacher=t, labels=y, a=a, log_c=log_c, w=w, gamma=1.0, tau=1.0, probs=False)
+    kwargs.update(changes)
+    student, teacher, labels = kwargs.pop("student"), kwargs.pop("teacher"), kwargs.pop("labels")
+    return lambda: _run(student, teacher, labels, kwargs.pop("a"), kwargs.pop("log_c"), kwargs.pop("w"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(labels=torch.tensor([0, 1, 5, 2])), "labels must be in"),
+        (dict(labels=torch.tensor([0, -1, 2, 2])), "labels must be in"),
+        (dict(labels=torch.tensor([0, 1, 2], dtype=torch.long)), "labels must have shape"),
+        (dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.int32)), "labels must be Long"),
+        (dict(a=torch.ones(4, dtype=torch.float64)), "a must be Float"),
+        (dict(log_c=torch.zeros(4)), "log_c must have shape"),
+        (dict(w=torch.ones(5, dtype=torch.float16)), "w must be Float"),
+        (dict(teacher=torch.zeros(4, 6)), "teacher must have shape"),
+        (dict(teacher=torch.zeros(4, 5, dtype=torch.float64)), "teacher must be Float"),
+        (dict(student=torch.zeros(5, 4).t()), "must be contiguous"),
+        (dict(student=torch.zeros(4, 5, dtype=torch.int32)), "student scores must be float32"),
+        (dict(student=torch.zeros(4, 0)), "at least one class"),
+        (dict(teacher=None, labels=None), "need labels, a teacher, or both"),
+        (dict(tau=0.0), "tau must be finite and > 0"),
+        (dict(tau=float("nan")), "tau must be finite and > 0"),
+        (dict(gamma=-1.0), "gamma must be finite and > 0"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        _bad(**changes)()
+
+
+def test_set_tiling_rejects_bad_values():
+    with pytest.raises(RuntimeError, match="tile must be a positive multiple"):
+        _C.set_tiling(100, 24)
+    assert _C.get_tiling() == DEFAULT_TILING
+
+
+def test_unavailable_reason():
+    assert cpp_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16, 50257) is None
+    assert "CPU tensors only" in cpp_backend.unavailable_reason(torch.device("cuda"), torch.float32, 10)
+    assert "supports float32" in cpp_backend.unavailable_reason(torch.device("cpu"), torch.int64, 10)

@@ -1,0 +1,143 @@
+"""Data-parallel students under ``torchrun`` with 2 processes: identical ``lambda`` on every rank, and the
+same run as a single process (the shards of each global batch and the all-reduced statistics add up to
+the full batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rkd_engine.training import StudentConfig, TeacherConfig, train_student, train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DATA = {"data": "synthetic:m=4,d=6,n=80", "imbalance": 5.0, "model": "mlp", "model_options": {"hidden_sizes": [16]}}
+
+
+def _torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RKD_DEBUG", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "rkd_engine.cli",
+        *args,
+    ]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "teacher"
+    train_teacher(TeacherConfig(out=str(out), epochs=2, checkpoint_every=0, device="cpu", **DATA), quiet=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "objective"),
+    [("distill", "robust"), ("group-dro", "standard")],
+)
+def test_two_cpu_processes_agree(tmp_path, teacher, method, objective):
+    args = [
+        "student",
+        "--teacher",
+        str(teacher),
+        "--method",
+        method,
+        "--objective",
+        objective,
+        "--dro-every",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    out = tmp_path / "ddp"
+    done = _torchrun(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    dist = metrics["distributed"]
+    assert dist["world_size"] == 2
+    rank0, rank1 = dist["dro_weights_per_rank"]
+    assert rank0 == rank1, "lambda differs between the ranks"
+    assert max(abs(w - 0.25) for w in rank0) > 1e-4, "lambda never moved"
+    # One process over the same global batches ends at the same lambda, up to float rounding.
+    single = train_student(
+        StudentConfig(
+            out=str(tmp_path / "single"),
+            teacher=str(teacher),
+            method=method,
+            objective=objective,
+            dro_every=2,
+            epochs=3,
+            batch_size=16,
+            checkpoint_every=0,
+            device="cpu",
+        ),
+        quiet=True,
+    ).metrics
+    torch.testing.assert_close(torch.tensor(rank0), torch.tensor(single["dro_weights"]), rtol=0, atol=1e-4)
+    assert metrics["steps"] == single["steps"]
+
+
+def test_batch_size_must_split_over_processes(tmp_path, teacher, monkeypatch):
+    from rkd_engine.training import ConfigError, distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.DistContext(0, 2, torch.device("cpu")))
+    cfg = StudentConfig(out=str(tmp_path / "s"), teacher=str(teacher), epochs=1, batch_size=15, device="cpu")
+    with pytest.raises(ConfigError, match=r"--batch-size 15 must be divisible by the number of processes \(2\)"):
+        train_student(cfg, quiet=True)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for nccl")
+def test_two_gpu_processes_agree(tmp_path, teacher):
+    out = tmp_path / "ddp-gpu"
+    done = _torchrun(
+        "student",
+        "--teacher",
+        str(teacher),
+        "--objective",
+        "robust",
+        "--dro-every",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--device",
+        "cuda",
+        "--quiet",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = json.loads((out / "metrics.json").read_text())["distributed"]["dro_weights_per_rank"]
+    assert rank0 == rank1
