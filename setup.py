@@ -86,7 +86,8 @@ def _extensions() -> tuple[list, dict]:
                 return None
 
     omp_compile, omp_link = _openmp_flags()
-    optimise = ["/O2"] if sys.platform == "win32" else ["-O3"]
+    # -g0: no debug information (it would make the library some 25 MB); add -g through CFLAGS to debug.
+    optimise = ["/O2"] if sys.platform == "win32" else ["-O3", "-g0"]
     extensions = [
         CppExtension(
             "rkd_engine._C",

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -78,8 +79,10 @@ def copy_bandwidth(device: str) -> float:
 # -------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory above the starting point while the block runs (CUDA allocator, or the process's
-    resident set on CPU via ``/proc/self/clear_refs``; the script sets ``MALLOC_MMAP_THRESHOLD_`` so
-    large buffers are returned to the system when freed)."""
+    resident set on CPU via ``/proc/self/clear_refs``). On CPU this is only meaningful in a process
+    started with ``MALLOC_MMAP_THRESHOLD_`` set, so that large buffers go back to the system when freed:
+    the timings run without it (that setting makes every large allocation fault its pages in afresh,
+    which no training loop pays), and :func:`cpu_peaks` measures peak memory in a child process."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -152,7 +155,11 @@ def methods_for(device: str, f, g, costs) -> dict[str, Callable[[], None]]:
     for name in rkd_engine.available_backends(device, f.dtype, m):
         if name == "reference":
             continue
-        out[f"rkd-{name}"] = run(lambda b=name: distill_loss(f, teacher_logits=g, temperature=GAMMA, class_costs=costs, backend=b, validate=False).loss)
+        out[f"rkd-{name}"] = run(
+            lambda b=name: (
+                distill_loss(f, teacher_logits=g, temperature=GAMMA, class_costs=costs, backend=b, validate=False).loss
+            )
+        )
     try:
         from liger_kernel.transformers import LigerKLDIVLoss
     except ImportError:
@@ -223,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. eager,rkd-cpp")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--peak-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    if args.peak_child:
+        return _peak_child(args)
 
     device = args.device
     shapes = args.shapes or (CUDA_SHAPES if device == "cuda" else CPU_SHAPES)
@@ -245,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                 keep = set(args.methods.split(",")) | {"eager"}
                 methods = {k: v for k, v in methods.items() if k in keep}
             errors = check_agreement(methods, f)
+            peaks = cpu_peaks(rows, m, dtype, list(methods)) if device == "cpu" else {}
             results = {}
             for name, fn in methods.items():
                 times = time_fn(fn, device)
+                if device == "cpu":
+                    results[name] = (times, peaks.get(name))
+                    continue
                 with PeakMemory(device) as mem:
                     fn()
                 results[name] = (times, mem.peak_bytes)
@@ -293,6 +304,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cpu_peaks(rows: int, m: int, dtype: torch.dtype, names: list[str]) -> dict[str, int | None]:
+    """Peak resident memory of one call of each method, measured in a child process that returns large
+    buffers to the system when they are freed (see :class:`PeakMemory`)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cmd = [sys.executable, __file__, "--peak-child", "--device", "cpu", "--shapes", f"{rows}x{m}"]
+    cmd += ["--dtypes", str(dtype).replace("torch.", ""), "--methods", ",".join(names)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"peak memory child failed: {proc.stderr[-500:]}", file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(args) -> int:
+    (rows, m), dtype = args.shapes[0], getattr(torch, args.dtypes)
+    f, g, costs = make_case(rows, m, dtype, "cpu")
+    methods = methods_for("cpu", f, g, costs)
+    peaks = {}
+    for name in args.methods.split(","):
+        methods[name]()  # warm-up (compilation, first-touch of the inputs)
+        f.grad = None
+        with PeakMemory("cpu") as mem:
+            methods[name]()
+        peaks[name] = mem.peak_bytes
+    print(json.dumps(peaks))
+    return 0
+
+
 def write_results(rows_out: list[dict], env: dict, bandwidth: float, stem: Path) -> None:
     with open(f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
@@ -312,13 +351,16 @@ def plot(rows: list[dict], path: str) -> None:
         return
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
         sub = [r for r in rows if r["dtype"] == dtype]
         shapes = sorted({(r["rows"], r["m"]) for r in sub}, key=lambda s: s[0] * s[1])
         methods = list(dict.fromkeys(r["method"] for r in sub))
         width = 0.8 / len(methods)
         for k, method in enumerate(methods):
-            vals = [next((r["speedup_vs_eager"] for r in sub if (r["rows"], r["m"]) == s and r["method"] == method), 0) for s in shapes]
+            vals = [
+                next((r["speedup_vs_eager"] for r in sub if (r["rows"], r["m"]) == s and r["method"] == method), 0)
+                for s in shapes
+            ]
             ax.bar([i + k * width for i in range(len(shapes))], vals, width, label=method)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [f"{b}x{m}" for b, m in shapes], rotation=20)
         ax.set_yscale("log")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from bench_loss import CPU_SHAPES, CUDA_SHAPES, make_case, methods_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,6 +27,7 @@ def test_forward_backward(benchmark, method, shape, dtype):
     fn = methods[method]
     fn()
     if DEVICE == "cuda":
+
         def step():
             fn()
             torch.cuda.synchronize()

@@ -34,7 +34,9 @@ def wide_variant(base, rows, m, sms, bn1, w1, bn, w):
     groups = max(1, min(triton.cdiv(rows, 128), triton.cdiv(8 * slots, n_col)))
     rpg = triton.cdiv(rows, groups)
     groups = triton.cdiv(rows, rpg)
-    return dataclasses.replace(base, block_n1=bn1, num_warps1=w1, block_m=bn, num_warps=w, programs=groups, rows_per_group=rpg)
+    return dataclasses.replace(
+        base, block_n1=bn1, num_warps1=w1, block_m=bn, num_warps=w, programs=groups, rows_per_group=rpg
+    )
 
 
 def main() -> None:
@@ -60,9 +62,24 @@ def main() -> None:
                 for bn, w in [(2048, 8), (4096, 16), (1024, 4), (2048, 4)]:
                     variants.append((f"p1={bn1}/{w1} p2={bn}/{w}", wide_variant(base, rows, m, sms, bn1, w1, bn, w)))
         for name, cfg in variants:
+
             def run(cfg=cfg):
-                triton_backend.fused_forward(f, g, None, a, log_c, None, gamma=GAMMA, tau=1.0, teacher_is_probs=False,
-                                             grad_scale=1.0 / rows, need_grad=True, grad_out=grad, config=cfg)
+                triton_backend.fused_forward(
+                    f,
+                    g,
+                    None,
+                    a,
+                    log_c,
+                    None,
+                    gamma=GAMMA,
+                    tau=1.0,
+                    teacher_is_probs=False,
+                    grad_scale=1.0 / rows,
+                    need_grad=True,
+                    grad_out=grad,
+                    config=cfg,
+                )
+
             try:
                 ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
@@ -70,7 +87,17 @@ def main() -> None:
                 continue
             gbps5 = 5 * rows * m * f.element_size() / (ms * 1e-3) / 1e9
             print(f"{dtype_name:9} {name:28} {ms:8.3f} ms  {gbps5:7.0f} GB/s (5-pass)", flush=True)
-            out_rows.append({"gpu": torch.cuda.get_device_name(), "rows": rows, "m": m, "dtype": dtype_name, "config": name, "median_ms": ms, "GBps_5pass": gbps5})
+            out_rows.append(
+                {
+                    "gpu": torch.cuda.get_device_name(),
+                    "rows": rows,
+                    "m": m,
+                    "dtype": dtype_name,
+                    "config": name,
+                    "median_ms": ms,
+                    "GBps_5pass": gbps5,
+                }
+            )
         del f, g, grad
     path = ROOT / "benchmarks" / "results" / f"tune_triton_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)

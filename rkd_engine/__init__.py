@@ -23,7 +23,9 @@ def _alias_source_kernels() -> None:
     init = here.parent / "kernels" / "__init__.py"
     if not init.is_file():
         return
-    spec = importlib.util.spec_from_file_location("rkd_engine.kernels", init, submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location(
+        "rkd_engine.kernels", init, submodule_search_locations=[str(init.parent)]
+    )
     if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)

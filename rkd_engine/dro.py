@@ -35,7 +35,7 @@ def _device_update(weights: Tensor, risk_numerator: Tensor, mass: Tensor, alpha:
     """Run the fused on-device update kernel where one exists for ``weights``; ``False`` otherwise."""
     if weights.device.type != "cuda" or weights.dtype != torch.float32:
         return False
-    from rkd_engine.ops.dispatch import unavailable_reason, backend_module
+    from rkd_engine.ops.dispatch import backend_module, unavailable_reason
 
     for name in ("triton", "cuda"):
         if unavailable_reason(name, weights.device, weights.dtype, weights.shape[0]) is None:
@@ -59,7 +59,9 @@ class ClassDRO(nn.Module):
     ``average_weights`` (the running mean of the iterates) and ``num_updates``.
     """
 
-    def __init__(self, num_classes: int, *, alpha: float = 1.0, step_size: float = 0.1, prior: Tensor | None = None) -> None:
+    def __init__(
+        self, num_classes: int, *, alpha: float = 1.0, step_size: float = 0.1, prior: Tensor | None = None
+    ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -92,7 +94,9 @@ class ClassDRO(nn.Module):
             raise ValueError(f"prior must have shape ({self.num_classes},), got {tuple(prior.shape)}")
         prior = prior.detach().to(device=self.prior.device, dtype=torch.float32)
         if not bool(torch.isfinite(prior).all()) or bool((prior <= 0).any()):
-            raise ValueError("prior must be finite and > 0 for every class (smooth empirical counts if a class is empty)")
+            raise ValueError(
+                "prior must be finite and > 0 for every class (smooth empirical counts if a class is empty)"
+            )
         self.prior.copy_(prior / prior.sum())
 
     @torch.no_grad()
@@ -112,7 +116,9 @@ class ClassDRO(nn.Module):
         risk_numerator = risk_numerator.detach().to(self.weights.dtype).contiguous()
         mass = mass.detach().to(self.weights.dtype).contiguous()
         if not _device_update(self.weights, risk_numerator, mass, self.alpha, self.step_size):
-            self.weights.copy_(reference.dro_update(self.weights, risk_numerator, mass, alpha=self.alpha, step_size=self.step_size))
+            self.weights.copy_(
+                reference.dro_update(self.weights, risk_numerator, mass, alpha=self.alpha, step_size=self.step_size)
+            )
         self.num_updates.add_(1.0)
         self.average_weights.add_((self.weights - self.average_weights) / self.num_updates)
 
@@ -127,7 +133,9 @@ class ClassDRO(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("num_classes") != self.num_classes:
-            raise ValueError(f"DRO state is for {state.get('num_classes')} classes, this ClassDRO has {self.num_classes}")
+            raise ValueError(
+                f"DRO state is for {state.get('num_classes')} classes, this ClassDRO has {self.num_classes}"
+            )
         self.alpha = _check_fraction("alpha", state["alpha"])
         self.step_size = _check_fraction("step_size", state["step_size"], positive=True)
 

@@ -63,7 +63,9 @@ def _check_companion(name: str, t: Tensor, student: Tensor, shape: tuple[int, ..
         )
 
 
-def _check_values(name: str, t: Tensor, *, allow_neg_inf: bool = False, positive: bool = False, nonneg: bool = False) -> None:
+def _check_values(
+    name: str, t: Tensor, *, allow_neg_inf: bool = False, positive: bool = False, nonneg: bool = False
+) -> None:
     """Value checks that read the tensor (a host synchronisation): skipped when ``validate=False``."""
     if torch.isnan(t).any():
         raise ValueError(f"{name} contains NaN")
@@ -137,7 +139,9 @@ def distill_loss(
     teacher = teacher_logits if teacher_logits is not None else teacher_probs
     teacher_is_probs = teacher_probs is not None
     if teacher is not None:
-        _check_companion("teacher_probs" if teacher_is_probs else "teacher_logits", teacher, student_logits, (rows, m), True)
+        _check_companion(
+            "teacher_probs" if teacher_is_probs else "teacher_logits", teacher, student_logits, (rows, m), True
+        )
 
     if labels is not None:
         if not isinstance(labels, Tensor):
@@ -163,7 +167,9 @@ def distill_loss(
             raise ValueError("teacher_weight must lie in [0, 1] in every row")
     else:
         if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
-            raise TypeError(f"teacher_weight must be a float in [0, 1] or a (B,) tensor, got {type(teacher_weight).__name__}")
+            raise TypeError(
+                f"teacher_weight must be a float in [0, 1] or a (B,) tensor, got {type(teacher_weight).__name__}"
+            )
         a_const = float(teacher_weight)
         if not 0.0 <= a_const <= 1.0:
             raise ValueError(f"teacher_weight must lie in [0, 1], got {a_const}")

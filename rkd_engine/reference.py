@@ -155,7 +155,16 @@ def fused_rows(
     q = target_distribution(p, labels, a_, m)
     w_ = torch.ones(m, dtype=acc, device=f.device) if w is None else w.detach().to(acc)
 
-    loss = loss_rows(f, teacher=p, teacher_is_probs=True, labels=labels, a=a_, log_c=None if log_c is None else log_c.detach().to(acc), w=w_, tau=tau)
+    loss = loss_rows(
+        f,
+        teacher=p,
+        teacher_is_probs=True,
+        labels=labels,
+        a=a_,
+        log_c=None if log_c is None else log_c.detach().to(acc),
+        w=w_,
+        tau=tau,
+    )
 
     nls = _neg_log_softmax_masked(z, q)
     mass = q.sum(0)
@@ -197,9 +206,15 @@ def dro_update(weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: 
     Returns the new weights (the input is not modified).
     """
     present = mass > 0
-    ratio = torch.where(present, risk_numerator / torch.where(present, mass, torch.ones_like(mass)), torch.zeros_like(mass))
+    ratio = torch.where(
+        present, risk_numerator / torch.where(present, mass, torch.ones_like(mass)), torch.zeros_like(mass)
+    )
     grown = torch.where(present, weights * torch.exp(step_size * alpha * ratio), torch.zeros_like(weights))
     old_present = torch.where(present, weights, torch.zeros_like(weights)).sum()
     new_present = grown.sum()
-    scale = torch.where(new_present > 0, old_present / torch.where(new_present > 0, new_present, torch.ones_like(new_present)), torch.zeros_like(new_present))
+    scale = torch.where(
+        new_present > 0,
+        old_present / torch.where(new_present > 0, new_present, torch.ones_like(new_present)),
+        torch.zeros_like(new_present),
+    )
     return torch.where(present, grown * scale, weights)

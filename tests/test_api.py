@@ -12,7 +12,11 @@ INF = float("inf")
 
 def _inputs(rows=4, m=5):
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(rows, m, generator=gen), torch.randn(rows, m, generator=gen), torch.randint(0, m, (rows,), generator=gen)
+    return (
+        torch.randn(rows, m, generator=gen),
+        torch.randn(rows, m, generator=gen),
+        torch.randint(0, m, (rows,), generator=gen),
+    )
 
 
 def _bad_cases():
@@ -32,14 +36,32 @@ def _bad_cases():
         ("temperature must be a finite number > 0", dict(student_logits=f, teacher_logits=g, temperature=0.0)),
         ("temperature must be a finite number > 0", dict(student_logits=f, teacher_logits=g, temperature=INF)),
         ("temperature must be a finite number > 0", dict(student_logits=f, teacher_logits=g, temperature=float("nan"))),
-        ("student_temperature must be a finite number > 0", dict(student_logits=f, teacher_logits=g, student_temperature=-1.0)),
-        ("class_costs must be > 0", dict(student_logits=f, labels=y, class_costs=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]))),
-        ("class_costs must be finite", dict(student_logits=f, labels=y, class_costs=torch.tensor([1.0, INF, 1.0, 1.0, 1.0]))),
+        (
+            "student_temperature must be a finite number > 0",
+            dict(student_logits=f, teacher_logits=g, student_temperature=-1.0),
+        ),
+        (
+            "class_costs must be > 0",
+            dict(student_logits=f, labels=y, class_costs=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])),
+        ),
+        (
+            "class_costs must be finite",
+            dict(student_logits=f, labels=y, class_costs=torch.tensor([1.0, INF, 1.0, 1.0, 1.0])),
+        ),
         ("class_costs must have shape", dict(student_logits=f, labels=y, class_costs=torch.ones(4))),
         ("class_weights must be >= 0", dict(student_logits=f, labels=y, class_weights=-torch.ones(5))),
-        (r"teacher_weight must lie in \[0, 1\]", dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=1.5)),
-        (r"teacher_weight must lie in \[0, 1\]", dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=torch.full((4,), -0.1))),
-        ("teacher_weight must have shape", dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=torch.ones(3))),
+        (
+            r"teacher_weight must lie in \[0, 1\]",
+            dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=1.5),
+        ),
+        (
+            r"teacher_weight must lie in \[0, 1\]",
+            dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=torch.full((4,), -0.1)),
+        ),
+        (
+            "teacher_weight must have shape",
+            dict(student_logits=f, labels=y, teacher_logits=g, teacher_weight=torch.ones(3)),
+        ),
         ("teacher_probs must be >= 0", dict(student_logits=f, teacher_probs=p - 0.5)),
         ("teacher_probs rows must sum to 1", dict(student_logits=f, teacher_probs=p * 0.5)),
         ("teacher_probs contains NaN", dict(student_logits=f, teacher_probs=torch.full_like(p, float("nan")))),
@@ -49,10 +71,16 @@ def _bad_cases():
         ("teacher_weight < 1 needs labels", dict(student_logits=f, teacher_logits=g, teacher_weight=0.5)),
         ("student_logits contains NaN", dict(student_logits=torch.where(f > 1, float("nan"), f), labels=y)),
         ("student_logits must be finite or -inf", dict(student_logits=torch.where(f > 1, INF, f), labels=y)),
-        ("student_logits has a row that is -inf everywhere", dict(student_logits=torch.full_like(f, -INF), teacher_logits=g)),
+        (
+            "student_logits has a row that is -inf everywhere",
+            dict(student_logits=torch.full_like(f, -INF), teacher_logits=g),
+        ),
         ("teacher_logits contains NaN", dict(student_logits=f, teacher_logits=torch.where(g > 1, float("nan"), g))),
         ("teacher_logits must be finite or -inf", dict(student_logits=f, teacher_logits=torch.where(g > 1, INF, g))),
-        ("teacher_logits has a row that is -inf everywhere", dict(student_logits=f, teacher_logits=torch.full_like(g, -INF))),
+        (
+            "teacher_logits has a row that is -inf everywhere",
+            dict(student_logits=f, teacher_logits=torch.full_like(g, -INF)),
+        ),
         ("teacher_logits requires grad", dict(student_logits=f, teacher_logits=g.clone().requires_grad_())),
         ("reduction must be one of", dict(student_logits=f, labels=y, reduction="avg")),
         ("backend must be one of", dict(student_logits=f, labels=y, backend="tpu")),

@@ -116,7 +116,7 @@ def test_training_steps_with_updates_make_no_host_sync():
     loss_fn = RobustDistillationLoss(10, "tradeoff", alpha=0.5, prior=torch.full((10,), 0.1)).to(device)
     x, t = torch.randn(256, 16, device=device), torch.randn(256, 10, device=device)
     xv, tv = torch.randn(512, 16, device=device), torch.randn(512, 10, device=device)
-    for step in range(2):  # warm-up: lazy initialisation may synchronise once
+    for _ in range(2):  # warm-up: lazy initialisation may synchronise once
         loss_fn(model(x), teacher_logits=t).loss.backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

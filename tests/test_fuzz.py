@@ -30,11 +30,17 @@ def test_op_matches_reference(rows, m, seed, scale, gamma, tau, a, costs, weight
     f = torch.randn(rows, m, dtype=torch.float64, generator=gen) * scale
     g = torch.randn(rows, m, dtype=torch.float64, generator=gen) * scale
     y = torch.randint(0, m, (rows,), generator=gen)
-    a_t = torch.rand(rows, dtype=torch.float64, generator=gen) if a is None else torch.full((rows,), a, dtype=torch.float64)
+    a_t = (
+        torch.rand(rows, dtype=torch.float64, generator=gen)
+        if a is None
+        else torch.full((rows,), a, dtype=torch.float64)
+    )
     c = torch.rand(m, dtype=torch.float64, generator=gen) + 0.1 if costs else None
     w = torch.rand(m, dtype=torch.float64, generator=gen) if weights else None
     f64 = f.clone().requires_grad_()
-    want = reference.loss_rows(f64, teacher=g, labels=y, a=a_t, gamma=gamma, log_c=None if c is None else c.log(), w=w, tau=tau)
+    want = reference.loss_rows(
+        f64, teacher=g, labels=y, a=a_t, gamma=gamma, log_c=None if c is None else c.log(), w=w, tau=tau
+    )
     want = {"mean": want.mean(), "sum": want.sum(), "none": want}[reduction]
     want.sum().backward()
     for backend in BACKENDS:

@@ -16,6 +16,8 @@ PAIRS = backend_devices()
 def _precise_dtype(backend: str, device: str) -> torch.dtype:
     """float64 where the backend takes it (an exact comparison), else float32."""
     return torch.float64 if backend in rkd_engine.available_backends(device, torch.float64, 16) else torch.float32
+
+
 OBJECTIVE_SETUPS = ("teacher-standard", "teacher-balanced", "student-robust", "hinton-mix")
 
 
@@ -26,10 +28,23 @@ def _reference_outputs(f, g, y, *, a, gamma, tau, costs, weights, reduction, tea
     a64 = torch.full((f.shape[0],), float(a), dtype=torch.float64) if not torch.is_tensor(a) else a.double().cpu()
     log_c = None if costs is None else costs.double().cpu().log()
     w = None if weights is None else weights.double().cpu()
-    rows = reference.loss_rows(f64, teacher=t64, teacher_is_probs=teacher_is_probs, labels=y64, a=a64, gamma=gamma, log_c=log_c, w=w, tau=tau)
+    rows = reference.loss_rows(
+        f64, teacher=t64, teacher_is_probs=teacher_is_probs, labels=y64, a=a64, gamma=gamma, log_c=log_c, w=w, tau=tau
+    )
     loss = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
     (grad,) = torch.autograd.grad(loss.sum(), f64)
-    stats = reference.fused_rows(f64.detach(), teacher=t64, teacher_is_probs=teacher_is_probs, labels=y64, a=a64, gamma=gamma, log_c=log_c, w=w, tau=tau, need_grad=False)
+    stats = reference.fused_rows(
+        f64.detach(),
+        teacher=t64,
+        teacher_is_probs=teacher_is_probs,
+        labels=y64,
+        a=a64,
+        gamma=gamma,
+        log_c=log_c,
+        w=w,
+        tau=tau,
+        need_grad=False,
+    )
     return loss.detach(), grad, stats
 
 
@@ -76,11 +91,15 @@ def _compare(backend, device, f, g, y, *, setup, gamma, tau, reduction, dtype):
     tol = TOLERANCES[dtype]
     rows = f.shape[0]
     scale = 1.0 if reduction != "mean" else 1.0 / rows
-    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, ref_loss.abs().max().item()))
+    torch.testing.assert_close(
+        out.loss.double().cpu(), ref_loss, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, ref_loss.abs().max().item())
+    )
     torch.testing.assert_close(f.grad.double().cpu(), ref_grad, rtol=tol["rtol"], atol=tol["atol"] * scale * 4)
     for name in ("mass", "risk", "error"):
         got, want = getattr(out, name).double().cpu(), getattr(ref_stats, name)
-        torch.testing.assert_close(got, want, rtol=tol["rtol"] * 4, atol=tol["atol"] * max(1.0, want.abs().max().item()), msg=name)
+        torch.testing.assert_close(
+            got, want, rtol=tol["rtol"] * 4, atol=tol["atol"] * max(1.0, want.abs().max().item()), msg=name
+        )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -92,7 +111,9 @@ def test_matches_reference(backend, device, kind, rows, m, dtype):
         pytest.skip(f"{backend} does not take {dtype} on {device}")
     seed = 1000 * rows + m
     f, g, y = make_inputs(rows, m, dtype, device, "normal", seed)
-    _compare(backend, device, f, g, y, setup=_setup(kind, m, device, seed), gamma=2.0, tau=1.0, reduction="mean", dtype=dtype)
+    _compare(
+        backend, device, f, g, y, setup=_setup(kind, m, device, seed), gamma=2.0, tau=1.0, reduction="mean", dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -120,7 +141,9 @@ def test_reductions_and_upstream_gradient(backend, device, reduction):
     upstream = torch.linspace(-2, 3, 12, dtype=dtype, device=device)
     (out.loss * upstream).sum().backward()
     f64 = f.detach().cpu().double().requires_grad_()
-    rows = reference.loss_rows(f64, teacher=g.cpu().double(), labels=y.cpu(), a=torch.full((12,), 0.5, dtype=torch.float64))
+    rows = reference.loss_rows(
+        f64, teacher=g.cpu().double(), labels=y.cpu(), a=torch.full((12,), 0.5, dtype=torch.float64)
+    )
     (rows * upstream.cpu().double()).sum().backward()
     torch.testing.assert_close(f.grad.cpu().double(), f64.grad, **TOLERANCES[dtype])
 
@@ -135,7 +158,9 @@ def test_teacher_probabilities_and_per_row_weight(backend, device):
     f = f.clone().requires_grad_()
     out = distill_loss(f, labels=y, teacher_probs=probs, teacher_weight=a, backend=backend)
     out.loss.backward()
-    ref_loss, ref_grad, ref_stats = _reference_outputs(f, probs, y, a=a, gamma=1.0, tau=1.0, costs=None, weights=None, reduction="mean", teacher_is_probs=True)
+    ref_loss, ref_grad, ref_stats = _reference_outputs(
+        f, probs, y, a=a, gamma=1.0, tau=1.0, costs=None, weights=None, reduction="mean", teacher_is_probs=True
+    )
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out.loss.cpu().double(), ref_loss, **tol)
     torch.testing.assert_close(f.grad.cpu().double(), ref_grad, **tol)
@@ -145,7 +170,18 @@ def test_teacher_probabilities_and_per_row_weight(backend, device):
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_wide_rows(backend, device):
     f, g, y = make_inputs(3, 50257, torch.float32, device, "normal", seed=5)
-    _compare(backend, device, f, g, y, setup=_setup("student-robust", 50257, device, 5), gamma=1.0, tau=1.0, reduction="mean", dtype=torch.float32)
+    _compare(
+        backend,
+        device,
+        f,
+        g,
+        y,
+        setup=_setup("student-robust", 50257, device, 5),
+        gamma=1.0,
+        tau=1.0,
+        reduction="mean",
+        dtype=torch.float32,
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -167,7 +203,9 @@ def test_no_gradient_requested(backend, device):
     with torch.no_grad():
         out = distill_loss(f.requires_grad_(), teacher_logits=g, backend=backend)
     assert out.loss.grad_fn is None
-    ref = reference.fused_rows(f.detach().cpu().double(), teacher=g.cpu().double(), a=torch.ones(8, dtype=torch.float64))
+    ref = reference.fused_rows(
+        f.detach().cpu().double(), teacher=g.cpu().double(), a=torch.ones(8, dtype=torch.float64)
+    )
     torch.testing.assert_close(out.mass.double().cpu(), ref.mass, rtol=1e-5, atol=1e-5)
 
 
@@ -208,9 +246,23 @@ def test_gradcheck_reference_and_op():
     y = torch.randint(0, 5, (4,), generator=gen)
     a = torch.tensor([0.0, 0.3, 1.0, 0.7], dtype=torch.float64)
     c = torch.rand(5, dtype=torch.float64, generator=gen) + 0.5
-    assert torch.autograd.gradcheck(lambda x: reference.loss_rows(x, teacher=g, labels=y, a=a, gamma=2.0, log_c=c.log(), tau=3.0), (f,))
+    assert torch.autograd.gradcheck(
+        lambda x: reference.loss_rows(x, teacher=g, labels=y, a=a, gamma=2.0, log_c=c.log(), tau=3.0), (f,)
+    )
     for backend in rkd_engine.available_backends("cpu", torch.float64, 5):
-        fn = lambda x, b=backend: distill_loss(x, labels=y, teacher_logits=g, teacher_weight=a, temperature=2.0, class_costs=c, student_temperature=3.0, reduction="none", backend=b).loss  # noqa: E731
+        fn = lambda x, b=backend: (
+            distill_loss(
+                x,
+                labels=y,
+                teacher_logits=g,
+                teacher_weight=a,
+                temperature=2.0,
+                class_costs=c,
+                student_temperature=3.0,
+                reduction="none",
+                backend=b,
+            ).loss
+        )  # noqa: E731
         assert torch.autograd.gradcheck(fn, (f,)), backend
 
 
@@ -236,7 +288,17 @@ def test_compiled_training_step(backend, device):
     eager = forward(x, y)
     eager.loss.backward()
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip(compiled_grads, (p.grad for p in model.parameters())):
+    for got, want in zip(compiled_grads, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     loss_fn.update_weights(out.error, out.mass)
     assert not torch.equal(loss_fn.dro.weights, torch.full((6,), 1 / 6, device=device))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given where no GPU is visible")
+def test_explain_backends_without_a_gpu():
+    # Asking about CUDA tensors on a machine without a GPU gives reasons, never an exception.
+    reasons = rkd_engine.ops.explain_backends("cuda", torch.bfloat16, 1000)
+    assert "no CUDA GPU" in reasons["cuda"] and "no CUDA GPU" in reasons["triton"]
+    assert "CPU tensors only" in reasons["cpp"]
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        rkd_engine.ops.dispatch.select_backend("triton", torch.device("cuda"), torch.float32, 10)

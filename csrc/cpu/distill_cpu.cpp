@@ -10,20 +10,25 @@
 //   mass_j += q_j,  risk_j += q_j (-log s_j),  error_j += q_j [argmax_k f_k != j]   (s at tau = 1)
 // A term with q_j = 0 contributes exactly 0 (no 0 * inf for -inf teacher columns).
 //
-// How a row is computed (distill_rows.h). With u_j = z_j - max_k z_k <= 0 and
-// e_j = exp((g_j - max_k g_k) / gamma):
+// How a row is computed (distill_rows.h). With u_j = (f_j - r) - log c_j, r = max_k (f_k - log c_k)
+// (so u_j = z_j - max_k z_k up to a shift common to all j, which cancels below; r is subtracted first
+// so that f_j - r is exact for large logits), and e_j = exp((g_j - max_k g_k) / gamma):
 //   L = log sum_j exp(u_j)  gives  -log s_j = L - u_j;   L_tau = log sum_j exp(u_j / tau);
 //   p_j = e_j / S_g with S_g = sum_j e_j (S_g = 1 for given probabilities);
 //   loss = (1 - a) w_y (L - u_y) + a tau^2 (L_tau W_p - (1/tau) sum_{j: w_j e_j > 0} w_j e_j u_j / S_g),
 // where both teacher terms are >= 0, so no cancellation. Pass A reads the row once, tile by tile,
-// keeping running maxima of f, z and g and the sums above; when a later tile raises a maximum the
-// sums are rescaled (exp(-du) for sum exp(u), sum w e u - du sum w e for the linear one). Pass B
+// keeping running maxima of f (for the argmax), f - log c and g and the sums above; when a later
+// tile raises a maximum the sums are rescaled (exp(-du) for sum exp(u), sum w e u - du sum w e for the
+// linear one). Pass B
 // forms q, the gradient (fp32 math, one rounding at the store, times grad_scale) and the statistics.
+// The teacher's exponentials are exactly 0 below the float range (so masked classes get q = 0); the
+// student's are clamped there to exp(-87) ~ 1.6e-38 (one instruction fewer; -log s uses u itself).
 // A row of up to kMaxSingleTile classes is held whole in per-thread scratch (u, e and exp(u) stored
 // by pass A), so it is read from memory once and its gradient written once: 3 x element size bytes
-// per logit; the next row is prefetched during the exponential pass. Wider rows reread each tile in
-// pass B (5 x). Per-class accumulators belong to a block of rows (no atomics) and are merged once;
-// error_j = mass_j - hit_j with hit_j = sum_{i: argmax f_i = j} q_ij (first index on ties).
+// per logit; float rows are read in place, and the next row is prefetched while this one is read.
+// Wider rows reread each tile in pass B (5 x). Large gradients are written with non-temporal
+// stores (see fused_forward for when). Per-class accumulators belong to a block of rows (no atomics)
+// and are merged once; error_j = mass_j - hit_j with hit_j = sum_{i: argmax f_i = j} q_ij (first index on ties).
 // Accumulation is float for float32/bfloat16/float16 inputs and double for float64 inputs.
 //
 // Threads: rows are split into contiguous blocks, each with its own accumulators, claimed by the
@@ -142,6 +147,11 @@ void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like)
   TORCH_CHECK(t.is_contiguous(), "rkd_engine._C: ", name, " must be contiguous");
 }
 
+// Less work than this many logits is done by the calling thread alone: waking another costs more.
+// A row of the fused kernel costs about as much as kRowWork logits besides its own.
+constexpr int64_t kMinParallelWork = 65536;
+constexpr int64_t kRowWork = 128;
+
 // Blocks of rows, each with its own per-class accumulators: enough blocks for the threads to balance
 // their load (threads claim blocks as they finish, which matters on a shared machine), few enough
 // that the accumulators stay small. Results do not depend on which thread ran a block.
@@ -228,12 +238,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   // One workspace: padded log c and w, per-block accumulators (mass, risk, hit), per-thread scratch.
   const int64_t m_pad = round_up(m, kPad);
   const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows, rows * (m + kRowWork) / kMinParallelWork}));
   const int64_t blocks = num_blocks(rows, m_pad, threads, elem);
   const int64_t tile = tile_len(m, tiling().max_single, tiling().tile);
   const int64_t scratch_len = kScratchBuffers * tile;
-  at::Tensor work = at::empty({2 * m_pad + blocks * 3 * m_pad + threads * scratch_len}, acc_opts);
-  char* lc_pad = static_cast<char*>(work.data_ptr());
+  at::Tensor workspace = at::empty({2 * m_pad + blocks * 3 * m_pad + threads * scratch_len}, acc_opts);
+  char* lc_pad = static_cast<char*>(workspace.data_ptr());
   char* w_pad = lc_pad + m_pad * elem;
   char* stats = w_pad + m_pad * elem;
   char* scratch = stats + blocks * 3 * m_pad * elem;
@@ -264,25 +275,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   args.need_grad = need_grad;
   args.has_log_c = log_c.has_value();
   args.has_w = w.has_value();
-  // A gradient this large leaves the caches before anything reads it: write it around them.
+  // A gradient of 8 MiB or more leaves the caches before anything reads it: write it around them
+  // (non-temporal stores, some 10% faster at 16 MiB here). Not into memory the OS has yet to map,
+  // though: first-touch page faults under streaming stores cost more than the kernel. A fresh
+  // allocation of 32 MiB or more is such memory (glibc maps it anew each time); grad_out and
+  // smaller allocations (reused heap memory) are not.
   constexpr int64_t kStreamBytes = int64_t(8) << 20;
-  args.stream_grad = need_grad && rows * m * static_cast<int64_t>(student.element_size()) >= kStreamBytes;
+  constexpr int64_t kFreshMapBytes = int64_t(32) << 20;
+  const int64_t grad_bytes = rows * m * static_cast<int64_t>(student.element_size());
+  args.stream_grad =
+      need_grad && grad_bytes >= kStreamBytes && (grad_out.has_value() || grad_bytes < kFreshMapBytes);
 
   const RowsFn fn = table_with(code)->rows[code];
   std::vector<int64_t> bad_rows(static_cast<size_t>(blocks), -1);
   std::atomic<int64_t> next_block{0};
-  if (rows > 0) {
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
-          char* st = stats + b * 3 * m_pad * elem;
-          std::memset(st, 0, static_cast<size_t>(3 * m_pad * elem));
-          ChunkOut out{scratch + t * scratch_len * elem, st, st + m_pad * elem, st + 2 * m_pad * elem, -1};
-          fn(args, rows * b / blocks, rows * (b + 1) / blocks, out);
-          bad_rows[b] = out.bad_row;
-        }
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
+        char* st = stats + b * 3 * m_pad * elem;
+        std::memset(st, 0, static_cast<size_t>(3 * m_pad * elem));
+        ChunkOut out{scratch + t * scratch_len * elem, st, st + m_pad * elem, st + 2 * m_pad * elem, -1};
+        fn(args, rows * b / blocks, rows * (b + 1) / blocks, out);
+        bad_rows[b] = out.bad_row;
       }
-    });
+    }
+  };
+  if (threads == 1) {
+    work(0, 1);  // small problems: no parallel region at all
+  } else if (rows > 0) {
+    at::parallel_for(0, threads, 1, work);
   }
   for (const int64_t bad : bad_rows) {
     TORCH_CHECK(bad < 0, "rkd_engine._C: labels must be in [0, ", m, "), got labels[", bad,
@@ -314,14 +335,22 @@ void scale_rows_(const at::Tensor& grad, const at::Tensor& go) {
   const ScaleRowFn fn = table_with(code)->scale_row[code];
   char* base = static_cast<char*>(grad.data_ptr());
   const int64_t row_bytes = m * static_cast<int64_t>(grad.element_size());
-  const int64_t grain = std::max<int64_t>(1, 32768 / m);
   auto run = [&](auto* g) {
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const double s = static_cast<double>(g[i]);
-        if (s != 1.0) fn(base + i * row_bytes, m, s);
-      }
-    });
+    // The rows to scale, found serially (B comparisons): with none (loss.backward() of a mean or sum)
+    // no thread is woken at all.
+    std::vector<int64_t> todo;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (static_cast<double>(g[i]) != 1.0) todo.push_back(i);
+    }
+    const int64_t count = static_cast<int64_t>(todo.size());
+    auto scale = [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) fn(base + todo[k] * row_bytes, m, static_cast<double>(g[todo[k]]));
+    };
+    if (count * m < kMinParallelWork) {
+      scale(0, count);
+    } else {
+      at::parallel_for(0, count, std::max<int64_t>(1, kMinParallelWork / m), scale);
+    }
   };
   if (code == kFloat64) {
     run(go.data_ptr<double>());
@@ -340,7 +369,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("a"), py::arg("log_c"), py::arg("w"), py::kw_only(), py::arg("gamma"), py::arg("tau"),
           py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("grad_out") = py::none(),
           py::call_guard<py::gil_scoped_release>(),
-          "(loss, grad, mass, risk, error) of METHOD.md section 3 for CPU tensors (see rkd_engine.reference.fused_rows).");
+          "(loss, grad, mass, risk, error) of METHOD.md section 3 for CPU tensors "
+          "(see rkd_engine.reference.fused_rows).");
   mod.def("scale_rows_", &rkd::cpu::scale_rows_, py::arg("grad"), py::arg("go"),
           py::call_guard<py::gil_scoped_release>(), "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1.");
   mod.def("cpu_isa", &rkd::cpu::cpu_isa, "The instruction set of the kernels in use: 'avx2' or 'generic'.");

@@ -81,6 +81,11 @@ struct VecAvx2 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static inline V first_lanes(V x, int64_t k, float v) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), lane));
+    return _mm256_blendv_ps(_mm256_set1_ps(v), x, keep);
+  }
   static inline int64_t first_eq(const float* p, int64_t n, float v) {
     const V vv = _mm256_set1_ps(v);
     int64_t j = 0;

@@ -124,6 +124,11 @@ struct VecGeneric {
     for (int l = 1; l < N; ++l) s = a.v[l] > s ? a.v[l] : s;
     return s;
   }
+  static inline V first_lanes(const V& x, int64_t k, T v) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = l < k ? x.v[l] : v;
+    return r;
+  }
   static inline int64_t first_eq(const T* p, int64_t n, T v) {
     for (int64_t k = 0; k < n; ++k) {
       if (p[k] == v) return k;

@@ -7,7 +7,7 @@
 //   load/store (T*), set1, zero, add, sub, mul, fmadd(a, b, c) = a*b + c, fnmadd(a, b, c) = c - a*b,
 //   max, exp (for x <= 88: exact 0 for -inf, NaN propagated), exp_clamped (x raised to -87 first),
 //   fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0),
-//   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v),
+//   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v), first_lanes(x, k, v) (lanes >= k set to v),
 //   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial,
 //   store_out_stream (non-temporal, aligned) and stream_fence (orders those stores before returning).
 
@@ -32,7 +32,7 @@ template <class T>
 struct Sums {
   T sz = 0;    // sum_j exp(u_j)
   T szt = 0;   // sum_j exp(u_j / tau)
-  T sg = 0;    // sum_j e_j, e_j = exp((g_j - Rg) / gamma)   (1 for teacher probabilities)
+  T sg = 0;    // sum_j e_j, e_j = exp((g_j - Rg) / gamma)   (unused for teacher probabilities: S_g = 1)
   T swg = 0;   // sum_j w_j e_j
   T swgu = 0;  // sum_{j: w_j e_j > 0} w_j e_j u_j
 };
@@ -53,35 +53,41 @@ inline typename VT::T scalar_in(const In* p) {
   return out[0];
 }
 
+// Whether tiles of n classes of In are read in place by the later passes (not copied to scratch):
+// inputs of the accumulation type, except short tiles, where one pass over a copy costs less.
+template <class VT, class In>
+inline bool read_in_place(int64_t n) {
+  return std::is_same<In, typename VT::T>::value && n >= 64;
+}
+
 // Reads one tile of an input row. Copy: dst[0, n) = src[0, n) as T (inputs of another dtype are
-// converted once); otherwise only the last partial vector is copied (float inputs are read in place
-// by the later passes). dst[n, npad) = pad in both cases (npad a multiple of W). WithMax: returns
-// max_j src_j and, when lc is given, sets *zmax = max_j (src_j - lc_j), the stabiliser of the student
-// exponentials (any value within rounding of the maximum of z serves; see tile_exp). pf > 0: also
-// prefetch the same classes of the row pf elements further on (the next row), so that memory is read
-// while this row is computed.
-template <class VT, bool WithMax, bool Copy, bool HasLc, bool Prefetch, class In>
+// converted once); otherwise only the last partial vector is copied (the rest is read in place by
+// the later passes, see read_in_place). dst[n, npad) = pad in both cases (npad a multiple of W). WithMax: returns
+// max_j src_j and, when lc is given, sets *zmax = max_j (src_j - lc_j) (the student's shift r, see
+// row_kernel).
+template <class VT, bool WithMax, bool Copy, bool HasLc, class In>
 inline typename VT::T load_tile_impl(const In* src, int64_t n, int64_t npad, typename VT::T* dst, typename VT::T pad,
-                                     const typename VT::T* lc, typename VT::T* zmax, int64_t pf) {
+                                     const typename VT::T* lc, typename VT::T* zmax) {
   using T = typename VT::T;
   using V = typename VT::V;
   constexpr int W = VT::W;
   V vmax = VT::set1(neg_inf<T>()), vz = VT::set1(neg_inf<T>());
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    if (Prefetch) __builtin_prefetch(src + pf + j, 0, 3);
     const V x = VT::load_in(src + j);
     if (Copy) VT::store(dst + j, x);
     if (WithMax) vmax = VT::max(vmax, x);
     if (WithMax && HasLc) vz = VT::max(vz, VT::sub(x, VT::load(lc + j)));
   }
-  if (j < n) {
-    In tmp[W];
-    std::memset(tmp, 0, sizeof(tmp));
-    std::memcpy(tmp, src + j, static_cast<size_t>(n - j) * sizeof(In));
-    VT::store(dst + j, VT::load_in(tmp));
+  // The partial last vector, its missing lanes set to pad, then whole vectors of pad.
+  int64_t k = j;
+  if (k < n) {
+    In tmp[W] = {};
+    for (int64_t l = 0; l < n - k; ++l) tmp[l] = src[k + l];
+    VT::store(dst + k, VT::first_lanes(VT::load_in(tmp), n - k, pad));
+    k += W;
   }
-  for (int64_t k = n; k < npad; ++k) dst[k] = pad;
+  for (; k < npad; k += W) VT::store(dst + k, VT::set1(pad));
   if (!WithMax) return T(0);
   for (; j < npad; j += W) {
     const V x = VT::load(dst + j);
@@ -92,35 +98,44 @@ inline typename VT::T load_tile_impl(const In* src, int64_t n, int64_t npad, typ
   return VT::hmax(vmax);
 }
 
-template <class VT, bool WithMax, bool Copy, class In>
+template <class VT, bool WithMax, class In>
 inline typename VT::T load_tile(const In* src, int64_t n, int64_t npad, typename VT::T* dst, typename VT::T pad,
-                                const typename VT::T* lc, typename VT::T* zmax, int64_t pf = 0) {
-  if (pf > 0) {
-    return lc != nullptr ? load_tile_impl<VT, WithMax, Copy, true, true>(src, n, npad, dst, pad, lc, zmax, pf)
-                         : load_tile_impl<VT, WithMax, Copy, false, true>(src, n, npad, dst, pad, lc, zmax, pf);
+                                const typename VT::T* lc, typename VT::T* zmax) {
+  if (read_in_place<VT, In>(n)) {
+    return lc != nullptr ? load_tile_impl<VT, WithMax, false, true>(src, n, npad, dst, pad, lc, zmax)
+                         : load_tile_impl<VT, WithMax, false, false>(src, n, npad, dst, pad, lc, zmax);
   }
-  return lc != nullptr ? load_tile_impl<VT, WithMax, Copy, true, false>(src, n, npad, dst, pad, lc, zmax, pf)
-                       : load_tile_impl<VT, WithMax, Copy, false, false>(src, n, npad, dst, pad, lc, zmax, pf);
+  return lc != nullptr ? load_tile_impl<VT, WithMax, true, true>(src, n, npad, dst, pad, lc, zmax)
+                       : load_tile_impl<VT, WithMax, true, false>(src, n, npad, dst, pad, lc, zmax);
 }
 
-// The exponential pass over vectors [j0, j1) of one tile: u = ((f - rf) - lc) - mz, exp(u),
-// exp(u / tau) and the teacher's e = exp((g - rg) / gamma) (or e = p for probabilities), reading f and
-// g from f_in, g_in (the input row in place, or the scratch copies U, E). Acc: add the sums to `out`.
-// StoreU: write u to U and e to E. StoreS: write exp(u) to S and exp(u / tau) to St. u <= 0 up to rounding, so the student exponentials are clamped below at the
-// underflow threshold instead of masked (exp(-87.3) ~ 1e-38 instead of 0 changes nothing that
-// matters, and -log s uses u itself); the teacher's are masked so that -inf logits give p = 0 exactly.
-template <class VT, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS>
+// The exponential pass over vectors [j0, j1) of one tile: u = (f - r) - lc, exp(u), exp(u / tau) and
+// the teacher's e = exp((g - rg) / gamma) (or e = p for probabilities), reading f and g from f_in,
+// g_in (the input row in place, or the scratch copies U, E). Acc: add the sums to `out`. StoreU: write
+// u to U and e to E. StoreS: write exp(u) to S and exp(u / tau) to St. u <= 0 up to rounding, so the
+// student exponentials are clamped below at the underflow threshold instead of masked (exp(-87) ~ 1e-38
+// instead of 0 changes nothing that matters, and -log s uses u itself); the teacher's are masked so
+// that -inf logits give p = 0 exactly. PfElem > 0: every vector also prefetches the same classes of
+// pf_f and pf_g, the next row (PfElem bytes per class), so that memory is read while this row is
+// computed; one row ahead, no further (a wide row would otherwise evict its own scratch).
+template <class VT, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS,
+          int PfElem = 0>
 inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typename VT::T* U, typename VT::T* E,
                      typename VT::T* S, typename VT::T* St, const typename VT::T* lc, const typename VT::T* w,
-                     int64_t j0, int64_t j1, typename VT::T rf, typename VT::T mz, typename VT::T rg,
-                     typename VT::T inv_gamma, typename VT::T inv_tau, Sums<typename VT::T>& out) {
+                     int64_t j0, int64_t j1, typename VT::T r, typename VT::T rg,
+                     typename VT::T inv_gamma, typename VT::T inv_tau, Sums<typename VT::T>& out,
+                     const char* pf_f = nullptr, const char* pf_g = nullptr) {
   using T = typename VT::T;
   using V = typename VT::V;
-  const V vrf = VT::set1(rf), vmz = VT::set1(mz), vrg = VT::set1(rg), vig = VT::set1(inv_gamma);
+  const V vr = VT::set1(r), vrg = VT::set1(rg), vig = VT::set1(inv_gamma);
   const V vit = VT::set1(inv_tau);
   V sz = VT::zero(), szt = VT::zero(), sg = VT::zero(), swg = VT::zero(), swgu = VT::zero();
   for (int64_t j = j0; j < j1; j += VT::W) {
-    const V u = VT::sub(VT::sub(VT::sub(VT::load(f_in + j), vrf), VT::load(lc + j)), vmz);
+    if (PfElem > 0) {
+      __builtin_prefetch(pf_f + j * PfElem, 0, 3);
+      if (Soft) __builtin_prefetch(pf_g + j * PfElem, 0, 3);
+    }
+    const V u = VT::sub(VT::sub(VT::load(f_in + j), vr), VT::load(lc + j));
     const V eu = VT::exp_clamped(u);
     if (Acc) sz = VT::add(sz, eu);
     if (StoreU) VT::store(U + j, u);
@@ -155,25 +170,26 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
 
 // tile_exp over one tile of row (f, g) starting at class `off`: the whole vectors straight from the
 // input row when it is of the accumulation type, the rest (and every vector otherwise) from the
-// scratch copies U, E made by load_tile.
-template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS>
+// scratch copies U, E made by load_tile. Prefetch: the next row (see tile_exp).
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool StoreU, bool StoreS,
+          bool Prefetch = false>
 inline void exp_pass(const In* f, const In* g, typename VT::T* scratch, const Consts<VT>& c, int64_t off, int64_t n,
-                     int64_t npad, typename VT::T rfe, typename VT::T mze, typename VT::T rge,
-                     Sums<typename VT::T>& s) {
+                     int64_t npad, typename VT::T re, typename VT::T rge, Sums<typename VT::T>& s,
+                     const char* pf_f = nullptr, const char* pf_g = nullptr) {
   using T = typename VT::T;
   T* U = scratch;
   T* E = U + c.tile;
   T* S = E + c.tile;
   T* St = S + c.tile;
-  const int64_t direct = std::is_same<In, T>::value ? n / VT::W * VT::W : 0;
+  const int64_t direct = read_in_place<VT, In>(n) ? n / VT::W * VT::W : 0;
   if (direct > 0) {
     const T* f_in = reinterpret_cast<const T*>(f + off);
     const T* g_in = Soft ? reinterpret_cast<const T*>(g + off) : nullptr;
-    tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS>(f_in, g_in, U, E, S, St, c.lc + off, c.w + off, 0,
-                                                               direct, rfe, mze, rge, c.inv_gamma, c.inv_tau, s);
+    tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS, Prefetch ? int(sizeof(In)) : 0>(
+        f_in, g_in, U, E, S, St, c.lc + off, c.w + off, 0, direct, re, rge, c.inv_gamma, c.inv_tau, s, pf_f, pf_g);
   }
-  tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS>(U, E, U, E, S, St, c.lc + off, c.w + off, direct, npad,
-                                                             rfe, mze, rge, c.inv_gamma, c.inv_tau, s);
+  tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS, Prefetch ? int(sizeof(In)) : 0>(
+      U, E, U, E, S, St, c.lc + off, c.w + off, direct, npad, re, rge, c.inv_gamma, c.inv_tau, s, pf_f, pf_g);
 }
 
 // A full vector of the gradient: a plain store, or a non-temporal one that bypasses the caches.
@@ -240,14 +256,17 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   const T hw = y >= 0 ? T(1) - a_i : T(0);  // weight of the label term
   const T sw = Soft ? a_i : T(0);           // weight of the teacher term
   const bool single = c.ntiles == 1;
-  constexpr bool kCopy = !std::is_same<In, T>::value;  // inputs of the accumulation type are read in place
-  // Rows held whole prefetch the next row while they are read (wide rows rely on the hardware).
-  const int64_t pf = single && i + 1 < args.rows ? m : 0;
+  // Rows held whole prefetch the next ones during their exponential pass (wide rows rely on the
+  // hardware prefetchers); the last row prefetches itself, harmlessly.
+  const int64_t next = i + 1 < args.rows ? m : 0;
+  const char* pf_f = reinterpret_cast<const char*>(f + next);
+  const char* pf_g = Soft ? reinterpret_cast<const char*>(g + next) : nullptr;
   // Non-temporal gradient stores need every vector aligned: true when the row start is.
   const bool stream = NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(grad) % (W * sizeof(In)) == 0;
 
   // ---- pass A: maxima, argmax and the sums, tile by tile (online rescaling across tiles)
-  T rf = ninf, mz = ninf, rg = ninf, rfe = 0, mze = 0, rge = 0;
+  // rf: max f (for the argmax); r: max (f - lc) as rounded, the student's shift; rg: max g.
+  T rf = ninf, r = ninf, rg = ninf, re = 0, rge = 0;
   int64_t am = 0;
   Sums<T> s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
@@ -255,35 +274,33 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
     const int64_t n = m - off < c.tile ? m - off : c.tile;
     const int64_t npad = round_up(n, kPad);
     T tz = ninf;  // max_j (f_j - lc_j) over the tile
-    const T tf = load_tile<VT, true, kCopy>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz, pf);
+    const T tf = load_tile<VT, true>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz);
     T tg = ninf;
     if (Soft) {
       if (Probs) {
-        load_tile<VT, false, kCopy>(g + off, n, npad, E, T(0), nullptr, nullptr, pf);
+        load_tile<VT, false>(g + off, n, npad, E, T(0), nullptr, nullptr);
       } else {
-        tg = load_tile<VT, true, kCopy>(g + off, n, npad, E, ninf, nullptr, nullptr, pf);
+        tg = load_tile<VT, true>(g + off, n, npad, E, ninf, nullptr, nullptr);
       }
     }
-    // Student frame: rf = max f so far, mz ~ max z so far with z = (f - rf) - lc, u = z - mz. mz only
-    // stabilises the exponentials and cancels in -log s = L - u, so max(f - lc) - rf is close enough.
-    if (tf > rf) am = off + VT::first_eq(kCopy ? U : reinterpret_cast<const T*>(f + off), n, tf);
-    const T rf_new = tf > rf ? tf : rf;
-    rfe = rf_new > ninf ? rf_new : T(0);
-    const T mt = (c.has_lc ? tz : tf) - rfe;
-    T mz_new = mt;
-    if (rf > ninf) {
-      const T mz_old = mz - (rf_new - rf);  // the old maximum in the new frame
-      mz_new = mt > mz_old ? mt : mz_old;
-      const T du = mz_new - mz_old;  // every old u decreases by du
-      if (du > 0) {
+    // Student frame: u = (f - r) - lc with r = max (f - lc) so far. Subtracting r before lc keeps
+    // f - r exact for large logits; an error in r itself shifts every u alike and cancels in
+    // -log s = L - u. A larger r in a later tile lowers every earlier u by du: rescale their sums.
+    if (tf > rf) {
+      am = off + VT::first_eq(read_in_place<VT, In>(n) ? reinterpret_cast<const T*>(f + off) : U, n, tf);
+      rf = tf;
+    }
+    const T tr = c.has_lc ? tz : tf;
+    if (tr > r) {
+      if (r > ninf) {
+        const T du = tr - r;
         s.sz *= std::exp(-du);
         if (!Tau1) s.szt *= std::exp(-du * c.inv_tau);
         s.swgu -= du * s.swg;
       }
+      r = tr;
     }
-    rf = rf_new;
-    mz = mz_new;
-    mze = mz > ninf ? mz : T(0);
+    re = r > ninf ? r : T(0);
     if (Soft && !Probs) {
       const T rg_new = tg > rg ? tg : rg;
       if (rg > ninf && rg_new > rg) {
@@ -296,9 +313,10 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
       rge = rg > ninf ? rg : T(0);
     }
     if (single) {
-      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, true, NeedGrad>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, true, NeedGrad, true>(f, g, scratch, c, off, n, npad, re, rge, s,
+                                                                            pf_f, pf_g);
     } else {
-      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, false, false>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, false, false>(f, g, scratch, c, off, n, npad, re, rge, s);
     }
   }
 
@@ -311,7 +329,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   const T wp = Soft ? s.swg * isg : T(0);  // sum_j w_j p_j
   const T w_y = y >= 0 ? (HasW ? c.w[y] : T(1)) : T(0);
   T u_y = 0;
-  if (y >= 0) u_y = single ? U[y] : ((scalar_in<VT>(f + y) - rfe) - c.lc[y]) - mze;
+  if (y >= 0) u_y = single ? U[y] : (scalar_in<VT>(f + y) - re) - c.lc[y];
   T loss = 0;
   if (hw > 0) loss += hw * w_y * (L - u_y);
   if (Soft) loss += sw * c.tau * c.tau * (Lt * wp - c.inv_tau * (s.swgu * isg));
@@ -333,8 +351,8 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
       const int64_t n = m - off < c.tile ? m - off : c.tile;
       const int64_t npad = round_up(n, kPad);
       if (!single) {
-        load_tile<VT, false, kCopy>(f + off, n, npad, U, ninf, nullptr, nullptr);
-        exp_pass<VT, In, false, false, true, false, false, false, true>(f, g, scratch, c, off, n, npad, rfe, mze, rge,
+        load_tile<VT, false>(f + off, n, npad, U, ninf, nullptr, nullptr);
+        exp_pass<VT, In, false, false, true, false, false, false, true>(f, g, scratch, c, off, n, npad, re, rge,
                                                                         s);
       }
       const int64_t yl = y - off;
@@ -372,9 +390,9 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
     const int64_t n = m - off < c.tile ? m - off : c.tile;
     const int64_t npad = round_up(n, kPad);
     if (!single) {
-      load_tile<VT, false, kCopy>(f + off, n, npad, U, ninf, nullptr, nullptr);
-      load_tile<VT, false, kCopy>(g + off, n, npad, E, Probs ? T(0) : ninf, nullptr, nullptr);
-      exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(f, g, scratch, c, off, n, npad, rfe, mze, rge, s);
+      load_tile<VT, false>(f + off, n, npad, U, ninf, nullptr, nullptr);
+      load_tile<VT, false>(g + off, n, npad, E, Probs ? T(0) : ninf, nullptr, nullptr);
+      exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(f, g, scratch, c, off, n, npad, re, rge, s);
     }
     const int64_t yl = y >= 0 && hw != T(0) ? y - off : -1;
     const int64_t aml = am - off;
@@ -428,9 +446,11 @@ inline auto pick_row(bool need_grad, bool has_w) -> void (*)(const FusedArgs&, c
                                                                typename VT::T, int64_t, typename VT::T*,
                                                                const ChunkOut&) {
   if (need_grad) {
-    return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, true, true> : &row_kernel<VT, In, Soft, Probs, Tau1, true, false>;
+    return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, true, true>
+                 : &row_kernel<VT, In, Soft, Probs, Tau1, true, false>;
   }
-  return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, false, true> : &row_kernel<VT, In, Soft, Probs, Tau1, false, false>;
+  return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, false, true>
+               : &row_kernel<VT, In, Soft, Probs, Tau1, false, false>;
 }
 
 // Rows [begin, end) of one call, with this thread's scratch and accumulators.

@@ -28,7 +28,8 @@ rkd_cuda::DType kernel_dtype(const Tensor& t, const char* name) {
     case at::kBFloat16:
       return rkd_cuda::DType::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the CUDA backend, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the CUDA backend, got ",
+                       t.scalar_type());
   }
 }
 

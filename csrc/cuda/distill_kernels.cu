@@ -27,20 +27,22 @@
 //
 // Two paths (chosen in make_plan, the one place that picks block sizes):
 // * Resident (m <= 512 threads x 8 elements = 4,096 classes): a team (one warp for rows of up to 256
-//   classes, else the whole block) holds a whole row of f and g in registers (16-byte vectors when the
-//   rows are 16-byte aligned, single elements otherwise), and loads the next row while it reduces the
-//   current one: one read of f and g, one write of the gradient (3 x element size bytes per logit).
-//   At most 8 elements per thread: more would spill past the 128 registers a 512-thread block allows.
+//   classes, else the whole block) holds a whole row of f and g in registers: one read of f and g, one
+//   write of the gradient (3 x element size bytes per logit). At most 8 elements per thread: more would
+//   spill past the 128 registers a 512-thread block allows. The next rows are loaded while the current
+//   one is reduced: kResidentStages - 1 rows ahead through asynchronous copies into shared memory when the
+//   rows are 16-byte aligned (16-byte vectors), else one row ahead into registers (single elements).
 //   A persistent grid of (SMs x occupancy) blocks walks the rows; every thread owns the same columns in
 //   every row, so it adds its per-class statistics into its own shared-memory slots with no atomics and
 //   no barrier. Each block writes its partial statistics [3][m] to the workspace and a column-sum kernel
 //   adds the partials in a fixed order (deterministic).
 // * Streaming (wider rows, up to kMaxClasses): pass 1 (stream_rows_kernel) reduces the row state over a
 //   row, split into column ranges when there are few rows; finalize_rows_kernel merges the splits, writes
-//   the loss and the row scalars; pass 2 (stream_tiles_kernel) runs on a (column tile x row group) grid:
-//   each block owns one column tile and walks its group of rows, re-reading f and g, writing the
-//   gradient and adding the statistics of its columns in registers; the same column-sum kernel adds
-//   the row-group partials. 5 x element size bytes per logit.
+//   the loss and the row scalars; pass 2 (stream_tiles_kernel) runs on a (column tile x row group) grid
+//   sized to one wave of resident blocks: each block owns one column tile and walks its group of rows,
+//   re-reading f and g, writing the gradient and adding the statistics of its columns in registers; the
+//   same column-sum kernel adds the row-group partials. 5 x element size bytes per logit. Both passes keep
+//   kRowStages / kTileStages vectors per thread in flight through asynchronous copies.
 // Workspace: parts x 3 x m float32 partial statistics, with parts = the resident grid (<= SMs x occupancy)
 // or the number of row groups (~ SMs x occupancy / tiles), about 10 MB at most on an H100; plus, for the
 // streaming path, B x splits row states and B row scalars of 48 bytes each.
@@ -50,6 +52,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -71,13 +74,19 @@ constexpr int kResidentMaxThreads = 512;    // threads of a resident block (its 
 constexpr int kResidentMaxElements = 8;     // elements per thread per row (more spill past 128 registers)
 constexpr int kResidentMaxWarps = kResidentMaxThreads / kWarpSize;
 constexpr int kStatCount = 3;  // mass, risk, error
-// Dynamic shared memory of a resident block: 3 statistics per element it holds (48 KB).
-constexpr int kResidentMaxSmem = kStatCount * kResidentMaxElements * kResidentMaxThreads * static_cast<int>(sizeof(float));
+constexpr int kResidentStages = 3;  // rows of f and g in flight per resident team (asynchronous copies)
+// Dynamic shared memory of a resident block: 3 statistics per element it holds, plus the rings of f and g
+// (at most 48 KB + 96 KB).
+constexpr int kResidentMaxSmem =
+    kResidentMaxThreads * (kStatCount * kResidentMaxElements * static_cast<int>(sizeof(float)) +
+                           2 * kResidentStages * kResidentMaxElements / 4 * kVectorBytes);
 constexpr int kWarpTeamBlock = 256;         // block size when each warp handles its own rows
 constexpr int kRowThreads = 256;            // streaming pass 1: threads per (row, split) block
 constexpr int kRowMinVectorsPerThread = 2;  // a split gives every thread at least this many vectors
 constexpr int kRowBlocksPerSm = 4;          // splits aim at this many pass-1 blocks per multiprocessor
 constexpr int kTileThreads = 256;           // streaming pass 2: threads per (tile, row group) block
+constexpr int kRowStages = 4;   // pass 1: 16-byte vectors of f and g in flight per thread (asynchronous copies)
+constexpr int kTileStages = 4;  // pass 2: rows of f and g in flight per thread (asynchronous copies)
 constexpr int kFinalizeThreads = 128;
 constexpr int kColsumColumns = 32;  // column-sum block: 32 columns x 8 lanes over the partials
 constexpr int kColsumLanes = 8;
@@ -93,10 +102,8 @@ enum Flag : unsigned {
   kHasTeacher = 1u,
   kTeacherProbs = 2u,
   kHasLabels = 4u,
-  kHasLogC = 8u,
-  kHasW = 16u,
-  kTauIsOne = 32u,
-  kNeedGrad = 64u,
+  kTauIsOne = 8u,
+  kNeedGrad = 16u,
 };
 
 struct Ctx {
@@ -209,6 +216,19 @@ template <typename T, int VEC>
 __device__ __forceinline__ void unpack(const Pack<T, VEC>& x, float (&out)[VEC]) {
 #pragma unroll
   for (int e = 0; e < VEC; ++e) out[e] = to_float(x.v[e]);
+}
+
+// Loads of 16-byte vectors in the hot loops are asynchronous copies (cp.async) into a ring of per-thread
+// shared-memory slots, several rows or vectors deep: each thread waits only for its own copies and reads
+// only its own slots, so the ring needs no barrier, and many bytes per thread are in flight without
+// holding registers. Rows that are not 16-byte aligned (single-element vectors) use plain loads instead,
+// one row or vector ahead.
+template <typename T, int VEC>
+constexpr bool kAsyncCopies = sizeof(Pack<T, VEC>) == kVectorBytes;
+
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_async(Pack<T, VEC>* slot, const T* src) {
+  __pipeline_memcpy_async(slot, src, sizeof(Pack<T, VEC>));
 }
 
 // VEC per-class floats (log c or w) at columns col..col+VEC-1, or `fill` when the array is absent.
@@ -517,13 +537,15 @@ __device__ __forceinline__ void resident_scores(const ResidentRow<T, VEC, V>& r,
 }
 
 // Dynamic shared memory: per team, 3 x V x VEC x team floats of statistics, slot ((s V + k) VEC + e) team + t
-// for statistic s, vector k, element e of team thread t (consecutive threads, consecutive words).
-// Each team walks rows team_index, team_index + teams in the grid, ...; the next row's scores are loaded
-// before the current row is reduced (software pipelining), so two rows per team are in flight.
+// for statistic s, vector k, element e of team thread t (consecutive threads, consecutive words); then,
+// with asynchronous copies, the rings of f and g: kResidentStages x V x blockDim vectors each.
+// Each team walks rows team_index, team_index + teams in the grid, ...; the rows after the current one are
+// loaded while it is reduced (kResidentStages - 1 ahead with asynchronous copies, else one ahead).
 template <typename T, int VEC, int V>
 __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const FusedParams<T> p) {
-  extern __shared__ float stats_smem[];
+  extern __shared__ float4 resident_smem[];
   __shared__ RowState scratch[2][kResidentMaxWarps];
+  float* const stats_smem = reinterpret_cast<float*>(resident_smem);
   const Ctx c = p.ctx;
   const int team = p.team;
   const int t = threadIdx.x % team;
@@ -532,17 +554,14 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
   const int slots = kStatCount * V * VEC * team;
   float* mine = stats_smem + team_id * slots + t;
   for (int i = 0; i < kStatCount * V * VEC; ++i) mine[i * team] = 0.0f;
+  const bool teacher = c.has(kHasTeacher);
   const bool need_grad = c.has(kNeedGrad);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * teams + team_id;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * teams;
 
-  int64_t row = static_cast<int64_t>(blockIdx.x) * teams + team_id;
-  ResidentRow<T, VEC, V> cur;
-  if (row < p.rows) load_resident_row(cur, p, row, team, t);
   int buf = 0;
-  for (; row < p.rows; row += stride) {
-    ResidentRow<T, VEC, V> next;
-    if (row + stride < p.rows) load_resident_row(next, p, row + stride, team, t);
-
+  // Loss, gradient and statistics of one row whose scores `cur` holds.
+  auto process = [&](int64_t row, ResidentRow<T, VEC, V>& cur) {
     RowState st = empty_state(c);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -590,7 +609,54 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
         if (need_grad) store_pack<T, VEC>(out + col, o);
       }
     }
-    cur = next;
+  };
+
+  if constexpr (kAsyncCopies<T, VEC>) {
+    // Row i of this team's walk is first + i * stride, in ring stage i % kResidentStages; the slot of
+    // (stage s, vector k) of a thread is (s V + k) blockDim + threadIdx (consecutive threads, consecutive slots).
+    Pack<T, VEC>* const ring_f = reinterpret_cast<Pack<T, VEC>*>(stats_smem + teams * slots);
+    Pack<T, VEC>* const ring_g = ring_f + kResidentStages * V * blockDim.x;
+    auto slot = [&](Pack<T, VEC>* ring, int64_t i, int k) -> Pack<T, VEC>& {
+      return ring[((i % kResidentStages) * V + k) * blockDim.x + threadIdx.x];
+    };
+    auto issue = [&](int64_t i) {
+      const int64_t row = first + i * stride;
+      if (row < p.rows) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
+          if (col < p.m) {
+            copy_async(&slot(ring_f, i, k), p.f + row * p.f_stride + col);
+            if (teacher) copy_async(&slot(ring_g, i, k), p.g + row * p.g_stride + col);
+          }
+        }
+      }
+      __pipeline_commit();
+    };
+    for (int i = 0; i < kResidentStages - 1; ++i) issue(i);
+    for (int64_t i = 0; first + i * stride < p.rows; ++i) {
+      const int64_t row = first + i * stride;
+      issue(i + kResidentStages - 1);  // into the stage of row i - 1, whose scores are in registers by now
+      ResidentRow<T, VEC, V> cur;
+      cur.in = load_row_inputs(p, row);
+      __pipeline_wait_prior(kResidentStages - 1);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        cur.f[k] = slot(ring_f, i, k);
+        if (teacher) cur.g[k] = slot(ring_g, i, k);
+      }
+      process(row, cur);
+    }
+    __pipeline_wait_prior(0);
+  } else {
+    ResidentRow<T, VEC, V> cur;
+    if (first < p.rows) load_resident_row(cur, p, first, team, t);
+    for (int64_t row = first; row < p.rows; row += stride) {
+      ResidentRow<T, VEC, V> next;
+      if (row + stride < p.rows) load_resident_row(next, p, row + stride, team, t);
+      process(row, cur);
+      cur = next;
+    }
   }
 
   // This block's partial statistics: the sum over its teams of every column's slots.
@@ -625,31 +691,54 @@ __global__ void __launch_bounds__(kRowThreads) stream_rows_kernel(const FusedPar
   const int64_t begin = split * p.split_cols;
   const int64_t end = begin + p.split_cols < p.m ? begin + p.split_cols : p.m;
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = begin + static_cast<int64_t>(threadIdx.x) * VEC;
   RowState st = empty_state(c);
-  for (int64_t col = begin + static_cast<int64_t>(threadIdx.x) * VEC; col < end; col += 2 * step) {
-    const int64_t col2 = col + step;
-    const bool second = col2 < end;
-    Pack<T, VEC> f1 = load_pack<T, VEC>(frow + col);
-    Pack<T, VEC> g1{};
-    Pack<T, VEC> f2{};
-    Pack<T, VEC> g2{};
-    if (teacher) g1 = load_pack<T, VEC>(grow + col);
-    if (second) {
-      f2 = load_pack<T, VEC>(frow + col2);
-      if (teacher) g2 = load_pack<T, VEC>(grow + col2);
-    }
+  auto add = [&](const Pack<T, VEC>& fp, const Pack<T, VEC>& gp, int64_t col) {
     float f[VEC], g[VEC], lc[VEC], w[VEC];
-    unpack(f1, f);
-    unpack(g1, g);
+    unpack(fp, f);
+    unpack(gp, g);
     load_class_floats(p.log_c, col, 0.0f, lc);
     load_class_floats(p.w, col, 1.0f, w);
     accumulate(st, f, g, lc, w, col, R, c);
-    if (second) {
-      unpack(f2, f);
-      unpack(g2, g);
-      load_class_floats(p.log_c, col2, 0.0f, lc);
-      load_class_floats(p.w, col2, 1.0f, w);
-      accumulate(st, f, g, lc, w, col2, R, c);
+  };
+  if constexpr (kAsyncCopies<T, VEC>) {
+    __shared__ Pack<T, VEC> ring_f[kRowStages][kRowThreads];
+    __shared__ Pack<T, VEC> ring_g[kRowStages][kRowThreads];
+    const int t = threadIdx.x;
+    // Vector i of this thread is at column first + i * step, in slot i % kRowStages.
+    auto issue = [&](int64_t i) {
+      const int64_t col = first + i * step;
+      if (col < end) {
+        copy_async(&ring_f[i % kRowStages][t], frow + col);
+        if (teacher) copy_async(&ring_g[i % kRowStages][t], grow + col);
+      }
+      __pipeline_commit();  // one group per vector, empty past the end, so the counts below hold
+    };
+    for (int i = 0; i < kRowStages - 1; ++i) issue(i);
+    for (int64_t i = 0; first + i * step < end; ++i) {
+      issue(i + kRowStages - 1);  // into the slot read in iteration i - 1
+      __pipeline_wait_prior(kRowStages - 1);
+      const Pack<T, VEC> fp = ring_f[i % kRowStages][t];
+      Pack<T, VEC> gp{};
+      if (teacher) gp = ring_g[i % kRowStages][t];
+      add(fp, gp, first + i * step);
+    }
+    __pipeline_wait_prior(0);
+  } else {
+    Pack<T, VEC> fn{};
+    Pack<T, VEC> gn{};
+    if (first < end) {
+      fn = load_pack<T, VEC>(frow + first);
+      if (teacher) gn = load_pack<T, VEC>(grow + first);
+    }
+    for (int64_t col = first; col < end; col += step) {
+      const Pack<T, VEC> fp = fn;
+      const Pack<T, VEC> gp = gn;
+      if (col + step < end) {
+        fn = load_pack<T, VEC>(frow + col + step);
+        if (teacher) gn = load_pack<T, VEC>(grow + col + step);
+      }
+      add(fp, gp, col);
     }
   }
   team_allreduce(st, scratch, blockDim.x, c);
@@ -671,11 +760,11 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_rows_kernel(const F
 }
 
 // Pass 2: block (tile, group) owns columns [tile * blockDim * VEC, ...) and rows group, group + groups, ...
-// The next row's scores are loaded before the current row is computed (two rows in flight per thread).
+// Each thread has one vector of columns; kTileStages of its rows are in flight at a time.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedParams<T> p) {
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (col >= p.m) return;
+  if (col >= p.m) return;  // no barrier in this kernel
   const Ctx c = p.ctx;
   const bool teacher = c.has(kHasTeacher);
   const bool need_grad = c.has(kNeedGrad);
@@ -690,20 +779,9 @@ __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedP
     error[e] = 0.0f;
   }
   const int64_t stride = gridDim.y;
-  int64_t row = blockIdx.y;
-  Pack<T, VEC> fp{};
-  Pack<T, VEC> gp{};
-  if (row < p.rows) {
-    fp = load_pack<T, VEC>(p.f + row * p.f_stride + col);
-    if (teacher) gp = load_pack<T, VEC>(p.g + row * p.g_stride + col);
-  }
-  for (; row < p.rows; row += stride) {
-    Pack<T, VEC> fn{};
-    Pack<T, VEC> gn{};
-    if (row + stride < p.rows) {
-      fn = load_pack<T, VEC>(p.f + (row + stride) * p.f_stride + col);
-      if (teacher) gn = load_pack<T, VEC>(p.g + (row + stride) * p.g_stride + col);
-    }
+  const T* fcol = p.f + col;
+  const T* gcol = teacher ? p.g + col : nullptr;
+  auto compute = [&](int64_t row, const Pack<T, VEC>& fp, const Pack<T, VEC>& gp) {
     const RowScalars rs = p.scalars[row];
     float f[VEC], g[VEC];
     unpack(fp, f);
@@ -718,8 +796,48 @@ __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedP
       error[e] += eo.error;
     }
     if (need_grad) store_pack<T, VEC>(p.grad + row * p.grad_stride + col, o);
-    fp = fn;
-    gp = gn;
+  };
+  if constexpr (kAsyncCopies<T, VEC>) {
+    __shared__ Pack<T, VEC> ring_f[kTileStages][kTileThreads];
+    __shared__ Pack<T, VEC> ring_g[kTileStages][kTileThreads];
+    const int t = threadIdx.x;
+    // Row i of this thread's walk is blockIdx.y + i * stride, in slot i % kTileStages. A row's gradient
+    // store is issued after its copy has completed, so writing the gradient over the student is safe.
+    auto issue = [&](int64_t i) {
+      const int64_t row = blockIdx.y + i * stride;
+      if (row < p.rows) {
+        copy_async(&ring_f[i % kTileStages][t], fcol + row * p.f_stride);
+        if (teacher) copy_async(&ring_g[i % kTileStages][t], gcol + row * p.g_stride);
+      }
+      __pipeline_commit();
+    };
+    for (int i = 0; i < kTileStages - 1; ++i) issue(i);
+    for (int64_t i = 0; blockIdx.y + i * stride < p.rows; ++i) {
+      issue(i + kTileStages - 1);  // into the slot read in iteration i - 1
+      __pipeline_wait_prior(kTileStages - 1);
+      const Pack<T, VEC> fp = ring_f[i % kTileStages][t];
+      Pack<T, VEC> gp{};
+      if (teacher) gp = ring_g[i % kTileStages][t];
+      compute(blockIdx.y + i * stride, fp, gp);
+    }
+    __pipeline_wait_prior(0);
+  } else {
+    int64_t row = blockIdx.y;
+    Pack<T, VEC> fn{};
+    Pack<T, VEC> gn{};
+    if (row < p.rows) {
+      fn = load_pack<T, VEC>(fcol + row * p.f_stride);
+      if (teacher) gn = load_pack<T, VEC>(gcol + row * p.g_stride);
+    }
+    for (; row < p.rows; row += stride) {
+      const Pack<T, VEC> fp = fn;
+      const Pack<T, VEC> gp = gn;
+      if (row + stride < p.rows) {  // the next row, loaded before this row's gradient is stored
+        fn = load_pack<T, VEC>(fcol + (row + stride) * p.f_stride);
+        if (teacher) gn = load_pack<T, VEC>(gcol + (row + stride) * p.g_stride);
+      }
+      compute(row, fp, gp);
+    }
   }
   float* part = p.stats + static_cast<int64_t>(blockIdx.y) * kStatCount * p.m + col;
 #pragma unroll
@@ -881,7 +999,9 @@ void with_vectors(int vectors, Fn&& fn) {
 template <typename T, int VEC>
 const void* resident_function(int vectors) {
   const void* fn = nullptr;
-  with_vectors<VEC>(vectors, [&](auto v) { fn = reinterpret_cast<const void*>(&resident_kernel<T, VEC, decltype(v)::value>); });
+  with_vectors<VEC>(vectors, [&](auto v) {
+    fn = reinterpret_cast<const void*>(&resident_kernel<T, VEC, decltype(v)::value>);
+  });
   return fn;
 }
 
@@ -988,6 +1108,7 @@ Plan make_plan(const FusedArgs& args) {
       plan.threads = static_cast<int>(threads);
     }
     plan.smem = sizeof(float) * kStatCount * plan.vectors * vec * plan.threads;
+    if (plan.vec == full_vec) plan.smem += 2 * kResidentStages * plan.vectors * kVectorBytes * plan.threads;
     const int per_sm =
         occupancy(resident_function_for(args.dtype, plan.vec, plan.vectors), plan.threads, plan.smem, true);
     const int64_t teams_per_block = plan.threads / plan.team;
@@ -1005,7 +1126,9 @@ Plan make_plan(const FusedArgs& args) {
     plan.splits = ceil_div(m, plan.split_cols);
     plan.tiles = ceil_div(m, static_cast<int64_t>(kTileThreads) * vec);
     const int per_sm = occupancy(tiles_function_for(args.dtype, plan.vec), kTileThreads, 0, false);
-    const int64_t groups = ceil_div(static_cast<int64_t>(sms) * per_sm, plan.tiles);
+    // As many row groups as fill one wave of resident blocks, never more: each block walks its rows to the
+    // end, so a partial second wave would take as long as the first.
+    const int64_t groups = static_cast<int64_t>(sms) * per_sm / plan.tiles;
     plan.grid = B > 0 ? std::max<int64_t>(1, std::min({groups, B, static_cast<int64_t>(kMaxGridY)})) : 0;
     plan.parts = plan.grid;
     plan.stats_bytes = round_up_bytes(sizeof(float) * kStatCount * m * plan.parts);
@@ -1036,8 +1159,6 @@ FusedParams<T> make_params(const FusedArgs& args, const Plan& plan, void* worksp
   if (args.teacher != nullptr) flags |= kHasTeacher;
   if (args.teacher != nullptr && args.teacher_is_probs) flags |= kTeacherProbs;
   if (args.labels != nullptr) flags |= kHasLabels;
-  if (args.log_c != nullptr) flags |= kHasLogC;
-  if (args.w != nullptr) flags |= kHasW;
   if (args.tau == 1.0f) flags |= kTauIsOne;
   if (args.grad != nullptr) flags |= kNeedGrad;
   p.ctx.inv_gamma = 1.0f / args.gamma;
@@ -1131,7 +1252,8 @@ void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_byte
   }
   if (args.mass == nullptr || args.risk == nullptr || args.error == nullptr ||
       (args.rows > 0 && (args.student == nullptr || args.a == nullptr || args.loss == nullptr))) {
-    throw std::invalid_argument("rkd CUDA kernels: student, a, loss (when B > 0), mass, risk and error must not be null");
+    throw std::invalid_argument(
+        "rkd CUDA kernels: student, a, loss (when B > 0), mass, risk and error must not be null");
   }
   if (!(args.gamma > 0.0f) || !(args.tau > 0.0f)) {
     throw std::invalid_argument("rkd CUDA kernels: gamma and tau must be > 0");

@@ -57,13 +57,17 @@ def candidate_order(device: torch.device) -> tuple[str, ...]:
     return ("reference",)
 
 
-def explain_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000) -> dict[str, str | None]:
+def explain_backends(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000
+) -> dict[str, str | None]:
     """For every backend, ``None`` if it can run (``device``, ``dtype``, ``m``) here, else the reason."""
     device = torch.device(device)
     return {name: unavailable_reason(name, device, dtype, m) for name in BACKENDS}
 
 
-def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000) -> list[str]:
+def available_backends(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, m: int = 1000
+) -> list[str]:
     """Names of the backends that can run (``device``, ``dtype``, ``m``) here."""
     return [name for name, reason in explain_backends(device, dtype, m).items() if reason is None]
 

@@ -11,8 +11,6 @@ out of place. With ``reduction="none"`` the backward multiplies out of place (on
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -29,11 +27,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("rkd::distill", mutates_args=())
 def distill(
     student: Tensor,
-    teacher: Optional[Tensor],
-    labels: Optional[Tensor],
+    teacher: Tensor | None,
+    labels: Tensor | None,
     a: Tensor,
-    log_c: Optional[Tensor],
-    w: Optional[Tensor],
+    log_c: Tensor | None,
+    w: Tensor | None,
     gamma: float,
     tau: float,
     teacher_is_probs: bool,

@@ -48,6 +48,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str 
     if dtype not in SUPPORTED_DTYPES:
         return f"{dtype} is not supported (float32, bfloat16 and float16 are)"
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to this torch (CPU build, or no device visible)"
         major, minor = _capability(device)
         if (major, minor) < (7, 5) or (dtype == torch.bfloat16 and major < 8):
             return f"{dtype} needs a GPU of compute capability {'8.0' if major >= 7 else '7.5'} or more, not {major}.{minor}"
@@ -257,9 +259,7 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     distill, _ = _kernels()
     block, num_warps = distill.scale_rows_config(m)
     with _on(grad.device):
-        distill._scale_rows_kernel[(rows,)](
-            grad, grad.stride(0), go, m, BLOCK=block, num_warps=num_warps
-        )
+        distill._scale_rows_kernel[(rows,)](grad, grad.stride(0), go, m, BLOCK=block, num_warps=num_warps)
 
 
 def dro_update_(

@@ -1,0 +1,287 @@
+"""The CUDA kernels' logic, run on the CPU: ``csrc/cuda/distill_kernels.cu`` compiled with the host C++ compiler
+against a small emulation of the CUDA execution model (``tests/cuda_emulation``), compared with the float64
+reference. It covers what the compile-only check cannot (indexing, row reductions, both code paths, the
+statistics' second stage) on machines without a GPU; the GPU run (tests/test_cuda_backend.py) remains the
+judge of the real thing (memory model, fast intrinsics, resource limits). Skipped, with the reason, where
+no C++ compiler or CUDA headers are found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from rkd_engine import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "csrc" / "cuda" / "distill_kernels.cu"
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# fp32 math for the loss and statistics; one rounding of the gradient to the dtype.
+GRAD_TOL = {torch.float32: (3e-5, 3e-6), torch.bfloat16: (8e-3, 2e-4), torch.float16: (2e-3, 1e-4)}
+STAT_TOL = (5e-5, 5e-6)
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (next to nvcc, $CUDA_HOME, $CUDA_PATH or /usr/local/cuda)."""
+    roots = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(Path(os.path.realpath(nvcc)).parents[1])
+    roots += [Path(p) for p in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if p]
+    for root in roots:
+        if (root / "include" / "cuda_bf16.h").is_file():
+            return root / "include"
+    return None
+
+
+def _rewrite(source: str) -> str:
+    """Kernel launches, dynamic shared memory and optimisation barriers in the emulation's terms."""
+    source = re.sub(r"asm volatile\([^;]*\);", ";", source)
+    source = re.sub(
+        r"extern __shared__ (\w+) (\w+)\[\];",
+        r"\1* \2 = reinterpret_cast<\1*>(rkd_emu::scheduler.block->dynamic_smem.data());",
+        source,
+    )
+    source, launches = re.subn(
+        r"([\w:]+(?:<[^<>;]*?>)?)<<<([^;]*?)>>>\(([^;]*)\);", r"rkd_emu::launch(\2, \1, \3);", source
+    )
+    assert launches >= 6, f"found only {launches} kernel launches to rewrite"
+    return source
+
+
+class Emulated:
+    """ctypes front end with the backend contract, on CPU tensors."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        lib.emu_fused_forward.argtypes = [
+            i32,
+            i64,
+            i64,
+            p,
+            p,
+            i32,
+            p,
+            p,
+            p,
+            p,
+            f32,
+            f32,
+            f32,
+            p,
+            p,
+            p,
+            p,
+            p,
+            ctypes.c_char_p,
+            i32,
+        ]
+        lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
+        lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
+        lib.emu_dro_update.argtypes = [p, p, p, i64, f32, f32]
+        lib.emu_configure.argtypes = [i32, i32]
+        self.lib = lib
+
+    def configure(self, multiprocessors: int, blocks_per_multiprocessor: int) -> None:
+        self.lib.emu_configure(multiprocessors, blocks_per_multiprocessor)
+
+    def fused_forward(
+        self, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad_scale=1.0, need_grad=True, grad_out=None
+    ):
+        rows, m = f.shape
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        loss = torch.full((rows,), float("nan"))
+        mass, risk, error = (torch.full((m,), float("nan")) for _ in range(3))
+        grad = (torch.full_like(f, float("nan")) if grad_out is None else grad_out) if need_grad else f.new_empty(0)
+        message = ctypes.create_string_buffer(512)
+        failed = self.lib.emu_fused_forward(
+            DTYPE_CODES[f.dtype],
+            rows,
+            m,
+            ptr(f),
+            ptr(g),
+            int(probs),
+            ptr(y),
+            ptr(a),
+            ptr(log_c),
+            ptr(w),
+            gamma,
+            tau,
+            grad_scale,
+            ptr(grad) if need_grad else None,
+            ptr(loss),
+            ptr(mass),
+            ptr(risk),
+            ptr(error),
+            message,
+            512,
+        )
+        if failed:
+            raise ValueError(message.value.decode())
+        return loss, grad, mass, risk, error
+
+    def path(self, f) -> str:
+        out = ctypes.create_string_buffer(512)
+        self.lib.emu_path(DTYPE_CODES[f.dtype], f.shape[0], f.shape[1], f.data_ptr(), out, 512)
+        return out.value.decode()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> Emulated:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip(f"needs a C++ compiler (found {cxx}) and the CUDA headers (found {include})")
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    source = build / "distill_kernels_emulated.cpp"
+    source.write_text(_rewrite(KERNELS.read_text()))
+    library = build / "librkd_cuda_emulated.so"
+    cmd = [
+        cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wno-attributes",
+        f"-I{KERNELS.parent}", f"-I{include}", "-include", str(EMULATION / "emu_prelude.h"),
+        f'-DRKD_KERNEL_SOURCE="{source}"', str(EMULATION / "harness.cpp"), "-o", str(library),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"building the emulation failed:\n{result.stderr[-6000:]}"
+    emu = Emulated(library)
+    emu.configure(2, 1)
+    return emu
+
+
+def _inputs(rows, m, dtype, *, regime="normal", seed=0, probs=False, gamma=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(rows, m, generator=gen, dtype=torch.float64)
+    g = torch.randn(rows, m, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, m, (rows,), generator=gen)
+    if regime == "peaked":
+        f, g = f * 15, g * 15
+    elif regime == "huge":
+        f, g = f + 1e4, g * 30 - 1e4
+    elif regime == "masked":
+        masked = torch.rand(m, generator=gen) < 0.3
+        masked[0] = False
+        g[:, masked] = float("-inf")
+        y = torch.where(masked[y], torch.zeros_like(y), y)
+    if probs:
+        g = torch.softmax(g / gamma, -1)
+    a = torch.rand(rows, generator=gen)
+    a[0], a[-1] = 0.0, 1.0
+    log_c = (torch.rand(m, generator=gen) + 0.5).log()
+    w = torch.rand(m, generator=gen) + 0.5
+    return f.to(dtype), g.to(dtype), y, a, log_c, w
+
+
+def _compare(out, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad_scale=1.0, need_grad=True):
+    ref = reference.fused_rows(
+        f.double(), teacher=None if g is None else g.double(), teacher_is_probs=probs, labels=y,
+        a=a.double(), gamma=gamma, log_c=None if log_c is None else log_c.double(),
+        w=None if w is None else w.double(), tau=tau, grad_scale=grad_scale, need_grad=need_grad,
+    )  # fmt: skip
+    names = ("loss", "grad", "mass", "risk", "error")
+    for name, got, want in zip(names, out, ref, strict=True):
+        if name == "grad":
+            if not need_grad:
+                assert got.numel() == 0
+                continue
+            assert got.dtype == f.dtype
+            rtol, atol = GRAD_TOL[f.dtype]
+        else:
+            rtol, atol = STAT_TOL
+        got = got.double()
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got)), f"{name}: non-finite entries differ"
+        scale = want[finite].abs().max().item() if finite.any() else 0.0
+        torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=atol * max(scale, 1e-30), msg=name)
+
+
+CASES = [
+    # (rows, m, dtype, options): warp teams, block teams, unaligned rows, the streaming path
+    (19, 37, torch.float32, dict(tau=2.0, gamma=3.0)),
+    (19, 64, torch.bfloat16, dict(regime="masked", teacher_only=True)),
+    (40, 200, torch.float16, dict(regime="equal", many_blocks=True)),
+    (5, 1000, torch.bfloat16, dict(regime="huge", gamma=0.1)),
+    (5, 1001, torch.float16, dict(tau=0.5, probs=True)),
+    (9, 4096, torch.float32, dict(tau=20.0, gamma=5.0, alias=True)),
+    (3, 4104, torch.bfloat16, dict(tau=3.0, many_blocks=True)),
+    (2, 4099, torch.float32, dict(regime="peaked", gamma=20.0, tau=0.1, alias=True)),
+    (1, 20000, torch.float32, dict(labels_only=True)),
+    (2, 8193, torch.bfloat16, dict(regime="huge", tau=2.0)),
+]
+
+
+@pytest.mark.parametrize("rows,m,dtype,options", CASES, ids=[f"{r}x{m}-{str(d)[6:]}" for r, m, d, _ in CASES])
+def test_fused_forward_matches_reference(emulated, rows, m, dtype, options):
+    options = dict(options)
+    gamma, tau, probs = options.get("gamma", 1.0), options.get("tau", 1.0), options.get("probs", False)
+    f, g, y, a, log_c, w = _inputs(rows, m, dtype, regime=options.get("regime", "normal"), seed=m, probs=probs,
+                                   gamma=gamma)  # fmt: skip
+    if options.get("teacher_only"):
+        y, a = None, torch.ones(rows)
+    if options.get("labels_only"):
+        g, a, w = None, torch.zeros(rows), None
+    if options.get("many_blocks"):
+        emulated.configure(8, 2)  # several row groups in the streaming pass 2
+    try:
+        student = f.clone()
+        out = emulated.fused_forward(student, g, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=0.5,
+                                     grad_out=student if options.get("alias") else None)  # fmt: skip
+    finally:
+        emulated.configure(2, 1)
+    if options.get("alias"):
+        assert out[1].data_ptr() == student.data_ptr()
+    _compare(out, f, g, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=0.5)
+
+
+def test_paths_and_no_gradient(emulated):
+    for m, path in ((64, "a warp per row"), (1000, "a block per row"), (4096, "resident"), (4104, "streaming")):
+        assert path in emulated.path(torch.zeros(4, m, dtype=torch.bfloat16)), (m, emulated.path(torch.zeros(4, m)))
+    f, g, y, a, log_c, w = _inputs(6, 300, torch.float32, seed=1)
+    out = emulated.fused_forward(f, g, y, a, log_c, w, tau=1.5, need_grad=False)
+    _compare(out, f, g, y, a, log_c, w, tau=1.5, need_grad=False)
+
+
+def test_edge_inputs(emulated):
+    loss, grad, mass, _, error = emulated.fused_forward(torch.empty(0, 5), None, torch.empty(0, dtype=torch.long),
+                                                        torch.empty(0), None, None)  # fmt: skip
+    assert loss.shape == (0,) and grad.shape == (0, 5)
+    assert torch.equal(mass, torch.zeros(5)) and torch.equal(error, torch.zeros(5))
+    f = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 1.0, 0.0, 0.0]])
+    loss, _, mass, _, error = emulated.fused_forward(f, None, torch.tensor([2, 0, 7]), torch.zeros(3), None, None)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()  # a label outside [0, m): NaN loss
+    assert error.tolist() == [0.0, 0.0, 1.0, 0.0]  # first index of the maximum on ties: rows predict 1, 0
+    with pytest.raises(ValueError, match="262144"):
+        emulated.fused_forward(torch.zeros(1, 262145), None, torch.zeros(1, dtype=torch.long), torch.zeros(1), None,
+                               None)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_rows(emulated, dtype):
+    for m in (7, 1000):
+        grad = torch.randn(4, m, generator=torch.Generator().manual_seed(m)).to(dtype)
+        go = torch.tensor([1.0, 2.0, -0.5, 0.0])
+        want = (grad.float() * go[:, None]).to(dtype)
+        emulated.lib.emu_scale_rows(DTYPE_CODES[dtype], grad.data_ptr(), 4, m, go.data_ptr())
+        assert torch.equal(grad, want)
+
+
+def test_dro_update(emulated):
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 6, 3000):
+        weights = torch.softmax(torch.randn(m, generator=gen), 0)
+        mass = torch.rand(m, generator=gen) * 10
+        mass[::3] = 0.0
+        risk = mass * torch.rand(m, generator=gen)
+        want = reference.dro_update(weights.double(), risk.double(), mass.double(), alpha=0.7, step_size=0.5)
+        got = weights.clone()
+        emulated.lib.emu_dro_update(got.data_ptr(), risk.data_ptr(), mass.data_ptr(), m, 0.7, 0.5)
+        assert torch.equal(got[mass == 0], weights[mass == 0])
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
