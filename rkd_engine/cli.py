@@ -1,4 +1,4 @@
-"""The ``rkd`` command line: ``rkd teacher``, ``rkd student``, ``rkd eval``, ``rkd demo``.
+"""The ``rkd`` command line: ``rkd teacher``, ``rkd student``, ``rkd eval``, ``rkd demo``, ``rkd sweep``, ``rkd report``.
 
 Options come from the defaults, then ``--config FILE`` (YAML or JSON), then the flags (later wins).
 A bad value or combination ends with a one-line error and exit status 2; an unusable checkpoint with
@@ -59,6 +59,8 @@ examples:
   rkd teacher --objective balanced --out runs/teacher-bal
   rkd student --teacher runs/teacher-bal --objective robust --out runs/student-rob
   rkd eval runs/student-rob
+  rkd sweep --out sweeps/digits --seeds 5         teachers x students over alpha_t, alpha_s, gamma, with baselines
+  rkd report sweeps/digits                        the paper's tables and plots from a sweep
 
 run `rkd COMMAND --help` for the options of a command. Errors are one line (exit status 2 for bad options,
 1 for an unusable checkpoint); RKD_DEBUG=1 shows the full traceback instead.
@@ -202,7 +204,132 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="device (default: cpu)")
     demo.add_argument("--backend", default="auto", metavar="NAME", help="loss backend (default: auto)")
     demo.add_argument("--quiet", action="store_true", help="print only the table")
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="the paper's grid over alpha_t, alpha_s, gamma and seeds, with the baselines",
+        formatter_class=fmt,
+        description="Train standard and trade-off teachers (one per alpha_t; alpha 0 = balanced, 1 = robust), "
+        "distil a standard and a trade-off student (one per alpha_s) from each at each gamma, and run the "
+        "baselines (post-shift, Group DRO, AdaAlpha, AdaMargin, Hinton) from the standard teacher, for every "
+        "seed, in parallel worker processes. Finished runs are skipped: the same command continues a killed "
+        "sweep. Writes DIR/runs.csv (one row per run) and DIR/runs/<run>/; `rkd report DIR` makes the tables.",
+        epilog=_SWEEP_EPILOG,
+    )
+    sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory")
+    sweep.add_argument("--config", metavar="FILE", help="YAML or JSON file of sweep options (keys as the flags)")
+    sweep.add_argument("--data", metavar="SPEC", help="data source (default: digits)")
+    sweep.add_argument("--imbalance", metavar="RHO", help="imbalance ratio of the training set (default: 100)")
+    sweep.add_argument("--seeds", metavar="N|S,S,..", help="number of seeds, or a list of seeds (default: 3)")
+    sweep.add_argument("--alpha-t", metavar="A,A,..", help="teacher trade-offs (default: 0,0.25,0.5,0.75,1)")
+    sweep.add_argument("--alpha-s", metavar="A,A,..", help="student trade-offs (default: 0,0.25,0.5,0.75,1)")
+    sweep.add_argument("--gamma", metavar="G,G,..", help="teacher temperatures (default: 1)")
+    sweep.add_argument(
+        "--baselines", metavar="LIST", help="all (default), none, or some of: " + ", ".join(_baselines())
+    )
+    sweep.add_argument("--epochs", metavar="N", help="epochs of every run (shortcut for --set epochs=N)")
+    sweep.add_argument("--model", metavar="NAME", help="model of every run (shortcut for --set model=NAME)")
+    for name, what in (("set", "every run"), ("teacher-set", "the teachers"), ("student-set", "the students")):
+        sweep.add_argument(
+            f"--{name}",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"a training option (as in rkd teacher/student) for {what}, e.g. lr=0.05 (repeatable)",
+        )
+    sweep.add_argument("--workers", metavar="N", help="parallel runs (default: the CPU count; 1 on cuda)")
+    sweep.add_argument("--device", metavar="{cpu,cuda}", help="device of every run (default: cpu)")
+    sweep.add_argument("--backend", metavar="NAME", help="loss backend (default: auto)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    rep = sub.add_parser(
+        "report",
+        help="the paper's tables and plots from a sweep",
+        formatter_class=fmt,
+        description="Read SWEEP_DIR/runs.csv and write report.md (Table 1: teacher x student grid; Table 2: "
+        "the trade-off selected by the paper's rule against the baselines; checks of the paper's findings), "
+        "table1.csv, table2.csv, pareto.png, per_class_recall.png and calibration.png; print the markdown.",
+        epilog="examples:\n  rkd report sweeps/digits\n  rkd report sweeps/digits --out docs/digits\n",
+    )
+    rep.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a directory written by rkd sweep")
+    rep.add_argument("--out", metavar="DIR", help="where to write the report (default: SWEEP_DIR)")
+    rep.add_argument("--quiet", action="store_true", help="do not print the report")
     return parser
+
+
+_SWEEP_EPILOG = """\
+examples:
+  rkd sweep --out sweeps/digits                               5 x 5 grid, 3 seeds, long-tailed digits (rho 100)
+  rkd sweep --out sweeps/small --alpha-t 0,1 --alpha-s 0,1 --seeds 2 --baselines none
+  rkd sweep --out sweeps/digits10 --imbalance 10 --gamma 1,3 --seeds 5 --set dro_every=4
+  rkd sweep --config benchmarks/recipes/cifar10_lt.yaml --out sweeps/c10 --device cuda
+  rkd report sweeps/digits
+
+A config file holds the same keys (data, imbalance, seeds, alpha_t, alpha_s, gamma, baselines, workers,
+device, backend) plus `common`, `teacher` and `student`: mappings of training options for every run,
+the teachers or the students (flags --set, --teacher-set, --student-set add to them).
+"""
+
+
+def _baselines() -> tuple[str, ...]:
+    from rkd_engine.training.config import STUDENT_METHODS
+
+    return tuple(m for m in STUDENT_METHODS if m != "distill")
+
+
+def _key_values(flag_name: str, items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--{flag_name} expects KEY=VALUE, got {item!r}")
+        try:
+            import yaml
+
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from rkd_engine.training.sweep import load_spec, run_sweep
+
+    common = _key_values("set", args.set)
+    for name in ("epochs", "model"):
+        if getattr(args, name) is not None:
+            common[name] = getattr(args, name)
+    flags = {
+        "data": args.data,
+        "imbalance": args.imbalance,
+        "seeds": args.seeds,
+        "alpha_t": args.alpha_t,
+        "alpha_s": args.alpha_s,
+        "gamma": args.gamma,
+        "baselines": args.baselines,
+        "workers": args.workers,
+        "device": args.device,
+        "backend": args.backend,
+        "common": common or None,
+        "teacher": _key_values("teacher-set", args.teacher_set) or None,
+        "student": _key_values("student-set", args.student_set) or None,
+    }
+    spec = load_spec(args.config, flags)
+    try:
+        run_sweep(spec, args.out, quiet=args.quiet)
+    except RuntimeError as exc:
+        sys.stderr.write(f"rkd sweep: {exc}\n")
+        return 1
+    if not args.quiet:
+        print(f"wrote {args.out}/runs.csv; next: rkd report {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rkd_engine.training.report import write_report
+
+    write_report(args.sweep_dir, args.out, quiet=args.quiet)
+    return 0
 
 
 def _flag_values(args: argparse.Namespace, cls: type[TrainConfig]) -> dict[str, Any]:
@@ -295,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"teacher": _train, "student": _train, "eval": _eval, "demo": _demo}
+    handlers = {"teacher": _train, "student": _train, "eval": _eval, "demo": _demo, "sweep": _sweep, "report": _report}
     try:
         return handlers[args.command](args)
     except (CheckpointError, RunDirError, ConfigError, ValueError, TypeError, FileNotFoundError) as exc:

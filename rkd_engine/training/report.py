@@ -1,0 +1,504 @@
+"""``rkd report SWEEP_DIR``: the paper's tables and plots from a sweep's ``runs.csv``.
+
+- Table 1 form: teacher objective (rows) x student objective (columns), test average and worst-class
+  accuracy, mean and standard error over seeds, one table per teacher temperature ``gamma``.
+- Table 2 form: the trade-off selected by the paper's rule (highest mean validation worst-class
+  accuracy among the trade-off students whose mean validation average accuracy is no lower than
+  standard distillation's minus its standard error) against the baselines, each baseline with a
+  teacher temperature at its best validation worst-class accuracy (standard distillation: at its best
+  validation average accuracy).
+- Plots: ``pareto.png`` (average against worst-class accuracy of every grid point, labelled
+  ``(alpha_t, alpha_s)``, with the frontier), ``per_class_recall.png`` (standard distillation against
+  the selected robust student), ``calibration.png`` (teacher per-class calibration error against the
+  student's worst-class accuracy).
+- ``report.md``, ``table1.csv``, ``table2.csv`` next to them, and a few checks of the paper's findings
+  (METHOD.md section 9) computed from the numbers.
+
+The standard error is the sample standard deviation over seeds (``ddof = 1``) over ``sqrt(n)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rkd_engine.training.runs import atomic_write
+
+METRICS = ("average", "balanced", "worst", "worst_k")
+BASELINE_NAMES = {
+    "post-shift": "post-shift (NM'21 Alg. 3)",
+    "group-dro": "Group DRO, no distillation",
+    "ada-alpha": "AdaAlpha",
+    "ada-margin": "AdaMargin",
+    "hinton": "Hinton distillation",
+}
+
+
+class ReportError(ValueError):
+    """A sweep directory that cannot be reported (no runs.csv, no finished runs, ...)."""
+
+
+@dataclass
+class Cell:
+    """One configuration aggregated over seeds."""
+
+    key: tuple
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def values(self, column: str) -> list[float]:
+        return [float(r[column]) for r in self.rows if r.get(column) not in ("", None)]
+
+    def mean(self, column: str) -> float:
+        v = self.values(column)
+        return sum(v) / len(v) if v else math.nan
+
+    def se(self, column: str) -> float:
+        v = self.values(column)
+        return statistics.stdev(v) / math.sqrt(len(v)) if len(v) >= 2 else math.nan
+
+    def recall(self) -> list[float | None]:
+        """Per-class test recall averaged over seeds (``None`` for a class absent from every test set)."""
+        lists = [json.loads(r["test_recall"]) for r in self.rows if r.get("test_recall")]
+        out: list[float | None] = []
+        for values in zip(*lists, strict=True):
+            present = [v for v in values if v is not None]
+            out.append(sum(present) / len(present) if present else None)
+        return out
+
+
+def _float(x: Any) -> float | None:
+    return None if x in ("", None) else float(x)
+
+
+def read_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    root = Path(sweep_dir)
+    path = root / "runs.csv"
+    if not path.exists():
+        raise ReportError(f"{root} is not a sweep directory (no runs.csv); run `rkd sweep --out {root}` first")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ReportError(f"{path} holds no finished runs yet")
+    spec_path = root / "sweep.json"
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        for c in ("alpha_t", "alpha_s", "gamma"):
+            r[c] = _float(r[c])
+        for split in ("val", "test"):
+            for m in METRICS:
+                r[f"{split}_{m}"] = float(r[f"{split}_{m}"])
+    return rows, spec
+
+
+def group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
+    """Cells keyed by ``(kind, teacher, student, gamma)``; teachers by ``("teacher", name, "", None)``."""
+    cells: dict[tuple, Cell] = {}
+    for r in rows:
+        key = (r["kind"], r["teacher"], r["student"] if r["kind"] != "teacher" else "", r["gamma"])
+        cells.setdefault(key, Cell(key)).rows.append(dict(r))
+    return cells
+
+
+def fmt(cell: Cell | None, column: str) -> str:
+    if cell is None or not cell.values(column):
+        return "-"
+    mean, se = 100 * cell.mean(column), 100 * cell.se(column)
+    return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f} ± {se:.1f}"
+
+
+def _name(tag: str) -> str:
+    """``standard`` / ``a0.5`` -> a readable objective name."""
+    if tag == "standard":
+        return "standard"
+    alpha = float(tag[1:])
+    return {0.0: "balanced (α=0)", 1.0: "robust (α=1)"}.get(alpha, f"trade-off α={alpha:g}")
+
+
+def _order(tags: Iterable[str]) -> list[str]:
+    return sorted(set(tags), key=lambda t: (t != "standard", float(t[1:]) if t != "standard" else 0.0))
+
+
+# ------------------------------------------------------------------------------------------ tables
+@dataclass
+class Report:
+    cells: dict[tuple, Cell]
+    gammas: list[float]
+    teachers: list[str]
+    students: list[str]
+    standard: Cell
+    selected: Cell | None
+    selection_note: str
+    table2: list[tuple[str, Cell]]
+    seeds: int
+    spec: dict[str, Any]
+
+
+def _best(cells: Sequence[Cell], column: str) -> Cell | None:
+    return max(cells, key=lambda c: c.mean(column)) if cells else None
+
+
+def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -> Report:
+    cells = group(rows)
+    students = [c for k, c in cells.items() if k[0] == "student"]
+    if not students:
+        raise ReportError("the sweep has no finished student runs yet")
+    gammas = sorted({k[3] for k in cells if k[0] == "student"})
+    teachers = _order(k[1] for k in cells if k[0] in ("teacher", "student"))
+    student_tags = _order(k[2] for k in cells if k[0] == "student")
+    std_cells = [c for c in students if c.key[1] == "standard" and c.key[2] == "standard"]
+    if not std_cells:
+        raise ReportError("standard distillation (standard teacher, standard student) has not finished in any seed")
+    standard = _best(std_cells, "val_average")
+    floor = standard.mean("val_average") - (
+        0.0 if math.isnan(standard.se("val_average")) else standard.se("val_average")
+    )
+    candidates = [c for c in students if c.key[2] != "standard"]
+    eligible = [c for c in candidates if c.mean("val_average") >= floor - 1e-12]
+    if eligible:
+        selected = _best(eligible, "val_worst")
+        note = (
+            f"highest mean validation worst-class accuracy among the {len(eligible)} of {len(candidates)} trade-off "
+            f"students whose mean validation average accuracy is at least standard distillation's minus its "
+            f"standard error ({100 * floor:.1f}%)"
+        )
+    else:
+        selected = _best(candidates, "val_worst")
+        note = (
+            "NO trade-off student reached standard distillation's validation average accuracy within its standard "
+            "error; shown: the highest validation worst-class accuracy without that constraint"
+        )
+    table2: list[tuple[str, Cell]] = []
+    teacher_std = cells.get(("teacher", "standard", "", None))
+    if teacher_std is not None:
+        table2.append(("standard teacher alone", teacher_std))
+    table2.append((f"standard distillation (γ={standard.key[3]:g})", standard))
+
+    def at_best_gamma(teacher: str, student: str, kind: str = "student") -> Cell | None:
+        return _best([c for c in cells.values() if c.key[:3] == (kind, teacher, student)], "val_worst")
+
+    for tag, label in (
+        ("a0", "balanced student (standard teacher)"),
+        ("a1", "robust student (standard teacher, NM'21)"),
+    ):
+        c = at_best_gamma("standard", tag)
+        if c is not None:
+            table2.append((f"{label} (γ={c.key[3]:g})", c))
+    for method, label in BASELINE_NAMES.items():
+        c = at_best_gamma("" if method == "group-dro" else "standard", method, "baseline")
+        if c is not None:
+            gamma = "" if c.key[3] is None or method in ("group-dro", "post-shift") else f" (γ={c.key[3]:g})"
+            table2.append((label + gamma, c))
+    if selected is not None:
+        t, s, g = selected.key[1:]
+        table2.append((f"selected trade-off: teacher {_name(t)}, student {_name(s)}, γ={g:g}", selected))
+    seeds = len({r["seed"] for r in rows})
+    return Report(cells, gammas, teachers, student_tags, standard, selected, note, table2, seeds, dict(spec or {}))
+
+
+def table1(rep: Report, gamma: float) -> list[list[str]]:
+    """Header and rows of the Table 1 grid at ``gamma`` (cells ``average / worst``, % with SE)."""
+    header = ["teacher \\ student", "teacher alone"] + [_name(s) for s in rep.students]
+    out = [header]
+    for t in rep.teachers:
+        alone = rep.cells.get(("teacher", t, "", None))
+        row = [_name(t), f"{fmt(alone, 'test_average')} / {fmt(alone, 'test_worst')}"]
+        for s in rep.students:
+            c = rep.cells.get(("student", t, s, gamma))
+            row.append(f"{fmt(c, 'test_average')} / {fmt(c, 'test_worst')}")
+        out.append(row)
+    return out
+
+
+def table2(rep: Report) -> list[list[str]]:
+    header = [
+        "method",
+        "test average",
+        "test worst-class",
+        "test balanced",
+        "test worst-k",
+        "val average",
+        "val worst",
+        "seeds",
+    ]
+    out = [header]
+    for label, c in rep.table2:
+        out.append(
+            [
+                label,
+                fmt(c, "test_average"),
+                fmt(c, "test_worst"),
+                fmt(c, "test_balanced"),
+                fmt(c, "test_worst_k"),
+                fmt(c, "val_average"),
+                fmt(c, "val_worst"),
+                str(c.n),
+            ]
+        )
+    return out
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def _csv_text(rows: list[list[str]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode()
+
+
+# ---------------------------------------------------------------------------------------- findings
+def findings(rep: Report) -> list[str]:
+    """Checks of METHOD.md section 9 on this sweep, each a sentence with its numbers."""
+    out: list[str] = []
+    std, sel = rep.standard, rep.selected
+    if sel is not None:
+        gain = sel.mean("test_worst") - std.mean("test_worst")
+        diff = sel.mean("test_average") - std.mean("test_average")
+        se = std.se("test_average")
+        within = diff >= -(0 if math.isnan(se) else se)
+        verdict = "holds" if gain > 0 and within else "does not hold"
+        out.append(
+            f"A robust objective beats standard distillation on worst-class accuracy without losing average accuracy "
+            f"beyond its standard error: {verdict} here (selected trade-off: worst-class {100 * gain:+.1f} points, "
+            f"average {100 * diff:+.1f} points; standard distillation's average SE {100 * se:.1f})."
+        )
+    students = [c for k, c in rep.cells.items() if k[0] == "student"]
+    better = [
+        c
+        for c in students
+        if c.key[2] != "standard"
+        and c.mean("test_worst") > std.mean("test_worst")
+        and c.mean("test_average")
+        >= std.mean("test_average") - (0 if math.isnan(std.se("test_average")) else std.se("test_average"))
+    ]
+    out.append(
+        f"{len(better)} of {sum(1 for c in students if c.key[2] != 'standard')} trade-off grid points have a higher mean "
+        "test worst-class accuracy than standard distillation and an average no lower beyond its standard error."
+    )
+    gamma = std.key[3]
+    robust = [c for c in students if c.key[2] == "a1" and c.key[3] == gamma]
+    teachers = [c for k, c in rep.cells.items() if k[0] == "teacher"]
+    if robust and teachers:
+        best_teacher = max(teachers, key=lambda c: c.mean("test_worst")).key[1]
+        best_for_robust = max(robust, key=lambda c: c.mean("test_worst")).key[1]
+        same = "is also" if best_teacher == best_for_robust else "is NOT"
+        out.append(
+            f"The teacher with the best worst-class accuracy ({_name(best_teacher)}) {same} the best teacher for a "
+            f"robust student (γ={gamma:g}: {_name(best_for_robust)}); the paper found it often is not."
+        )
+    both = rep.cells.get(("student", "a1", "a1", gamma))
+    one_sided = [
+        c for c in students if c.key[3] == gamma and (c.key[1] == "a1") != (c.key[2] == "a1") and "a1" in c.key[1:3]
+    ]
+    if both is not None and one_sided:
+        best_one = max(one_sided, key=lambda c: c.mean("test_worst"))
+        word = "beats" if both.mean("test_worst") > best_one.mean("test_worst") else "does not beat"
+        out.append(
+            f"Robust on both sides (worst-class {100 * both.mean('test_worst'):.1f}) {word} the best robust-on-one-side "
+            f"pair (teacher {_name(best_one.key[1])}, student {_name(best_one.key[2])}: "
+            f"{100 * best_one.mean('test_worst'):.1f}); the paper found it wins only on TinyImageNet."
+        )
+    grid = [c for c in students if c.key[3] == gamma and c.key[1] != "standard" and c.key[2] != "standard"]
+    if len(grid) >= 4:
+        by_s: dict[str, list[float]] = defaultdict(list)
+        by_t: dict[str, list[float]] = defaultdict(list)
+        for c in grid:
+            by_s[c.key[2]].append(c.mean("test_average"))
+            by_t[c.key[1]].append(c.mean("test_average"))
+        spread = lambda d: max(sum(v) / len(v) for v in d.values()) - min(sum(v) / len(v) for v in d.values())  # noqa: E731
+        s_spread, t_spread = spread(by_s), spread(by_t)
+        word = "holds" if s_spread > t_spread else "does not hold"
+        out.append(
+            f"alpha_s mostly sets average accuracy: {word} (range of mean test average over alpha_s "
+            f"{100 * s_spread:.1f} points, over alpha_t {100 * t_spread:.1f} points)."
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _pareto(points: list[tuple[float, float]]) -> list[int]:
+    from rkd_engine.training.demo import pareto_front
+
+    return pareto_front(points)
+
+
+def plot_all(rep: Report, out: Path) -> list[str]:
+    """Writes the three PNGs; returns their file names (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    # The grid at the selected trade-off's temperature (standard distillation's where none was selected).
+    gamma = (rep.selected or rep.standard).key[3]
+    title = f"{rep.spec.get('data', '')} rho={rep.spec.get('imbalance', '')}, {rep.seeds} seed(s), γ={gamma:g}"
+    # Pareto frontier of the grid at standard distillation's gamma, baselines as extra markers.
+    fig, ax = plt.subplots(figsize=(7.5, 6.2), dpi=120)
+    grid = [c for k, c in rep.cells.items() if k[0] == "student" and k[3] == gamma]
+    pts = [(100 * c.mean("test_average"), 100 * c.mean("test_worst")) for c in grid]
+    tdf = [i for i, c in enumerate(grid) if c.key[2] != "standard"]
+    std = [i for i, c in enumerate(grid) if c.key[2] == "standard"]
+    sc = ax.scatter(
+        [pts[i][0] for i in tdf],
+        [pts[i][1] for i in tdf],
+        c=[float(grid[i].key[2][1:]) for i in tdf],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=30,
+        zorder=3,
+    )
+    fig.colorbar(sc, ax=ax, label="alpha_s")
+    ax.scatter(
+        [pts[i][0] for i in std],
+        [pts[i][1] for i in std],
+        marker="s",
+        color="gray",
+        s=30,
+        zorder=3,
+        label="standard students",
+    )
+    for c, (x, y) in zip(grid, pts, strict=True):
+        t = "std" if c.key[1] == "standard" else c.key[1][1:]
+        s = "std" if c.key[2] == "standard" else c.key[2][1:]
+        ax.annotate(f"({t},{s})", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    front = _pareto(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto frontier of the grid")
+    x, y = 100 * rep.standard.mean("test_average"), 100 * rep.standard.mean("test_worst")
+    ax.scatter(
+        [x],
+        [y],
+        s=160,
+        facecolors="none",
+        edgecolors="tab:blue",
+        lw=2,
+        zorder=4,
+        label=f"standard distillation (γ={rep.standard.key[3]:g})",
+    )
+    if rep.selected is not None:
+        x, y = 100 * rep.selected.mean("test_average"), 100 * rep.selected.mean("test_worst")
+        ax.scatter([x], [y], s=220, marker="*", color="tab:red", zorder=4, label="selected trade-off")
+    for _label, c in rep.table2:
+        if c.key[0] == "baseline":
+            ax.scatter([100 * c.mean("test_average")], [100 * c.mean("test_worst")], marker="x", s=50, zorder=4)
+            ax.annotate(
+                c.key[2],
+                (100 * c.mean("test_average"), 100 * c.mean("test_worst")),
+                textcoords="offset points",
+                xytext=(3, -8),
+                fontsize=6,
+            )
+    ax.set_xlabel("average test accuracy (%)")
+    ax.set_ylabel("worst-class test accuracy (%)")
+    ax.set_title(f"(alpha_t, alpha_s) grid: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png")
+    plt.close(fig)
+    names.append("pareto.png")
+    # Per-class recall: standard distillation against the selected robust student.
+    if rep.selected is not None:
+        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+        for i, (label, c, color) in enumerate(
+            (("standard distillation", rep.standard, "tab:blue"), ("selected trade-off", rep.selected, "tab:red"))
+        ):
+            rec = c.recall()
+            xs = [j + (i - 0.5) * 0.4 for j in range(len(rec))]
+            ax.bar(xs, [100 * (v or 0) for v in rec], width=0.4, color=color, label=label)
+        ax.set_xlabel("class (0 = head, largest in training)")
+        ax.set_ylabel("test recall (%)")
+        ax.set_title(f"per-class recall: {title}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "per_class_recall.png")
+        plt.close(fig)
+        names.append("per_class_recall.png")
+    # Teacher per-class calibration error against the student's worst-class accuracy.
+    pts2 = [
+        (c.mean("teacher_calibration_max"), 100 * c.mean("test_worst"), c)
+        for k, c in rep.cells.items()
+        if k[0] == "student" and k[3] == gamma and k[2] != "standard" and c.values("teacher_calibration_max")
+    ]
+    if pts2:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        sc = ax.scatter(
+            [p[0] for p in pts2], [p[1] for p in pts2], c=[float(p[2].key[2][1:]) for p in pts2], cmap="viridis", s=30
+        )
+        fig.colorbar(sc, ax=ax, label="alpha_s")
+        for x, y, c in pts2:
+            if c.key[2] == "a1":
+                ax.annotate(_name(c.key[1]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_xlabel("teacher per-class calibration error (max over classes, test, at γ)")
+        ax.set_ylabel("student worst-class test accuracy (%)")
+        ax.set_title(f"teacher calibration vs student worst class: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "calibration.png")
+        plt.close(fig)
+        names.append("calibration.png")
+    return names
+
+
+# -------------------------------------------------------------------------------------------- main
+def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Write ``report.md``, ``table1.csv``, ``table2.csv`` and the plots into ``out`` (default: the
+    sweep directory); print the markdown unless ``quiet``. Returns paths and the selection."""
+    rows, spec = read_runs(sweep_dir)
+    rep = analyse(rows, spec)
+    out = Path(out) if out is not None else Path(sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_all(rep, out)
+    t1_rows: list[list[str]] = []
+    parts = [
+        f"# Sweep report: {spec.get('data', '?')}, imbalance rho = {spec.get('imbalance', '?')}, {rep.seeds} seed(s)",
+        "",
+        "Test accuracy in %, mean ± standard error over seeds. Average = standard accuracy (the test set is "
+        "balanced, so it equals balanced accuracy); worst = lowest per-class recall.",
+    ]
+    for g in rep.gammas:
+        t1 = table1(rep, g)
+        if not t1_rows:
+            t1_rows.append(["gamma", *t1[0]])
+        t1_rows += [[f"{g:g}", *r] for r in t1[1:]]
+        parts += ["", f"## Table 1: teacher x student, average / worst-class (γ = {g:g})", "", markdown_table(t1)]
+    t2 = table2(rep)
+    parts += [
+        "",
+        "## Table 2: selected trade-off against the baselines",
+        "",
+        f"Selection rule: {rep.selection_note}.",
+        "",
+        markdown_table(t2),
+    ]
+    parts += ["", "## The paper's findings (METHOD.md section 9), checked here", ""] + [f"- {f}" for f in findings(rep)]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    text = "\n".join(parts) + "\n"
+    atomic_write(out / "report.md", lambda fh: fh.write(text.encode()))
+    atomic_write(out / "table1.csv", lambda fh: fh.write(_csv_text(t1_rows)))
+    atomic_write(out / "table2.csv", lambda fh: fh.write(_csv_text(t2)))
+    if not quiet:
+        sys.stdout.write(text)
+    sel = rep.selected.key if rep.selected is not None else None
+    return {"report": str(out / "report.md"), "plots": plots, "selected": sel, "findings": findings(rep)}
