@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from rkd_engine.dro import ClassDRO
-from rkd_engine.ops import REDUCTIONS, acc_dtype, distill, select_backend
+from rkd_engine.ops import REDUCTIONS, acc_dtype, select_backend
+from rkd_engine.ops.op import call_distill
 
 OBJECTIVES: tuple[str, ...] = ("standard", "balanced", "robust", "tradeoff")
 Objective = Literal["standard", "balanced", "robust", "tradeoff"]
@@ -216,9 +217,9 @@ def distill_loss(
 
     name = select_backend(backend, device, student_logits.dtype, m)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    loss, _grad, mass, risk, error = distill(
-        student_logits.contiguous(),
-        None if teacher is None else teacher.contiguous(),
+    loss, _grad, mass, risk, error = call_distill(
+        student_logits if student_logits.is_contiguous() else student_logits.contiguous(),
+        teacher if teacher is None or teacher.is_contiguous() else teacher.contiguous(),
         labels,
         a,
         log_c,

@@ -1,9 +1,10 @@
 """The C++ CPU backend (``rkd_engine._C`` through ``rkd_engine.ops.cpp_backend``) against the float64 reference.
 
-Every check runs on both instruction-set paths where the CPU has them (``avx2`` and the portable
-``generic`` one). The reference is evaluated in float64 on the inputs as the backend sees them (already
-rounded to the test dtype), so loss and statistics, accumulated in float32 for every reduced dtype, are
-held to float32 tolerances, and the gradient additionally to one rounding to the storage dtype.
+Every check runs on each instruction-set path the CPU has (``avx512``, ``avx2`` and the portable
+``generic`` one); the others are reported as skipped. The reference is evaluated in float64 on the
+inputs as the backend sees them (already rounded to the test dtype), so loss and statistics, accumulated
+in float32 for every reduced dtype, are held to float32 tolerances, and the gradient additionally to one
+rounding to the storage dtype.
 """
 
 from __future__ import annotations
@@ -21,11 +22,23 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ backend unavai
 if _REASON is None:
     from rkd_engine import _C
 
-    ISAS = ["generic"] + (["avx2"] if _C.cpu_isa() == "avx2" else [])
+    def _usable(name: str) -> bool:
+        before = _C.cpu_isa()
+        try:
+            _C.set_cpu_isa(name)
+        except RuntimeError:
+            return False
+        finally:
+            _C.set_cpu_isa(before)
+        return True
+
+    # Every vector path is tested where the CPU has it; a missing one is reported as skipped (see `isa`).
+    ALL_ISAS = ["generic", "avx2", "avx512"]
+    ISAS = [name for name in ALL_ISAS if _usable(name)]
     DEFAULT_TILING = _C.get_tiling()
     WIDE = DEFAULT_TILING[0] + 2 * DEFAULT_TILING[1] + 5  # wider than a whole row: several tiles, one partial
 else:
-    ISAS, DEFAULT_TILING, WIDE = ["generic"], (0, 0), 0
+    ALL_ISAS, ISAS, DEFAULT_TILING, WIDE = ["generic"], ["generic"], (0, 0), 0
 
 # (accumulated values: loss and statistics, gradient) relative tolerances per input dtype.
 TOL = {
@@ -36,8 +49,10 @@ TOL = {
 }
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=ALL_ISAS)
 def isa(request):
+    if request.param not in ISAS:
+        pytest.skip(f"this CPU or build has no {request.param} kernels")
     _C.set_cpu_isa(request.param)
     yield request.param
     _C.set_cpu_isa("auto")
@@ -302,17 +317,29 @@ def test_scale_rows_skips_rows_with_unit_scale(isa, dtype, m):
     assert torch.equal(grad[1::2], expected[1::2])
 
 
-def test_isas_agree():
-    if len(ISAS) < 2:
-        pytest.skip("this CPU has no AVX2 path to compare")
-    inputs = _case(32, 1001, torch.float32, a="rows", costs=True, weights=True, seed=9)
+@pytest.mark.parametrize("name", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_isas_agree(name, dtype):
+    if name not in ISAS:
+        pytest.skip(f"this CPU or build has no {name} path to compare")
+    inputs = _case(32, 1001, dtype, a="rows", costs=True, weights=True, seed=9)
     outs = {}
-    for name in ISAS:
-        _C.set_cpu_isa(name)
-        outs[name] = _run(*inputs, gamma=0.7, tau=1.0, probs=False)
+    for isa_name in ("generic", name):
+        _C.set_cpu_isa(isa_name)
+        outs[isa_name] = _run(*inputs, gamma=0.7, tau=1.0, probs=False)
     _C.set_cpu_isa("auto")
-    for got, want in zip(outs["avx2"], outs["generic"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grad_tol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-2, 1e-5)  # one storage rounding apart at most
+    for k, (got, want) in enumerate(zip(outs[name], outs["generic"], strict=True)):
+        rtol, atol = grad_tol if k == 1 else (1e-5, 1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_auto_picks_the_widest_isa():
+    _C.set_cpu_isa("auto")
+    assert _C.cpu_isa() == ISAS[-1]
+    with pytest.raises(RuntimeError, match="cpu isa must be"):
+        _C.set_cpu_isa("sse9")
+    assert _C.cpu_isa() == ISAS[-1]
 
 
 def test_repeatable_and_empty_batch(isa):

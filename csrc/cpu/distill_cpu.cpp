@@ -33,9 +33,10 @@
 //
 // Threads: rows are split into contiguous blocks, each with its own accumulators, claimed by the
 // threads of one at::parallel_for as they finish; blocks are merged in order, so results do not depend
-// on scheduling. Vector code: distill_kernel_avx2.cpp (AVX2/FMA/F16C, chosen at run time when
-// the CPU has them) or distill_kernel_generic.cpp (portable); RKD_CPU_ISA=generic|avx2|auto or
-// set_cpu_isa() overrides the choice.
+// on scheduling. Vector code: distill_kernel_avx512.cpp (AVX-512 F/DQ/BW/VL), distill_kernel_avx2.cpp
+// (AVX2/FMA/F16C), each chosen at run time when the CPU has it (the widest first), or
+// distill_kernel_generic.cpp (portable); RKD_CPU_ISA=generic|avx2|avx512|auto or set_cpu_isa() overrides
+// the choice.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -66,13 +67,36 @@ bool avx2_usable() {
   return usable;
 }
 
+// __builtin_cpu_supports reports a feature only where the OS also saves its register state (XCR0),
+// so the zmm and mask registers are usable when it says avx512f.
+bool cpu_has_avx512() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool avx512_usable() {
+  static const bool usable = avx512_kernels() != nullptr && cpu_has_avx512();
+  return usable;
+}
+
 const KernelTable* table_for(const std::string& isa) {
   if (isa == "generic") return generic_kernels();
   if (isa == "avx2") {
     TORCH_CHECK(avx2_usable(), "rkd_engine._C: the AVX2 kernels are not available on this CPU or build");
     return avx2_kernels();
   }
-  TORCH_CHECK(isa == "auto", "rkd_engine._C: cpu isa must be 'auto', 'avx2' or 'generic', got '", isa, "'");
+  if (isa == "avx512") {
+    TORCH_CHECK(avx512_usable(), "rkd_engine._C: the AVX-512 kernels are not available on this CPU or build");
+    return avx512_kernels();
+  }
+  TORCH_CHECK(isa == "auto", "rkd_engine._C: cpu isa must be 'auto', 'avx512', 'avx2' or 'generic', got '", isa,
+              "'");
+  if (avx512_usable()) return avx512_kernels();
   return avx2_usable() ? avx2_kernels() : generic_kernels();
 }
 
@@ -373,9 +397,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "(see rkd_engine.reference.fused_rows).");
   mod.def("scale_rows_", &rkd::cpu::scale_rows_, py::arg("grad"), py::arg("go"),
           py::call_guard<py::gil_scoped_release>(), "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1.");
-  mod.def("cpu_isa", &rkd::cpu::cpu_isa, "The instruction set of the kernels in use: 'avx2' or 'generic'.");
+  mod.def("cpu_isa", &rkd::cpu::cpu_isa,
+          "The instruction set of the kernels in use: 'avx512', 'avx2' or 'generic'.");
   mod.def("set_cpu_isa", &rkd::cpu::set_cpu_isa, py::arg("isa"),
-          "Use the 'avx2' or 'generic' kernels, or 'auto' (AVX2 where the CPU has AVX2, FMA and F16C).");
+          "Use the 'avx512', 'avx2' or 'generic' kernels, or 'auto' (the widest the CPU has: AVX-512 F/DQ/BW/VL, "
+          "else AVX2 with FMA and F16C, else generic).");
   mod.def("get_tiling", &rkd::cpu::get_tiling,
           "(max_single_tile, tile): rows of up to max_single_tile classes are held whole, wider ones tiled.");
   mod.def("set_tiling", &rkd::cpu::set_tiling, py::arg("max_single_tile"), py::arg("tile"),

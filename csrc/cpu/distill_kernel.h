@@ -1,6 +1,7 @@
 // Torch-free interface between the binding (distill_cpu.cpp) and the row kernels, which are compiled
-// once per instruction set (distill_kernel_generic.cpp, distill_kernel_avx2.cpp) from the template in
-// distill_rows.h. Nothing here depends on compiler target flags, so every translation unit may include it.
+// once per instruction set (distill_kernel_generic.cpp, distill_kernel_avx2.cpp, distill_kernel_avx512.cpp)
+// from the template in distill_rows.h. Nothing here depends on compiler target flags, so every
+// translation unit may include it.
 #pragma once
 
 #include <cstdint>
@@ -82,5 +83,8 @@ const KernelTable* generic_kernels();
 // AVX2 + FMA + F16C kernels for float32/bfloat16/float16 (float64 entries are null); nullptr where the
 // compiler cannot target x86-64 AVX2. The caller checks the running CPU before using them.
 const KernelTable* avx2_kernels();
+// AVX-512 (F, DQ, BW, VL) + FMA + F16C kernels, the same dtypes as avx2_kernels; nullptr where the compiler
+// cannot target x86-64 AVX-512. The caller checks the running CPU before using them.
+const KernelTable* avx512_kernels();
 
 }  // namespace rkd::cpu

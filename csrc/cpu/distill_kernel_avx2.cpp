@@ -120,6 +120,10 @@ struct VecAvx2 {
   static inline __m128i to_fp16(V a) { return _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static inline void store_out(bf16_t* p, V a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
   static inline void store_out(fp16_t* p, V a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
+  template <class Out>
+  static constexpr int64_t stream_align() {
+    return W * static_cast<int64_t>(sizeof(Out));
+  }
   static inline void store_out_stream(float* p, V a) { _mm256_stream_ps(p, a); }
   static inline void store_out_stream(bf16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
   static inline void store_out_stream(fp16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
@@ -129,6 +133,18 @@ struct VecAvx2 {
     Out tmp[W];
     store_out(tmp, a);
     std::memcpy(p, tmp, static_cast<size_t>(count) * sizeof(Out));
+  }
+  // count < W: no whole aligned vector to stream.
+  template <class In>
+  static inline V load_in_partial(const In* p, int64_t count, float pad) {
+    In tmp[W];
+    std::memset(tmp, 0, sizeof(tmp));
+    std::memcpy(tmp, p, static_cast<size_t>(count) * sizeof(In));
+    return first_lanes(load_in(tmp), count, pad);
+  }
+  template <class Out>
+  static inline void store_out_partial_stream(Out* p, V a, int64_t count) {
+    store_out_partial(p, a, count);
   }
 };
 

@@ -158,6 +158,10 @@ struct VecGeneric {
     for (int l = 0; l < N; ++l) from_t(a.v[l], p + l);
   }
   template <class Out>
+  static constexpr int64_t stream_align() {
+    return N * static_cast<int64_t>(sizeof(Out));
+  }
+  template <class Out>
   static inline void store_out_stream(Out* p, const V& a) {
     store_out(p, a);
   }
@@ -165,6 +169,17 @@ struct VecGeneric {
   template <class Out>
   static inline void store_out_partial(Out* p, const V& a, int64_t count) {
     for (int64_t l = 0; l < count; ++l) from_t(a.v[l], p + l);
+  }
+  template <class In>
+  static inline V load_in_partial(const In* p, int64_t count, T pad) {
+    In tmp[N];
+    std::memset(tmp, 0, sizeof(tmp));
+    std::memcpy(tmp, p, static_cast<size_t>(count) * sizeof(In));
+    return first_lanes(load_in(tmp), count, pad);
+  }
+  template <class Out>
+  static inline void store_out_partial_stream(Out* p, const V& a, int64_t count) {
+    store_out_partial(p, a, count);
   }
 };
 

@@ -1,5 +1,6 @@
 // The fused row kernel, written once over a vector-traits class VT and included (without include
-// guard, on purpose) inside one namespace per instruction set: rkd::cpu::generic, rkd::cpu::avx2.
+// guard, on purpose) inside one namespace per instruction set: rkd::cpu::generic, rkd::cpu::avx2,
+// rkd::cpu::avx512.
 // The including file has already included <cmath>, <cstdint>, <cstring>, <limits>, <type_traits> and
 // distill_kernel.h, and defined its traits classes. See distill_cpu.cpp for the math.
 //
@@ -8,8 +9,11 @@
 //   max, exp (for x <= 88: exact 0 for -inf, NaN propagated), exp_clamped (x raised to -87 first),
 //   fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0),
 //   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v), first_lanes(x, k, v) (lanes >= k set to v),
-//   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial,
-//   store_out_stream (non-temporal, aligned) and stream_fence (orders those stores before returning).
+//   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial
+//   (the first count < W values), store_out_partial_stream (the same, whole aligned pieces non-temporal),
+//   load_in_partial(p, count, pad) (count < W values read, the other lanes pad),
+//   store_out_stream (non-temporal, aligned to stream_align<Out>() bytes) and stream_fence (orders those
+//   stores before returning).
 
 // Per-call constants of the row kernel.
 template <class VT>
@@ -82,9 +86,7 @@ inline typename VT::T load_tile_impl(const In* src, int64_t n, int64_t npad, typ
   // The partial last vector, its missing lanes set to pad, then whole vectors of pad.
   int64_t k = j;
   if (k < n) {
-    In tmp[W] = {};
-    for (int64_t l = 0; l < n - k; ++l) tmp[l] = src[k + l];
-    VT::store(dst + k, VT::first_lanes(VT::load_in(tmp), n - k, pad));
+    VT::store(dst + k, VT::load_in_partial(src + k, n - k, pad));
     k += W;
   }
   for (; k < npad; k += W) VT::store(dst + k, VT::set1(pad));
@@ -202,6 +204,18 @@ inline void store_grad(Out* p, const typename VT::V& g, bool stream) {
   }
 }
 
+// The partial last vector of a gradient row (count < W values). Streaming: its whole aligned pieces
+// go through non-temporal stores too (VT::store_out_partial_stream), so that no cache line is written
+// both ways (a plain store into a line under non-temporal stores is costly).
+template <class VT, class Out>
+inline void store_grad_partial(Out* p, const typename VT::V& g, int64_t count, bool stream) {
+  if (stream) {
+    VT::store_out_partial_stream(p, g, count);
+  } else {
+    VT::store_out_partial(p, g, count);
+  }
+}
+
 // Start of the W-vector holding position p of a tile of n values, or -1 when p is outside [0, n).
 template <int W>
 inline int64_t vector_start(int64_t p, int64_t n) {
@@ -262,7 +276,8 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   const char* pf_f = reinterpret_cast<const char*>(f + next);
   const char* pf_g = Soft ? reinterpret_cast<const char*>(g + next) : nullptr;
   // Non-temporal gradient stores need every vector aligned: true when the row start is.
-  const bool stream = NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(grad) % (W * sizeof(In)) == 0;
+  const bool stream =
+      NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(grad) % VT::template stream_align<In>() == 0;
 
   // ---- pass A: maxima, argmax and the sums, tile by tile (online rescaling across tiles)
   // rf: max f (for the argmax); r: max (f - lc) as rounded, the student's shift; rg: max g.
@@ -366,7 +381,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
           gv = VT::load(tmp);
         }
         if (kSpecial && j + W > n) {
-          VT::store_out_partial(grad + off + j, gv, n - j);
+          store_grad_partial<VT>(grad + off + j, gv, n - j, stream);
         } else {
           store_grad<VT>(grad + off + j, gv, stream);
         }
@@ -431,7 +446,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
                          gv = VT::sub(VT::fmadd(VT::load(S + j), c1, VT::mul(VT::load(St + j), c2)), wq2);
                        }
                        if (kSpecial && j + W > n) {
-                         VT::store_out_partial(grad_t + j, gv, n - j);
+                         store_grad_partial<VT>(grad_t + j, gv, n - j, stream);
                        } else {
                          store_grad<VT>(grad_t + j, gv, stream);
                        }
