@@ -433,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"rkd {args.command}: error: {message}\n")
         return status
     except KeyboardInterrupt:
-        sys.stderr.write(f"rkd {args.command}: interrupted (a run continues with --resume)\n")
+        hint = "the same command continues the sweep" if args.command == "sweep" else "a run continues with --resume"
+        sys.stderr.write(f"rkd {args.command}: interrupted ({hint})\n")
         return 130
 
 

@@ -58,7 +58,16 @@ def _error(capsys, argv: list[str], status: int = 2) -> str:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["teacher", "--help"], ["student", "--help"], ["eval", "--help"], ["demo", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["teacher", "--help"],
+        ["student", "--help"],
+        ["eval", "--help"],
+        ["demo", "--help"],
+        ["sweep", "--help"],
+        ["report", "--help"],
+    ],
 )
 def test_help(capsys, argv):
     with pytest.raises(SystemExit) as info:
@@ -82,6 +91,9 @@ def test_help(capsys, argv):
             "ada-margin",
             "torchrun",
         ):
+            assert option in out
+    if argv[0] == "sweep":
+        for option in ("--alpha-t", "--alpha-s", "--gamma", "--seeds", "--baselines", "--workers", "--set", "rkd report"):
             assert option in out
 
 

@@ -61,6 +61,10 @@ CSV_COLUMNS = (
     "alpha_s",
     "gamma",
     "method",
+    "data",
+    "imbalance",
+    "model",
+    "epochs",
     "val_average",
     "val_balanced",
     "val_worst",
@@ -386,6 +390,7 @@ def row_for(job: Job) -> dict[str, Any] | None:
     if not run.metrics_path.exists():
         return None
     metrics = run.read_metrics()
+    config = run.read_config()
     timing_path = run.path / "sweep.json"
     wall = json.loads(timing_path.read_text()).get("wall_seconds") if timing_path.exists() else None
     val, test = metrics["val"], metrics["test"]
@@ -404,6 +409,10 @@ def row_for(job: Job) -> dict[str, Any] | None:
         "alpha_s": _num(lab.get("alpha_s")),
         "gamma": _num(lab.get("gamma")),
         "method": lab["method"],
+        "data": config.get("data"),
+        "imbalance": config.get("imbalance"),
+        "model": config.get("model"),
+        "epochs": config.get("epochs"),
         "k": test.get("k"),
         "test_ece": test.get("ece"),
         "test_recall": json.dumps(test.get("per_class_recall")),
