@@ -250,8 +250,9 @@ def test_gradcheck_reference_and_op():
         lambda x: reference.loss_rows(x, teacher=g, labels=y, a=a, gamma=2.0, log_c=c.log(), tau=3.0), (f,)
     )
     for backend in rkd_engine.available_backends("cpu", torch.float64, 5):
-        fn = lambda x, b=backend: (
-            distill_loss(
+
+        def fn(x, b=backend):
+            out = distill_loss(
                 x,
                 labels=y,
                 teacher_logits=g,
@@ -261,8 +262,9 @@ def test_gradcheck_reference_and_op():
                 student_temperature=3.0,
                 reduction="none",
                 backend=b,
-            ).loss
-        )  # noqa: E731
+            )
+            return out.loss
+
         assert torch.autograd.gradcheck(fn, (f,)), backend
 
 
