@@ -93,7 +93,16 @@ def test_help(capsys, argv):
         ):
             assert option in out
     if argv[0] == "sweep":
-        for option in ("--alpha-t", "--alpha-s", "--gamma", "--seeds", "--baselines", "--workers", "--set", "rkd report"):
+        for option in (
+            "--alpha-t",
+            "--alpha-s",
+            "--gamma",
+            "--seeds",
+            "--baselines",
+            "--workers",
+            "--set",
+            "rkd report",
+        ):
             assert option in out
 
 
