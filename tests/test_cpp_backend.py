@@ -399,3 +399,21 @@ def test_unavailable_reason():
     assert cpp_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16, 50257) is None
     assert "CPU tensors only" in cpp_backend.unavailable_reason(torch.device("cuda"), torch.float32, 10)
     assert "supports float32" in cpp_backend.unavailable_reason(torch.device("cpu"), torch.int64, 10)
+
+
+@pytest.mark.parametrize("m", [7, 1001])
+@pytest.mark.parametrize("weights", [False, True])
+def test_masked_student_and_teacher_columns(isa, tiling, m, weights):
+    """Columns where both the student and the teacher score are -inf have q = 0: they add exactly 0 to the
+    loss (summed in pass B at tau = 1 without w, from pass A's sums otherwise) and to the statistics, never
+    0 * inf = NaN."""
+    f, g, y = make_inputs(6, m, torch.float32, "cpu", "normal", 5)
+    f[:, 1::2] = float("-inf")
+    g[:, 1::2] = float("-inf")
+    y = y - y % 2  # labels on unmasked columns
+    a = torch.tensor([1.0, 1.0, 0.5, 0.5, 1.0, 0.25])
+    w = torch.rand(m, generator=torch.Generator().manual_seed(1)) + 0.5 if weights else None
+    out = _check((f, g, y, a, None, w), torch.float32, gamma=0.7)
+    for stat in out[2:]:
+        assert torch.all(stat[1::2] == 0)
+    assert torch.all(out[1][:, 1::2].abs() < 1e-30)  # s there is the clamped exp, about 2e-38

@@ -16,7 +16,10 @@
 //   L = log sum_j exp(u_j)  gives  -log s_j = L - u_j;   L_tau = log sum_j exp(u_j / tau);
 //   p_j = e_j / S_g with S_g = sum_j e_j (S_g = 1 for given probabilities);
 //   loss = (1 - a) w_y (L - u_y) + a tau^2 (L_tau W_p - (1/tau) sum_{j: w_j e_j > 0} w_j e_j u_j / S_g),
-// where both teacher terms are >= 0, so no cancellation. Pass A reads the row once, tile by tile,
+// where both teacher terms are >= 0, so no cancellation; at tau = 1 without w the loss is instead summed
+// in pass B as sum_j q_j (L - u_j), the row's risk increments. Every exponential is computed as 2^y with
+// the natural-log exponent scaled by log2(e) in the multiply it needs anyway (distill_kernel.h, kExp2Magic).
+// Pass A reads the row once, tile by tile,
 // keeping running maxima of f (for the argmax), f - log c and g and the sums above; when a later
 // tile raises a maximum the sums are rescaled (exp(-du) for sum exp(u), sum w e u - du sum w e for the
 // linear one). Pass B

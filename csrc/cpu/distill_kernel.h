@@ -31,6 +31,23 @@ constexpr int64_t kTile = 4096;
 constexpr int64_t kScratchBuffers = 4;
 
 constexpr int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
+
+// The float exponential of every row kernel, 2^y (generic::exp2_lane, and the same operations in the
+// vector files): n = round(y) (adding kExp2Magic = 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa
+// bits), r = y - n (exact, |r| <= 1/2), 2^r by a degree-5 polynomial (Horner, kExp2C5 first), times 2^n
+// made by shifting those bits into the exponent field. The coefficients are those of a fit of exp(x) on
+// |x| <= ln(2)/2 for relative error, times ln(2)^k (max relative error about 1.9e-7). Callers scale
+// their natural-log arguments by log2(e) with the multiply they need anyway (u log2 e, (g - r_g)
+// log2(e) / gamma), so the exponential itself has no Cody-Waite reduction.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kExp2Magic = 12583039.0f;
+constexpr float kExp2C1 = 0.6931470036506653f, kExp2C2 = 0.24022242426872253f, kExp2C3 = 0.05550733581185341f;
+constexpr float kExp2C4 = 0.009671512991189957f, kExp2C5 = 0.001326472731307149f;
+// exp2 gives exactly 0 below kExp2Lo (2^-126 is the smallest normal float: the subnormal range is
+// flushed, and -inf gives 0); exp2_clamped raises its argument to kExp2Clamp first (2^-125 ~ 2.4e-38
+// instead of 0 or a subnormal).
+constexpr float kExp2Lo = -126.0f;
+constexpr float kExp2Clamp = -125.0f;
 // Classes per tile for rows of m classes: the whole (padded) row, or `tile` (a multiple of kPad).
 constexpr int64_t tile_len(int64_t m, int64_t max_single_tile, int64_t tile) {
   return round_up(m, kPad) <= max_single_tile ? round_up(m, kPad) : tile;

@@ -20,6 +20,10 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+// GCC builds _mm*_mul_ps and _mm*_add_ps from generic vector arithmetic, which -ffp-contract=fast (its
+// default) may fuse into FMAs differently in each instantiation of the row kernel: off, so that the
+// variants of one call (need_grad or not, streamed or not) round identically and every FMA is written.
+#pragma GCC optimize("fp-contract=off")
 #endif
 #include <immintrin.h>
 
@@ -45,29 +49,31 @@ struct VecAvx2 {
     return _mm256_fmadd_ps(c, _mm256_and_ps(keep, x), acc);
   }
 
-  // Same algorithm and constants as generic::exp_lane (see there); NaN propagates through the
-  // arithmetic. exp: the final mask zeroes x < lo, including -inf. exp_clamped: x is first raised to
-  // -87 (so -inf and underflow give exp(-87) ~ 1.6e-38; a NaN stays NaN: max returns its second
+  // Same algorithm and constants as generic::exp2_lane (see distill_kernel.h); NaN propagates through
+  // the arithmetic. exp2: the final mask zeroes y < kExp2Lo, including -inf. exp2_clamped: y is first
+  // raised to kExp2Clamp (so -inf and underflow give 2^-125; a NaN stays NaN: max returns its second
   // operand when one is NaN), one instruction instead of two.
-  static inline V exp_core(V x) {
-    const V magic = _mm256_set1_ps(12583039.0f);
-    const V t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
-    const V n = _mm256_sub_ps(t, magic);
-    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    V p = _mm256_fmadd_ps(_mm256_set1_ps(0.008290315046906471f), r, _mm256_set1_ps(0.04189793020486832f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.1666763573884964f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4999915063381195f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.9999997019767761f));
+  static inline V exp2_core(V y) {
+    const V magic = _mm256_set1_ps(kExp2Magic);
+    const V t = _mm256_add_ps(y, magic);
+    const V r = _mm256_sub_ps(y, _mm256_sub_ps(t, magic));
+    V p = _mm256_fmadd_ps(_mm256_set1_ps(kExp2C5), r, _mm256_set1_ps(kExp2C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C1));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
     return _mm256_mul_ps(p, scale);
   }
-  static inline V exp(V x) {
-    const V under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-    return _mm256_andnot_ps(under, exp_core(x));
+  static inline V exp2(V y) {
+    const V under = _mm256_cmp_ps(y, _mm256_set1_ps(kExp2Lo), _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, exp2_core(y));
   }
-  static inline V exp_clamped(V x) { return exp_core(_mm256_max_ps(_mm256_set1_ps(-87.0f), x)); }
+  static inline V exp2_clamped(V y) { return exp2_core(_mm256_max_ps(_mm256_set1_ps(kExp2Clamp), y)); }
+  // c != 0 ? c*x : 0, NaN c giving NaN (x zeroed where c == 0, so an infinite x there gives 0, not NaN).
+  static inline V mul_if_nonzero(V c, V x) {
+    return _mm256_mul_ps(c, _mm256_and_ps(_mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_NEQ_UQ), x));
+  }
 
   static inline float hsum(V a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -134,7 +140,6 @@ struct VecAvx2 {
     store_out(tmp, a);
     std::memcpy(p, tmp, static_cast<size_t>(count) * sizeof(Out));
   }
-  // count < W: no whole aligned vector to stream.
   template <class In>
   static inline V load_in_partial(const In* p, int64_t count, float pad) {
     In tmp[W];
@@ -142,9 +147,31 @@ struct VecAvx2 {
     std::memcpy(tmp, p, static_cast<size_t>(count) * sizeof(In));
     return first_lanes(load_in(tmp), count, pad);
   }
-  template <class Out>
-  static inline void store_out_partial_stream(Out* p, V a, int64_t count) {
-    store_out_partial(p, a, count);
+  // count < W values at p, aligned as for store_out_stream: the first 4 values (16 bytes of float, 8 of
+  // bf16/fp16) are streamed when count >= 4, the rest stored plainly, as in the AVX-512 kernel.
+  static inline void store_out_partial_stream(float* p, V a, int64_t count) {
+    if (count >= 4) {
+      _mm_stream_ps(p, _mm256_castps256_ps128(a));
+      if (count > 4) store_out_partial(p + 4, _mm256_permute2f128_ps(a, a, 0x01), count - 4);
+    } else {
+      store_out_partial(p, a, count);
+    }
+  }
+  static inline void store_out_partial_stream(bf16_t* p, V a, int64_t count) {
+    stream_half_partial(reinterpret_cast<uint16_t*>(p), to_bf16(a), count);
+  }
+  static inline void store_out_partial_stream(fp16_t* p, V a, int64_t count) {
+    stream_half_partial(reinterpret_cast<uint16_t*>(p), to_fp16(a), count);
+  }
+  static inline void stream_half_partial(uint16_t* p, __m128i h, int64_t count) {
+    uint16_t tmp[W];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), h);
+    int64_t k = 0;
+    if (count >= 4) {
+      _mm_stream_si64(reinterpret_cast<long long*>(p), _mm_cvtsi128_si64(h));
+      k = 4;
+    }
+    std::memcpy(p + k, tmp + k, static_cast<size_t>(count - k) * sizeof(uint16_t));
   }
 };
 

@@ -26,6 +26,10 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+// GCC builds _mm*_mul_ps and _mm*_add_ps from generic vector arithmetic, which -ffp-contract=fast (its
+// default) may fuse into FMAs differently in each instantiation of the row kernel: off, so that the
+// variants of one call (need_grad or not, streamed or not) round identically and every FMA is written.
+#pragma GCC optimize("fp-contract=off")
 #endif
 #include <immintrin.h>
 
@@ -52,29 +56,34 @@ struct VecAvx512 {
     return _mm512_mask3_fmadd_ps(c, x, acc, keep);
   }
 
-  // Same algorithm and constants as generic::exp_lane (see there); NaN propagates through the
-  // arithmetic. exp: lanes with x < lo (including -inf) are zeroed by a zero-masking move (NaN is
-  // kept: the unordered compare selects it). exp_clamped: x is first raised to -87 (a NaN stays NaN:
-  // max returns its second operand when one is NaN).
-  static inline V exp_core(V x) {
-    const V magic = _mm512_set1_ps(12583039.0f);
-    const V t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-    const V n = _mm512_sub_ps(t, magic);
-    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    V p = _mm512_fmadd_ps(_mm512_set1_ps(0.008290315046906471f), r, _mm512_set1_ps(0.04189793020486832f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.1666763573884964f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.4999915063381195f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999997019767761f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const V scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
-    return _mm512_mul_ps(p, scale);
+  // Same algorithm and constants as generic::exp2_lane (see distill_kernel.h); NaN propagates through
+  // the arithmetic. exp2: lanes with y < kExp2Lo (including -inf) are zeroed by a zero-masking move (NaN
+  // is kept: the unordered compare selects it). exp2_clamped: y is first raised to kExp2Clamp (a NaN stays
+  // NaN: max returns its second operand when one is NaN).
+  // n = round(y) (to nearest even, as the magic-number addition of the other paths), r = y - n and
+  // p * 2^n by vscalefps: the same values as generic::exp2_lane (2^n is a normal number there), in two
+  // instructions fewer.
+  static inline V exp2_poly(V r) {
+    V p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C5), r, _mm512_set1_ps(kExp2C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C1));
+    return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   }
-  static inline V exp(V x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
-    return _mm512_maskz_mov_ps(keep, exp_core(x));
+  static inline V exp2(V y) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(y, _mm512_set1_ps(kExp2Lo), _CMP_NLT_UQ);
+    const V n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_scalef_ps(keep, exp2_poly(_mm512_sub_ps(y, n)), n);
   }
-  static inline V exp_clamped(V x) { return exp_core(_mm512_max_ps(_mm512_set1_ps(-87.0f), x)); }
+  static inline V exp2_clamped(V y) {
+    y = _mm512_max_ps(_mm512_set1_ps(kExp2Clamp), y);
+    const V n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(exp2_poly(_mm512_sub_ps(y, n)), n);
+  }
+  // c != 0 ? c*x : 0, NaN c giving NaN (one zero-masking multiply).
+  static inline V mul_if_nonzero(V c, V x) {
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ), c, x);
+  }
 
   static inline float hsum(V a) {
     const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));

@@ -14,38 +14,32 @@
 
 namespace rkd::cpu::generic {
 
-// exp(x) for float: round(x log2 e) = n (adding 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa
-// bits of t), r = x - n ln 2 (in two parts), a degree-5 polynomial fitted for relative error on
-// |r| <= ln(2)/2 (max error about 1.4 ulp over [-87.3, 0]), times 2^n made by shifting t's bits into
-// the exponent field. x < -87.3365 gives exactly 0 (the subnormal range is flushed), -inf gives 0, NaN
-// stays NaN. Requires x <= 88: every argument in this kernel is <= 0 (a value minus its row maximum).
-inline float exp_lane(float x) {
-  constexpr float kLo = -87.33654f, kLog2e = 1.44269504088896341f, kMagic = 12583039.0f;
-  constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
-  constexpr float c1 = 0.9999997019767761f, c2 = 0.4999915063381195f, c3 = 0.1666763573884964f;
-  constexpr float c4 = 0.04189793020486832f, c5 = 0.008290315046906471f;
-  const float t = x * kLog2e + kMagic;
-  const float n = t - kMagic;
-  float r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = c5 * r + c4;
-  p = p * r + c3;
-  p = p * r + c2;
-  p = p * r + c1;
+// 2^y for float (see kExp2Magic in distill_kernel.h): y < kExp2Lo gives exactly 0 (-inf too), NaN stays
+// NaN. Requires y <= 127: every argument in this kernel is <= 0 up to rounding (a value minus its row
+// maximum, times a positive scale).
+inline float exp2_core_lane(float y) {
+  const float t = y + kExp2Magic;
+  const float n = t - kExp2Magic;
+  const float r = y - n;
+  float p = kExp2C5 * r + kExp2C4;
+  p = p * r + kExp2C3;
+  p = p * r + kExp2C2;
+  p = p * r + kExp2C1;
   p = p * r + 1.0f;
   uint32_t bits;
   std::memcpy(&bits, &t, sizeof(bits));
   bits <<= 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < kLo ? 0.0f : p * scale;
+  return p * scale;
 }
+inline float exp2_lane(float y) { return y < kExp2Lo ? 0.0f : exp2_core_lane(y); }
 
-// exp_lane for x raised to -87 first (-inf and underflow give exp(-87) ~ 1.6e-38; NaN stays NaN).
-inline float exp_clamped_lane(float x) { return exp_lane(x < -87.0f ? -87.0f : x); }
+// exp2 for y raised to kExp2Clamp first (-inf and underflow give 2^-125 ~ 2.4e-38; NaN stays NaN).
+inline float exp2_clamped_lane(float y) { return exp2_core_lane(y < kExp2Clamp ? kExp2Clamp : y); }
 
-inline double exp_lane(double x) { return std::exp(x); }
-inline double exp_clamped_lane(double x) { return std::exp(x); }
+inline double exp2_lane(double y) { return std::exp2(y); }
+inline double exp2_clamped_lane(double y) { return std::exp2(y); }
 
 template <class T_, int N>
 struct VecGeneric {
@@ -104,14 +98,19 @@ struct VecGeneric {
     for (int l = 0; l < N; ++l) r.v[l] = acc.v[l] + (c.v[l] > T(0) ? c.v[l] * x.v[l] : T(0));
     return r;
   }
-  static inline V exp(const V& a) {
+  static inline V mul_if_nonzero(const V& c, const V& x) {
     V r;
-    for (int l = 0; l < N; ++l) r.v[l] = exp_lane(a.v[l]);
+    for (int l = 0; l < N; ++l) r.v[l] = c.v[l] != T(0) ? c.v[l] * x.v[l] : T(0);
     return r;
   }
-  static inline V exp_clamped(const V& a) {
+  static inline V exp2(const V& a) {
     V r;
-    for (int l = 0; l < N; ++l) r.v[l] = exp_clamped_lane(a.v[l]);
+    for (int l = 0; l < N; ++l) r.v[l] = exp2_lane(a.v[l]);
+    return r;
+  }
+  static inline V exp2_clamped(const V& a) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = exp2_clamped_lane(a.v[l]);
     return r;
   }
   static inline T hsum(const V& a) {

@@ -6,8 +6,9 @@
 //
 // VT provides: T (float or double), V (a vector of W values of T), W,
 //   load/store (T*), set1, zero, add, sub, mul, fmadd(a, b, c) = a*b + c, fnmadd(a, b, c) = c - a*b,
-//   max, exp (for x <= 88: exact 0 for -inf, NaN propagated), exp_clamped (x raised to -87 first),
-//   fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0),
+//   max, exp2 (2^y for y <= 127: exact 0 below kExp2Lo and for -inf, NaN propagated), exp2_clamped (y
+//   raised to kExp2Clamp first), fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0), mul_if_nonzero(c, x) =
+//   (c != 0 ? c*x : 0; NaN c gives NaN),
 //   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v), first_lanes(x, k, v) (lanes >= k set to v),
 //   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial
 //   (the first count < W values), store_out_partial_stream (the same, whole aligned pieces non-temporal),
@@ -25,9 +26,10 @@ struct Consts {
   const T* lc;     // log c, zero padded
   const T* w;      // w, zero padded
   bool has_lc;
-  T inv_gamma;
+  T kg;  // log2(e) / gamma: the teacher's exponent (g - rg) / gamma in base 2
   T tau;
   T inv_tau;
+  T kt;  // log2(e) / tau
   T gs;  // grad_scale
 };
 
@@ -38,8 +40,21 @@ struct Sums {
   T szt = 0;   // sum_j exp(u_j / tau)
   T sg = 0;    // sum_j e_j, e_j = exp((g_j - Rg) / gamma)   (unused for teacher probabilities: S_g = 1)
   T swg = 0;   // sum_j w_j e_j
-  T swgu = 0;  // sum_{j: w_j e_j > 0} w_j e_j u_j
+  T swgu = 0;  // sum_{j: w_j e_j > 0} w_j e_j u_j (not kept where pass B sums the loss, see loss_in_b)
 };
+
+// Whether the loss of a teacher row is summed in pass B (tau = 1, no w): there it is sum_j q_j (L - u_j),
+// the sum of the row's risk increments (q includes the label term), so pass A keeps no sum w e u.
+template <bool Tau1, bool HasW>
+inline constexpr bool loss_in_b() {
+  return Tau1 && !HasW;
+}
+
+// log2(e) in T, to scale natural-log exponents for VT::exp2.
+template <class T>
+inline constexpr T log2e() {
+  return static_cast<T>(1.44269504088896340736);
+}
 
 template <class T>
 inline constexpr T neg_inf() {
@@ -75,14 +90,25 @@ inline typename VT::T load_tile_impl(const In* src, int64_t n, int64_t npad, typ
   using T = typename VT::T;
   using V = typename VT::V;
   constexpr int W = VT::W;
-  V vmax = VT::set1(neg_inf<T>()), vz = VT::set1(neg_inf<T>());
+  // Four independent maxima: one would make the loop wait on the latency of max.
+  V vm0 = VT::set1(neg_inf<T>()), vm1 = vm0, vm2 = vm0, vm3 = vm0;
+  V vz0 = vm0, vz1 = vm0, vz2 = vm0, vz3 = vm0;
+  auto step = [&](int64_t jj, V& vm, V& vz) {
+    const V x = VT::load_in(src + jj);
+    if (Copy) VT::store(dst + jj, x);
+    if (WithMax) vm = VT::max(vm, x);
+    if (WithMax && HasLc) vz = VT::max(vz, VT::sub(x, VT::load(lc + jj)));
+  };
   int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    const V x = VT::load_in(src + j);
-    if (Copy) VT::store(dst + j, x);
-    if (WithMax) vmax = VT::max(vmax, x);
-    if (WithMax && HasLc) vz = VT::max(vz, VT::sub(x, VT::load(lc + j)));
+  for (; j + 4 * W <= n; j += 4 * W) {
+    step(j, vm0, vz0);
+    step(j + W, vm1, vz1);
+    step(j + 2 * W, vm2, vz2);
+    step(j + 3 * W, vm3, vz3);
   }
+  for (; j + W <= n; j += W) step(j, vm0, vz0);
+  V vmax = VT::max(VT::max(vm0, vm1), VT::max(vm2, vm3));
+  V vz = VT::max(VT::max(vz0, vz1), VT::max(vz2, vz3));
   // The partial last vector, its missing lanes set to pad, then whole vectors of pad.
   int64_t k = j;
   if (k < n) {
@@ -111,11 +137,55 @@ inline typename VT::T load_tile(const In* src, int64_t n, int64_t npad, typename
                        : load_tile_impl<VT, WithMax, true, false>(src, n, npad, dst, pad, lc, zmax);
 }
 
+// load_tile of a student and a teacher-logit tile together, both read in place (read_in_place), in one
+// loop: the same maxima (returned in tf, tz and tg) and the same scratch tails (U and E padded with
+// -inf), with both rows' memory streams in flight at once.
+template <class VT, bool HasLc>
+inline void load_tiles_fg(const typename VT::T* f, const typename VT::T* g, int64_t n, int64_t npad,
+                          typename VT::T* U, typename VT::T* E, const typename VT::T* lc, typename VT::T* tf,
+                          typename VT::T* tz, typename VT::T* tg) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  const T ninf = neg_inf<T>();
+  V mf0 = VT::set1(ninf), mf1 = mf0, mz0 = mf0, mz1 = mf0, mg0 = mf0, mg1 = mf0;
+  auto step = [&](const T* fp, const T* gp, const T* lp, V& mf, V& mz, V& mg) {
+    const V x = VT::load(fp);
+    mf = VT::max(mf, x);
+    if (HasLc) mz = VT::max(mz, VT::sub(x, VT::load(lp)));
+    mg = VT::max(mg, VT::load(gp));
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    step(f + j, g + j, lc + j, mf0, mz0, mg0);
+    step(f + j + W, g + j + W, lc + j + W, mf1, mz1, mg1);
+  }
+  if (j + W <= n) {
+    step(f + j, g + j, lc + j, mf0, mz0, mg0);
+    j += W;
+  }
+  int64_t k = j;
+  if (k < n) {
+    VT::store(U + k, VT::load_in_partial(f + k, n - k, ninf));
+    VT::store(E + k, VT::load_in_partial(g + k, n - k, ninf));
+    k += W;
+  }
+  for (; k < npad; k += W) {
+    VT::store(U + k, VT::set1(ninf));
+    VT::store(E + k, VT::set1(ninf));
+  }
+  for (; j < npad; j += W) step(U + j, E + j, lc + j, mf0, mz0, mg0);
+  *tf = VT::hmax(VT::max(mf0, mf1));
+  if (HasLc) *tz = VT::hmax(VT::max(mz0, mz1));
+  *tg = VT::hmax(VT::max(mg0, mg1));
+}
+
 // The exponential pass over vectors [j0, j1) of one tile: u = (f - r) - lc, exp(u), exp(u / tau) and
-// the teacher's e = exp((g - rg) / gamma) (or e = p for probabilities), reading f and g from f_in,
+// the teacher's e = exp((g - rg) / gamma) (or e = p for probabilities), all as VT::exp2 of the exponent
+// times log2(e) (kg = log2(e) / gamma, kt = log2(e) / tau), reading f and g from f_in,
 // g_in (the input row in place, or the scratch copies U, E). Acc: add the sums to `out`. StoreU: write
 // u to U and e to E. StoreS: write exp(u) to S and exp(u / tau) to St. u <= 0 up to rounding, so the
-// student exponentials are clamped below at the underflow threshold instead of masked (exp(-87) ~ 1e-38
+// student exponentials are clamped below at the underflow threshold instead of masked (2^-125 ~ 2e-38
 // instead of 0 changes nothing that matters, and -log s uses u itself); the teacher's are masked so
 // that -inf logits give p = 0 exactly. PfElem > 0: every vector also prefetches the same classes of
 // pf_f and pf_g, the next row (PfElem bytes per class), so that memory is read while this row is
@@ -125,12 +195,12 @@ template <class VT, bool Soft, bool Probs, bool Tau1, bool HasW, bool Acc, bool 
 inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typename VT::T* U, typename VT::T* E,
                      typename VT::T* S, typename VT::T* St, const typename VT::T* lc, const typename VT::T* w,
                      int64_t j0, int64_t j1, typename VT::T r, typename VT::T rg,
-                     typename VT::T inv_gamma, typename VT::T inv_tau, Sums<typename VT::T>& out,
+                     typename VT::T kg, typename VT::T kt, Sums<typename VT::T>& out,
                      const char* pf_f = nullptr, const char* pf_g = nullptr) {
   using T = typename VT::T;
   using V = typename VT::V;
-  const V vr = VT::set1(r), vrg = VT::set1(rg), vig = VT::set1(inv_gamma);
-  const V vit = VT::set1(inv_tau);
+  const V vr = VT::set1(r), vrg = VT::set1(rg), vkg = VT::set1(kg);
+  const V vkt = VT::set1(kt), vl2e = VT::set1(log2e<T>());
   V sz = VT::zero(), szt = VT::zero(), sg = VT::zero(), swg = VT::zero(), swgu = VT::zero();
   for (int64_t j = j0; j < j1; j += VT::W) {
     if (PfElem > 0) {
@@ -138,23 +208,23 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
       if (Soft) __builtin_prefetch(pf_g + j * PfElem, 0, 3);
     }
     const V u = VT::sub(VT::sub(VT::load(f_in + j), vr), VT::load(lc + j));
-    const V eu = VT::exp_clamped(u);
+    const V eu = VT::exp2_clamped(VT::mul(u, vl2e));
     if (Acc) sz = VT::add(sz, eu);
     if (StoreU) VT::store(U + j, u);
     if (StoreS) VT::store(S + j, eu);
     if (!Tau1) {
-      const V eut = VT::exp_clamped(VT::mul(u, vit));
+      const V eut = VT::exp2_clamped(VT::mul(u, vkt));
       if (Acc) szt = VT::add(szt, eut);
       if (StoreS) VT::store(St + j, eut);
     }
     if (Soft) {
-      const V e = Probs ? VT::load(g_in + j) : VT::exp(VT::mul(VT::sub(VT::load(g_in + j), vrg), vig));
+      const V e = Probs ? VT::load(g_in + j) : VT::exp2(VT::mul(VT::sub(VT::load(g_in + j), vrg), vkg));
       if (StoreU) VT::store(E + j, e);
       if (Acc) {
         if (!Probs) sg = VT::add(sg, e);
         const V we = HasW ? VT::mul(VT::load(w + j), e) : e;
         if (HasW || Probs) swg = VT::add(swg, we);
-        swgu = VT::fma_if_pos(we, u, swgu);
+        if (!loss_in_b<Tau1, HasW>()) swgu = VT::fma_if_pos(we, u, swgu);
       }
     }
   }
@@ -165,7 +235,7 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
       const T tsg = Probs ? T(0) : VT::hsum(sg);
       out.sg += tsg;
       out.swg += (HasW || Probs) ? VT::hsum(swg) : tsg;
-      out.swgu += VT::hsum(swgu);
+      if (!loss_in_b<Tau1, HasW>()) out.swgu += VT::hsum(swgu);
     }
   }
 }
@@ -188,10 +258,10 @@ inline void exp_pass(const In* f, const In* g, typename VT::T* scratch, const Co
     const T* f_in = reinterpret_cast<const T*>(f + off);
     const T* g_in = Soft ? reinterpret_cast<const T*>(g + off) : nullptr;
     tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS, Prefetch ? int(sizeof(In)) : 0>(
-        f_in, g_in, U, E, S, St, c.lc + off, c.w + off, 0, direct, re, rge, c.inv_gamma, c.inv_tau, s, pf_f, pf_g);
+        f_in, g_in, U, E, S, St, c.lc + off, c.w + off, 0, direct, re, rge, c.kg, c.kt, s, pf_f, pf_g);
   }
   tile_exp<VT, Soft, Probs, Tau1, HasW, Acc, StoreU, StoreS, Prefetch ? int(sizeof(In)) : 0>(
-      U, E, U, E, S, St, c.lc + off, c.w + off, direct, npad, re, rge, c.inv_gamma, c.inv_tau, s, pf_f, pf_g);
+      U, E, U, E, S, St, c.lc + off, c.w + off, direct, npad, re, rge, c.kg, c.kt, s, pf_f, pf_g);
 }
 
 // A full vector of the gradient: a plain store, or a non-temporal one that bypasses the caches.
@@ -289,9 +359,20 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
     const int64_t n = m - off < c.tile ? m - off : c.tile;
     const int64_t npad = round_up(n, kPad);
     T tz = ninf;  // max_j (f_j - lc_j) over the tile
-    const T tf = load_tile<VT, true>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz);
+    T tf = ninf;
     T tg = ninf;
-    if (Soft) {
+    if (Soft && !Probs && read_in_place<VT, In>(n)) {
+      const T* ft = reinterpret_cast<const T*>(f + off);
+      const T* gt = reinterpret_cast<const T*>(g + off);
+      if (c.has_lc) {
+        load_tiles_fg<VT, true>(ft, gt, n, npad, U, E, c.lc + off, &tf, &tz, &tg);
+      } else {
+        load_tiles_fg<VT, false>(ft, gt, n, npad, U, E, c.lc + off, &tf, &tz, &tg);
+      }
+    } else {
+      tf = load_tile<VT, true>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz);
+    }
+    if (Soft && !(!Probs && read_in_place<VT, In>(n))) {
       if (Probs) {
         load_tile<VT, false>(g + off, n, npad, E, T(0), nullptr, nullptr);
       } else {
@@ -319,7 +400,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
     if (Soft && !Probs) {
       const T rg_new = tg > rg ? tg : rg;
       if (rg > ninf && rg_new > rg) {
-        const T sc = std::exp((rg - rg_new) * c.inv_gamma);
+        const T sc = std::exp2((rg - rg_new) * c.kg);
         s.sg *= sc;
         s.swg *= sc;
         s.swgu *= sc;
@@ -346,9 +427,11 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   T u_y = 0;
   if (y >= 0) u_y = single ? U[y] : (scalar_in<VT>(f + y) - re) - c.lc[y];
   T loss = 0;
-  if (hw > 0) loss += hw * w_y * (L - u_y);
-  if (Soft) loss += sw * c.tau * c.tau * (Lt * wp - c.inv_tau * (s.swgu * isg));
-  static_cast<T*>(args.loss)[i] = loss;
+  if (!Soft || !loss_in_b<Tau1, HasW>()) {
+    if (hw > 0) loss += hw * w_y * (L - u_y);
+    if (Soft) loss += sw * c.tau * c.tau * (Lt * wp - c.inv_tau * (s.swgu * isg));
+    static_cast<T*>(args.loss)[i] = loss;
+  }
 
   // ---- pass B: gradient and per-class statistics
   if (!Soft) {
@@ -400,6 +483,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   const V c2 = VT::set1(c.gs * sw * c.tau * wp * iszt);
   const V cq2 = VT::set1(c.gs * sw * c.tau * isg);
   T q_am = 0;
+  V lsum = VT::zero();  // loss_in_b: sum_j q_j (L - u_j)
   for (int64_t k = 0; k < c.ntiles; ++k) {
     const int64_t off = k * c.tile;
     const int64_t n = m - off < c.tile ? m - off : c.tile;
@@ -429,7 +513,13 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
                      }
                      const V q = VT::fmadd(e, ca, hv);
                      VT::store(mass_t + j, VT::add(VT::load(mass_t + j), q));
-                     VT::store(risk_t + j, VT::fma_if_pos(q, VT::sub(vL, u), VT::load(risk_t + j)));
+                     if (loss_in_b<Tau1, HasW>()) {
+                       const V dr = VT::mul_if_nonzero(q, VT::sub(vL, u));
+                       VT::store(risk_t + j, VT::add(VT::load(risk_t + j), dr));
+                       lsum = VT::add(lsum, dr);
+                     } else {
+                       VT::store(risk_t + j, VT::fma_if_pos(q, VT::sub(vL, u), VT::load(risk_t + j)));
+                     }
                      if (kSpecial && aml >= j && aml < j + W) {
                        T tmp[W];
                        VT::store(tmp, q);
@@ -454,6 +544,7 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
                    });
   }
   hit[am] += q_am;
+  if (loss_in_b<Tau1, HasW>()) static_cast<T*>(args.loss)[i] = VT::hsum(lsum);
 }
 
 template <class VT, class In, bool Soft, bool Probs, bool Tau1>
@@ -479,9 +570,10 @@ void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) 
   c.lc = static_cast<const T*>(args.log_c);
   c.w = static_cast<const T*>(args.w);
   c.has_lc = args.has_log_c;
-  c.inv_gamma = static_cast<T>(1.0 / args.gamma);
   c.tau = static_cast<T>(args.tau);
   c.inv_tau = static_cast<T>(1.0 / args.tau);
+  c.kg = static_cast<T>(1.4426950408889634074 / args.gamma);
+  c.kt = static_cast<T>(1.4426950408889634074 / args.tau);
   c.gs = static_cast<T>(args.grad_scale);
   const bool tau1 = args.tau == 1.0;
   const bool probs = args.teacher_is_probs;
