@@ -170,21 +170,9 @@ _FAST_PATH_BACKENDS = ("cpp",)
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def call_distill(
-    student: Tensor,
-    teacher: Tensor | None,
-    labels: Tensor | None,
-    a: Tensor,
-    log_c: Tensor | None,
-    w: Tensor | None,
-    gamma: float,
-    tau: float,
-    teacher_is_probs: bool,
-    reduction: str,
-    need_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``distill(...)``, the same results and gradients, with less per-call overhead in plain eager use.
+def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``distill(*args)`` (the op's twelve arguments, in order): the same results and gradients, with less
+    per-call overhead in plain eager use.
 
     Going through the custom op costs a dispatcher round trip, the generated autograd wrapper (which
     rebuilds the op's argument list on every call) and output alias checks: some 0.1-0.5 ms per training
@@ -194,7 +182,7 @@ def call_distill(
     ``torch.autograd.Function`` instead (or directly, when no gradient is needed); anything else calls the
     op.
     """
-    args = (student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend)
+    student, teacher, labels, a, log_c, w, _gamma, _tau, _probs, _reduction, _need_grad, backend = args
     if (
         backend in _FAST_PATH_BACKENDS
         and type(student) in _PLAIN_TYPES

@@ -339,6 +339,15 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return pareto_front(points)
 
 
+def _save(fig: Any, out: Path, name: str, names: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name)
+    plt.close(fig)
+    names.append(name)
+
+
 def plot_all(rep: Report, out: Path) -> list[str]:
     """Writes the three PNGs; returns their file names (none without matplotlib)."""
     try:
@@ -413,10 +422,7 @@ def plot_all(rep: Report, out: Path) -> list[str]:
     ax.set_title(f"(alpha_t, alpha_s) grid: {title}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png")
-    plt.close(fig)
-    names.append("pareto.png")
+    _save(fig, out, "pareto.png", names)
     # Per-class recall: standard distillation against the selected robust student.
     if rep.selected is not None:
         fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
@@ -430,10 +436,7 @@ def plot_all(rep: Report, out: Path) -> list[str]:
         ax.set_ylabel("test recall (%)")
         ax.set_title(f"per-class recall: {title}", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "per_class_recall.png")
-        plt.close(fig)
-        names.append("per_class_recall.png")
+        _save(fig, out, "per_class_recall.png", names)
     # Teacher per-class calibration error against the student's worst-class accuracy.
     pts2 = [
         (c.mean("teacher_calibration_max"), 100 * c.mean("test_worst"), c)
@@ -453,10 +456,7 @@ def plot_all(rep: Report, out: Path) -> list[str]:
         ax.set_ylabel("student worst-class test accuracy (%)")
         ax.set_title(f"teacher calibration vs student worst class: {title}", fontsize=9)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "calibration.png")
-        plt.close(fig)
-        names.append("calibration.png")
+        _save(fig, out, "calibration.png", names)
     return names
 
 

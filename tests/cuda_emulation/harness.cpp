@@ -34,20 +34,27 @@ void emu_configure(int multiprocessors, int blocks_per_multiprocessor) {
   g_blocks_per_multiprocessor = blocks_per_multiprocessor;
 }
 
+// The shape part of the arguments: contiguous (rows, classes) student and teacher.
+static rkd_cuda::FusedArgs shape_args(int dtype, int64_t rows, int64_t classes, const void* student,
+                                      const void* teacher) {
+  rkd_cuda::FusedArgs args;
+  args.dtype = static_cast<rkd_cuda::DType>(dtype);
+  args.rows = rows;
+  args.classes = classes;
+  args.student = student;
+  args.student_stride = classes;
+  args.teacher = teacher;
+  args.teacher_stride = classes;
+  return args;
+}
+
 // 0 on success; else 1 with the exception's message in `message`.
 int emu_fused_forward(int dtype, int64_t rows, int64_t classes, const void* student, const void* teacher,
                       int teacher_is_probs, const int64_t* labels, const float* a, const float* log_c,
                       const float* w, float gamma, float tau, float grad_scale, void* grad, float* loss,
                       float* mass, float* risk, float* error, char* message, int message_size) {
   try {
-    rkd_cuda::FusedArgs args;
-    args.dtype = static_cast<rkd_cuda::DType>(dtype);
-    args.rows = rows;
-    args.classes = classes;
-    args.student = student;
-    args.student_stride = classes;
-    args.teacher = teacher;
-    args.teacher_stride = classes;
+    rkd_cuda::FusedArgs args = shape_args(dtype, rows, classes, student, teacher);
     args.teacher_is_probs = teacher_is_probs != 0;
     args.labels = labels;
     args.a = a;
@@ -75,14 +82,7 @@ int emu_fused_forward(int dtype, int64_t rows, int64_t classes, const void* stud
 
 int emu_path(int dtype, int64_t rows, int64_t classes, const void* student, char* out, int out_size) {
   try {
-    rkd_cuda::FusedArgs args;
-    args.dtype = static_cast<rkd_cuda::DType>(dtype);
-    args.rows = rows;
-    args.classes = classes;
-    args.student = student;
-    args.student_stride = classes;
-    args.teacher = student;
-    args.teacher_stride = classes;
+    const rkd_cuda::FusedArgs args = shape_args(dtype, rows, classes, student, student);
     std::snprintf(out, out_size, "%s", rkd_cuda::fused_forward_path(args).c_str());
     return 0;
   } catch (const std::exception& e) {
