@@ -50,8 +50,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str 
     device = torch.device(device)
     if device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors only, got tensors on {device}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available to this torch (CPU build, or no device visible)"
     if dtype == torch.float64:
         return "the CUDA backend does not support float64 (float32, bfloat16 and float16 only)"
     if dtype not in DTYPES:
@@ -60,6 +58,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str 
         return f"the CUDA backend needs at least one class, got m={m}"
     if m > MAX_CLASSES:
         return f"m={m} classes is more than the CUDA kernels' limit of {MAX_CLASSES}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available to this torch (CPU build, or no device visible)"
     if _load() is None:
         return f"the CUDA extension rkd_engine._C_cuda is not built: {_import_error}"
     return None
