@@ -9,6 +9,7 @@ update, so ``lambda`` is the same on every rank. Rank 0 writes the run directory
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,12 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            # Gloo runs collectives on worker threads, which destroy a finished work object themselves and,
+            # when it holds tensors made in Python (all_gather_object, barrier), take the GIL to do so. The
+            # process group dies later, with the DDP reducer that holds it, in a destructor that joins those
+            # threads while holding the GIL: if a worker is still waiting for the GIL, both wait forever
+            # (seen about once in 20 two-process runs). Sleeping releases the GIL so pending work finishes.
+            time.sleep(0.05)
             dist.destroy_process_group()
             self.owns_group = False
 
