@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             del f, g, costs, methods
-            write_results(rows_out, env, bandwidth, stem)  # after every case: a cut-off run keeps what it measured
+            write_results(
+                rows_out, {"environment": env, "copy_GBps": bandwidth / 1e9}, stem
+            )  # after every case: a cut-off run keeps what it measured
     plot(rows_out, f"{stem}.png")
     print(f"wrote {stem}.csv, .json, .png")
     return 0
@@ -332,13 +334,14 @@ def _peak_child(args) -> int:
     return 0
 
 
-def write_results(rows_out: list[dict], env: dict, bandwidth: float, stem: Path) -> None:
+def write_results(rows_out: list[dict], meta: dict, stem: Path) -> None:
+    """``stem.csv`` (one line per row) and ``stem.json`` (``meta`` and the rows)."""
     with open(f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
         writer.writeheader()
         writer.writerows(rows_out)
     with open(f"{stem}.json", "w") as fh:
-        json.dump({"environment": env, "copy_GBps": bandwidth / 1e9, "rows": rows_out}, fh, indent=1)
+        json.dump({**meta, "rows": rows_out}, fh, indent=1)
 
 
 def plot(rows: list[dict], path: str) -> None:

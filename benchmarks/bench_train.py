@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -69,7 +67,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import GAMMA, ROOT, _sync, environment, reference_step, time_fn  # noqa: E402
+from bench_loss import GAMMA, ROOT, _sync, environment, reference_step, time_fn, write_results  # noqa: E402
 
 from rkd_engine import RobustDistillationLoss, distill_loss  # noqa: E402
 from rkd_engine.models import build_model  # noqa: E402
@@ -356,29 +354,20 @@ def _extension_built() -> str:
     return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_results(rows: list[dict], env: dict, configs: dict, stem: Path) -> None:
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(f"{stem}.json", "w") as fh:
-        json.dump(
-            {
-                "environment": env,
-                "step": {
-                    "gamma": GAMMA,
-                    "objective": "robust",
-                    "optimizer": f"SGD lr={LR} momentum={MOMENTUM} weight_decay={WEIGHT_DECAY}",
-                    "dro_K": K,
-                    "loss_share": "loss forward+backward timed alone on logits of the step's shape / step time",
-                    "loss_share_by_subtraction": "(step - same step with a zero loss and a dense zero gradient) / step",
-                },
-                "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
-                "rows": rows,
-            },
-            fh,
-            indent=1,
-        )
+def run_meta(env: dict, configs: dict) -> dict:
+    """What the JSON file says besides the rows: the environment, the step and the configurations."""
+    return {
+        "environment": env,
+        "step": {
+            "gamma": GAMMA,
+            "objective": "robust",
+            "optimizer": f"SGD lr={LR} momentum={MOMENTUM} weight_decay={WEIGHT_DECAY}",
+            "dro_K": K,
+            "loss_share": "loss forward+backward timed alone on logits of the step's shape / step time",
+            "loss_share_by_subtraction": "(step - same step with a zero loss and a dense zero gradient) / step",
+        },
+        "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             rows += run_config(name, CONFIGS[name], device, methods, args)
             _sync(device)
-            write_results(rows, env, {n: CONFIGS[n] for n in names}, stem)  # a cut-off run keeps what it has
+            write_results(rows, run_meta(env, {n: CONFIGS[n] for n in names}), stem)  # a cut-off run keeps what it has
     torch.set_num_threads(default_threads)
     print(f"wrote {stem}.csv, .json")
     return 0

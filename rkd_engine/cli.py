@@ -278,17 +278,19 @@ def _baselines() -> tuple[str, ...]:
 
 
 def _key_values(flag_name: str, items: list[str]) -> dict[str, Any]:
+    """``["lr=0.05", "model_options={hidden_sizes: [16]}"]`` -> options; values read as YAML (else kept as text)."""
+    import yaml
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--{flag_name} expects KEY=VALUE, got {item!r}")
         try:
-            import yaml
-
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
+            parsed = value
+        out[key.strip().replace("-", "_")] = parsed
     return out
 
 

@@ -218,8 +218,8 @@ def distill_loss(
     name = select_backend(backend, device, student_logits.dtype, m)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
     loss, _grad, mass, risk, error = call_distill(
-        student_logits if student_logits.is_contiguous() else student_logits.contiguous(),
-        teacher if teacher is None or teacher.is_contiguous() else teacher.contiguous(),
+        student_logits.contiguous(),
+        None if teacher is None else teacher.contiguous(),
         labels,
         a,
         log_c,

@@ -21,8 +21,10 @@ BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
 _log = logging.getLogger("rkd_engine.ops")
 
 
+@functools.cache
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (imported lazily: a missing toolchain never breaks import)."""
+    """The module implementing backend ``name`` (imported lazily: a missing toolchain never breaks import;
+    memoised: the op looks it up on every call)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
     return importlib.import_module(f"rkd_engine.ops.{name}_backend")

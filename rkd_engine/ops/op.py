@@ -24,22 +24,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_MODULES: dict = {}
-
-
-def _module(name: str):
-    """``backend_module(name)``, memoised (one dict lookup per call instead of an import-system round trip)."""
-    module = _MODULES.get(name)
-    if module is None:
-        module = _MODULES[name] = backend_module(name)
-    return module
-
-
 def _forward(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend):
     """The body of ``rkd::distill`` (shared by the op and its eager fast path ``call_distill``)."""
     rows = student.shape[0]
     grad_scale = 1.0 / rows if reduction == "mean" else 1.0
-    loss_rows, grad, mass, risk, error = _module(backend).fused_forward(
+    loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
         student,
         teacher,
         labels,
@@ -137,7 +126,7 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
             ctx.applied = go
             return (grad, *nones)
         ctx.applied = go.contiguous()
-        _module(ctx.backend).scale_rows_(grad.data, ctx.applied)
+        backend_module(ctx.backend).scale_rows_(grad.data, ctx.applied)
         return (grad, *nones)
     # A later backward through a retained graph (retain_graph=True, gradcheck, Jacobians): the saved
     # gradient holds go_1 * dloss/df; undo go_1 out of place. Not a hot path, so the check may sync.

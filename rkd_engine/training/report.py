@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rkd_engine.training.demo import pareto_front
 from rkd_engine.training.runs import atomic_write
 
 METRICS = ("average", "balanced", "worst", "worst_k")
@@ -333,12 +334,6 @@ def findings(rep: Report) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- plots
-def _pareto(points: list[tuple[float, float]]) -> list[int]:
-    from rkd_engine.training.demo import pareto_front
-
-    return pareto_front(points)
-
-
 def _save(fig: Any, out: Path, name: str, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -391,7 +386,7 @@ def plot_all(rep: Report, out: Path) -> list[str]:
         t = "std" if c.key[1] == "standard" else c.key[1][1:]
         s = "std" if c.key[2] == "standard" else c.key[2][1:]
         ax.annotate(f"({t},{s})", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
-    front = _pareto(pts)
+    front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto frontier of the grid")
     x, y = 100 * rep.standard.mean("test_average"), 100 * rep.standard.mean("test_worst")
     ax.scatter(
@@ -491,7 +486,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
         "",
         markdown_table(t2),
     ]
-    parts += ["", "## The paper's findings (METHOD.md section 9), checked here", ""] + [f"- {f}" for f in findings(rep)]
+    checks = findings(rep)
+    parts += ["", "## The paper's findings (METHOD.md section 9), checked here", ""] + [f"- {f}" for f in checks]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     text = "\n".join(parts) + "\n"
@@ -501,4 +497,4 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
     if not quiet:
         sys.stdout.write(text)
     sel = rep.selected.key if rep.selected is not None else None
-    return {"report": str(out / "report.md"), "plots": plots, "selected": sel, "findings": findings(rep)}
+    return {"report": str(out / "report.md"), "plots": plots, "selected": sel, "findings": checks}

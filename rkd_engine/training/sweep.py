@@ -40,6 +40,7 @@ from rkd_engine.training.config import (
     TrainConfig,
     load_config_file,
     merge,
+    validate,
 )
 from rkd_engine.training.runs import RunDir, atomic_write, atomic_write_json
 
@@ -181,9 +182,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
     if "data" in values:
         kw["data"] = str(values["data"])
     if "imbalance" in values:
-        kw["imbalance"] = _floats("imbalance", values["imbalance"], lo=1.0)[0]
-        if len(_floats("imbalance", values["imbalance"])) != 1:
+        ratios = _floats("imbalance", values["imbalance"], lo=1.0)
+        if len(ratios) != 1:
             raise ConfigError("imbalance must be one number (run one sweep per imbalance ratio)")
+        kw["imbalance"] = ratios[0]
     if "seeds" in values:
         kw["seeds"] = _seeds(values["seeds"])
     for name in ("alpha_t", "alpha_s"):
@@ -250,7 +252,6 @@ def plan(spec: SweepSpec, root: Path) -> list[Job]:
         "imbalance": spec.imbalance,
         "device": spec.device,
         "backend": spec.backend,
-        "checkpoint_every": spec.common.get("checkpoint_every", 200),
     }
     jobs: list[Job] = []
     for seed in spec.seeds:
@@ -330,13 +331,10 @@ def plan(spec: SweepSpec, root: Path) -> list[Job]:
 
 
 def _config(job: Job) -> TrainConfig:
+    """The run's config, checked (the checks that do not need a teacher on disk)."""
     cls = TeacherConfig if job.command == "teacher" else StudentConfig
     cfg = merge(cls, job.options, source=f"sweep run {job.id}")
-    if isinstance(cfg, StudentConfig):
-        # validate() is the engine's; run it here for the checks that do not need the teacher on disk.
-        from rkd_engine.training.config import validate
-
-        validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -493,7 +491,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, quiet: bool = False) -> dict[
 
     flush()
     if todo:
-        ready = lambda j: j.after is None or j.after in done  # noqa: E731
+
+        def ready(j: Job) -> bool:
+            return j.after is None or j.after in done
+
         waiting = list(todo)
         if workers == 1:  # one run at a time: in this process (no start-up cost, CUDA stays in one process)
             pool_cm: cf.Executor = cf.ThreadPoolExecutor(1)
