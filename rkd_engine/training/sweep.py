@@ -376,8 +376,10 @@ def _config(job: Job) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------- jobs
-RUN_LOCK = ".sweep-run.lock"  # in a run directory, held by the worker that trains it
-ERROR_LOG = "error.log"  # in a run directory: the traceback of its last failure
+# Kept in the sweep directory, not in the runs (a run directory holds only what training writes):
+LOCKS = ".locks"  # .locks/<run id>.lock, held by the worker that trains the run
+ERRORS = "errors"  # errors/<run id>.log, the traceback of the run's last failure (removed when it finishes)
+RUN_LOCK_WAIT = 30.0  # seconds a worker waits for a run held by another (e.g. a task of a sweep just killed)
 
 
 @dataclass(frozen=True)
@@ -413,7 +415,8 @@ def execute_job(root: str | Path, job: Job, threads: int = 0, teacher: Outcome |
 
     ``root`` is the sweep directory (the job runs with it as working directory), ``threads`` the torch
     threads (0: leave as is), ``teacher`` the outcome of the job's teacher (a failed one: the job is not
-    run). Never raises for a failed run: the traceback goes to ``RUN/error.log`` and the outcome says so."""
+    run). Never raises for a failed run: the traceback goes to ``errors/<run id>.log`` in the sweep directory
+    and the outcome says so."""
     if teacher is not None and not teacher.ok:
         return Outcome(job.id, ok=False, error=f"not run: its teacher {teacher.id} failed")
     here = os.getcwd()
@@ -428,9 +431,11 @@ def _execute_here(job: Job, threads: int) -> Outcome:
     run = RunDir(job.options["out"])
     if run.metrics_path.exists():
         return Outcome(job.id, ok=True, skipped=True)
-    error_log = run.path / ERROR_LOG
+    error_log = Path(ERRORS) / f"{job.id}.log"
+    lock_dir = (Path(LOCKS) / job.id).parent
     try:
-        with DirLock(run.path, RUN_LOCK, what=f"run {job.id}", command=f"rkd sweep (run {job.id})").acquire(wait=30):
+        lock = DirLock(lock_dir, f"{Path(job.id).name}.lock", what=f"run {job.id}", command=f"rkd sweep (run {job.id})")
+        with lock.acquire(wait=RUN_LOCK_WAIT):
             if run.metrics_path.exists():  # finished by whoever held the lock before
                 return Outcome(job.id, ok=True, skipped=True)
             import torch
@@ -452,7 +457,7 @@ def _execute_here(job: Job, threads: int) -> Outcome:
     except Exception as exc:  # reported, never raised: the other runs go on
         text = "".join(traceback.format_exception(exc)).encode()
         try:
-            run.path.mkdir(parents=True, exist_ok=True)
+            error_log.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(error_log, lambda fh: fh.write(text))
             log = str(error_log)
         except OSError:
@@ -619,7 +624,7 @@ def run_sweep(
     ``address`` or a local one; ``out`` must be a directory every node sees at the same path) or an
     ``Executor`` object. Ctrl-C or SIGTERM stops every run within seconds and leaves the directory as a
     kill would (the same command continues it). Raises ``RuntimeError`` at the end if any run failed
-    (the others still ran; their rows are in ``runs.csv``, each failure's traceback in its ``error.log``)."""
+    (the others still ran; their rows are in ``runs.csv``, each failure's traceback in ``errors/<run id>.log``)."""
     from rkd_engine.training.executors import make_executor
 
     root = Path(out)
