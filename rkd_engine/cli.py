@@ -240,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", metavar="N", help="parallel runs (default: the CPU count; 1 on cuda)")
     sweep.add_argument("--device", metavar="{cpu,cuda}", help="device of every run (default: cpu)")
     sweep.add_argument("--backend", metavar="NAME", help="loss backend (default: auto)")
+    sweep.add_argument(
+        "--executor",
+        default="local",
+        metavar="{local,ray}",
+        help="local: a process pool on this machine (default); ray: each run a Ray task (pip install 'rkd-engine[ray]')",
+    )
+    sweep.add_argument("--address", metavar="ADDR", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
+    sweep.add_argument("--cpus-per-run", metavar="N", help="Ray: CPUs each run asks for (default: 1)")
+    sweep.add_argument("--gpus-per-run", metavar="N", help="Ray: GPUs each run asks for (default: 1 on cuda, else 0)")
     sweep.add_argument("--quiet", action="store_true", help="no progress lines")
 
     rep = sub.add_parser(
@@ -263,6 +272,7 @@ examples:
   rkd sweep --out sweeps/small --alpha-t 0,1 --alpha-s 0,1 --seeds 2 --baselines none
   rkd sweep --out sweeps/digits10 --imbalance 10 --gamma 1,3 --seeds 5 --set dro_every=4
   rkd sweep --config benchmarks/recipes/cifar10_lt.yaml --out sweeps/c10 --device cuda
+  rkd sweep --out /shared/sweeps/digits --executor ray --address HEAD:6379 --cpus-per-run 2
   rkd report sweeps/digits
 
 A config file holds the same keys (data, imbalance, seeds, alpha_t, alpha_s, gamma, baselines, workers,
@@ -318,7 +328,15 @@ def _sweep(args: argparse.Namespace) -> int:
     }
     spec = load_spec(args.config, flags)
     try:
-        run_sweep(spec, args.out, quiet=args.quiet)
+        run_sweep(
+            spec,
+            args.out,
+            quiet=args.quiet,
+            executor=args.executor,
+            address=args.address,
+            cpus_per_run=args.cpus_per_run,
+            gpus_per_run=args.gpus_per_run,
+        )
     except RuntimeError as exc:
         sys.stderr.write(f"rkd sweep: {exc}\n")
         return 1

@@ -146,6 +146,22 @@ class Report:
     table2: list[tuple[str, Cell]]
     seeds: int
     spec: dict[str, Any]
+    planned_runs: int | None = None  # runs of the whole sweep (from sweep.json), None if unknown
+    planned_seeds: int | None = None
+
+    @property
+    def incomplete(self) -> bool:
+        """Fewer runs finished than the sweep plans (cells may average over different numbers of seeds)."""
+        return self.planned_runs is not None and self.finished_runs < self.planned_runs
+
+    @property
+    def finished_runs(self) -> int:
+        return sum(c.n for c in self.cells.values())
+
+    def seeds_note(self, cell: Cell | None) -> str:
+        """`` (n=2)`` when ``cell`` has fewer seeds than the sweep, else nothing."""
+        full = self.planned_seeds or self.seeds
+        return f" (n={cell.n})" if cell is not None and cell.n < full else ""
 
 
 def _best(cells: Sequence[Cell], column: str) -> Cell | None:
@@ -216,10 +232,10 @@ def table1(rep: Report, gamma: float) -> list[list[str]]:
     out = [header]
     for t in rep.teachers:
         alone = rep.cells.get(("teacher", t, "", None))
-        row = [_name(t), f"{fmt(alone, 'test_average')} / {fmt(alone, 'test_worst')}"]
+        row = [_name(t), f"{fmt(alone, 'test_average')} / {fmt(alone, 'test_worst')}{rep.seeds_note(alone)}"]
         for s in rep.students:
             c = rep.cells.get(("student", t, s, gamma))
-            row.append(f"{fmt(c, 'test_average')} / {fmt(c, 'test_worst')}")
+            row.append(f"{fmt(c, 'test_average')} / {fmt(c, 'test_worst')}{rep.seeds_note(c)}")
         out.append(row)
     return out
 
@@ -456,11 +472,37 @@ def plot_all(rep: Report, out: Path) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- main
+def planned(spec: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(runs, seeds)`` the sweep described by ``spec`` (its ``sweep.json``) plans, or ``None`` if unknown."""
+    from rkd_engine.training.sweep import make_spec, plan
+
+    try:
+        sweep = make_spec({k: v for k, v in spec.items() if k not in ("workers",)})
+    except (ValueError, TypeError):
+        return None
+    return len(plan(sweep)), len(sweep.seeds)
+
+
+def completeness_note(rep: Report) -> str | None:
+    """A warning for a sweep that has not finished (``None`` if it has, or if its plan is unknown)."""
+    if not rep.incomplete:
+        return None
+    return (
+        f"the sweep is incomplete: {rep.finished_runs} of {rep.planned_runs} runs have finished "
+        f"({rep.seeds} of {rep.planned_seeds} seeds have at least one); means are over the seeds each cell has, "
+        "shown as (n=...) where fewer than all"
+    )
+
+
 def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``table1.csv``, ``table2.csv`` and the plots into ``out`` (default: the
     sweep directory); print the markdown unless ``quiet``. Returns paths and the selection."""
     rows, spec = read_runs(sweep_dir)
     rep = analyse(rows, spec)
+    rep.planned_runs, rep.planned_seeds = planned(spec) or (None, None)
+    incomplete = completeness_note(rep)
+    if incomplete:
+        sys.stderr.write(f"rkd report: warning: {incomplete}\n")
     out = Path(out) if out is not None else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_all(rep, out)
@@ -471,6 +513,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
         "Test accuracy in %, mean ± standard error over seeds. Average = standard accuracy (the test set is "
         "balanced, so it equals balanced accuracy); worst = lowest per-class recall.",
     ]
+    if incomplete:
+        parts += ["", f"**Warning: {incomplete}.**"]
     for g in rep.gammas:
         t1 = table1(rep, g)
         if not t1_rows:
@@ -497,4 +541,10 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
     if not quiet:
         sys.stdout.write(text)
     sel = rep.selected.key if rep.selected is not None else None
-    return {"report": str(out / "report.md"), "plots": plots, "selected": sel, "findings": checks}
+    return {
+        "report": str(out / "report.md"),
+        "plots": plots,
+        "selected": sel,
+        "findings": checks,
+        "incomplete": rep.incomplete,
+    }

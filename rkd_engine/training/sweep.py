@@ -8,24 +8,33 @@ METHOD.md section 5 (post-shift, AdaAlpha, AdaMargin, Hinton), and Group DRO run
 Standard distillation, the balanced student and the robust student of NM'21 are grid points
 (standard teacher with the standard, ``alpha_s = 0`` and ``alpha_s = 1`` students).
 
-Runs go to ``DIR/runs/<id>`` and are executed by worker processes (one thread each on CPU), a student
-as soon as its teacher is done. A finished run (``metrics.json``) is skipped, a killed one resumes from
-its checkpoint, so running the same command again continues a killed sweep. ``DIR/runs.csv`` holds one
-row per finished run (rewritten after each); ``rkd report DIR`` turns it into the paper's tables.
+One planner, two executors. This module owns the plan (``plan``: which runs, which teacher each
+student depends on), the checks made before anything is written, the skipping of finished runs,
+``runs.csv`` and the summary (``run_sweep``); an executor (``rkd_engine.training.executors``: a local
+process pool, the default, or Ray) only runs ``execute_job`` for each planned job, a student after its
+teacher, and reports each outcome. Runs go to ``DIR/runs/<id>``; every path a run stores is relative to
+the sweep directory (runs execute with it as working directory), so a sweep may be continued from any
+working directory, through any path to it, or on another machine that mounts it elsewhere.
+
+A finished run (``metrics.json``) is skipped, a killed one resumes from its checkpoint, so running the
+same command again continues a killed or interrupted sweep. ``DIR/runs.csv`` holds one row per finished
+run (rewritten after each); ``rkd report DIR`` turns it into the paper's tables. A sweep directory is
+locked while a sweep runs in it, and each run while a worker trains it.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import csv
 import dataclasses
 import io
 import json
 import math
-import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,10 +47,13 @@ from rkd_engine.training.config import (
     StudentConfig,
     TeacherConfig,
     TrainConfig,
+    convert,
     load_config_file,
     merge,
+    option_fields,
     validate,
 )
+from rkd_engine.training.locks import DirLock
 from rkd_engine.training.runs import RunDir, atomic_write, atomic_write_json
 
 BASELINES = tuple(m for m in STUDENT_METHODS if m != "distill")
@@ -168,7 +180,31 @@ def _options(name: str, value: Any) -> dict:
     clash = sorted(set(out) & _GRID_OPTIONS)
     if clash:
         raise ConfigError(f"{name} may not set {', '.join(clash)}: the sweep sets them per run")
-    return out
+    return {k: _typed(k, v) for k, v in out.items()}
+
+
+_KINDS = {f.name: f.metadata["kind"] for f in option_fields(StudentConfig)}
+
+
+def _typed(key: str, value: Any) -> Any:
+    """An option's value in its type (``"2"`` -> ``2`` for ``epochs``), as JSON stores it; unknown keys and
+    unconvertible values are kept as given (``merge`` names them later)."""
+    if key not in _KINDS:
+        return value
+    try:
+        typed = convert(key, _KINDS[key], value)
+    except ConfigError:
+        return value
+    return json.loads(json.dumps(typed))
+
+
+def _absolute_data(data: str) -> str:
+    """``npz:x.npz`` -> ``npz:/abs/x.npz``: a data path is resolved once, where the sweep is started (its runs
+    execute in the sweep directory)."""
+    kind, sep, arg = data.partition(":")
+    if sep and kind.strip().lower() in ("npz", "cifar10", "cifar100") and arg.strip():
+        return f"{kind}:{Path(arg.strip()).expanduser().resolve()}"
+    return data
 
 
 def make_spec(values: Mapping[str, Any]) -> SweepSpec:
@@ -180,7 +216,7 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
         raise ConfigError(f"unknown sweep option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     kw: dict[str, Any] = {}
     if "data" in values:
-        kw["data"] = str(values["data"])
+        kw["data"] = _absolute_data(str(values["data"]))
     if "imbalance" in values:
         ratios = _floats("imbalance", values["imbalance"], lo=1.0)
         if len(ratios) != 1:
@@ -220,7 +256,7 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
             kw[name] = values[name]
     spec = SweepSpec(**kw)
     # Every run's options must be valid: build one of each kind now rather than fail in a worker.
-    for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1]), Path(".")):
+    for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1])):
         _config(job)
     return spec
 
@@ -243,9 +279,10 @@ def _tag(x: float) -> str:
     return f"{x:g}"
 
 
-def plan(spec: SweepSpec, root: Path) -> list[Job]:
-    """Every run of the sweep, teachers first."""
-    runs = root / "runs"
+def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
+    """Every run of the sweep, teachers first. Paths (``out``, ``teacher``) are relative to the sweep
+    directory, so a job does not depend on where the sweep lives (``root`` is accepted and unused)."""
+    runs = Path("runs")
     shared = {
         **spec.common,
         "data": spec.data,
@@ -338,7 +375,27 @@ def _config(job: Job) -> TrainConfig:
     return cfg
 
 
-# --------------------------------------------------------------------------------------- workers
+# ------------------------------------------------------------------------------------------- jobs
+# Kept in the sweep directory, not in the runs (a run directory holds only what training writes):
+LOCKS = ".locks"  # .locks/<run id>.lock, held by the worker that trains the run
+ERRORS = "errors"  # errors/<run id>.log, the traceback of the run's last failure (removed when it finishes)
+RUN_LOCK_WAIT = 30.0  # seconds a worker waits for a run held by another (e.g. a task of a sweep just killed)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one job: finished (``ok``; ``skipped`` if it had finished before), or failed with a
+    one-line ``error`` and the path of its ``log`` (relative to the sweep directory) when there is one."""
+
+    id: str
+    ok: bool
+    skipped: bool = False
+    wall_seconds: float | None = None
+    resumed: bool = False
+    error: str = ""
+    log: str | None = None
+
+
 @lru_cache(maxsize=4)
 def _dataset(data: str, imbalance: float, seed: int, val_per_class: int | None, test_per_class: int | None):
     from rkd_engine.data import load_dataset
@@ -348,33 +405,64 @@ def _dataset(data: str, imbalance: float, seed: int, val_per_class: int | None, 
     )
 
 
-def execute_job(job: Job, threads: int) -> dict[str, Any]:
-    """Run (or resume, or skip) one job in this process; returns ``{"id", "wall_seconds", "skipped"}``."""
-    import torch
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
-    from rkd_engine.training.engine import train_student, train_teacher
 
-    if threads > 0:
-        torch.set_num_threads(threads)
+def execute_job(root: str | Path, job: Job, threads: int = 0, teacher: Outcome | None = None) -> Outcome:
+    """Run (or resume, or skip) one job in this process, the body every executor runs for a job.
+
+    ``root`` is the sweep directory (the job runs with it as working directory), ``threads`` the torch
+    threads (0: leave as is), ``teacher`` the outcome of the job's teacher (a failed one: the job is not
+    run). Never raises for a failed run: the traceback goes to ``errors/<run id>.log`` in the sweep directory
+    and the outcome says so."""
+    if teacher is not None and not teacher.ok:
+        return Outcome(job.id, ok=False, error=f"not run: its teacher {teacher.id} failed")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        return _execute_here(job, threads)
+    finally:
+        os.chdir(here)
+
+
+def _execute_here(job: Job, threads: int) -> Outcome:
     run = RunDir(job.options["out"])
     if run.metrics_path.exists():
-        return {"id": job.id, "skipped": True}
-    cfg = _config(job)
-    resume = run.config_path.exists()
-    dataset = _dataset(cfg.data, cfg.imbalance, cfg.data_seed, cfg.val_per_class, cfg.test_per_class)
-    started = time.perf_counter()
-    train = train_teacher if job.command == "teacher" else train_student
-    train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
-    wall = time.perf_counter() - started
-    atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
-    return {"id": job.id, "wall_seconds": wall, "skipped": False}
+        return Outcome(job.id, ok=True, skipped=True)
+    error_log = Path(ERRORS) / f"{job.id}.log"
+    lock_dir = (Path(LOCKS) / job.id).parent
+    try:
+        lock = DirLock(lock_dir, f"{Path(job.id).name}.lock", what=f"run {job.id}", command=f"rkd sweep (run {job.id})")
+        with lock.acquire(wait=RUN_LOCK_WAIT):
+            if run.metrics_path.exists():  # finished by whoever held the lock before
+                return Outcome(job.id, ok=True, skipped=True)
+            import torch
 
+            from rkd_engine.training.engine import train_student, train_teacher
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
+            if threads > 0:
+                torch.set_num_threads(threads)
+            cfg = _config(job)
+            resume = run.config_path.exists()
+            dataset = _dataset(cfg.data, cfg.imbalance, cfg.data_seed, cfg.val_per_class, cfg.test_per_class)
+            started = time.perf_counter()
+            train = train_teacher if job.command == "teacher" else train_student
+            train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
+            wall = time.perf_counter() - started
+            atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
+            error_log.unlink(missing_ok=True)
+            return Outcome(job.id, ok=True, wall_seconds=wall, resumed=resume)
+    except Exception as exc:  # reported, never raised: the other runs go on
+        text = "".join(traceback.format_exception(exc)).encode()
+        try:
+            error_log.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(error_log, lambda fh: fh.write(text))
+            log = str(error_log)
+        except OSError:
+            log = None
+        return Outcome(job.id, ok=False, error=_one_line(exc), log=log)
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -382,9 +470,9 @@ def _num(x: Any) -> Any:
     return "" if x is None else x
 
 
-def row_for(job: Job) -> dict[str, Any] | None:
-    """The CSV row of a finished job (``None`` if it has not finished)."""
-    run = RunDir(job.options["out"])
+def row_for(root: str | Path, job: Job) -> dict[str, Any] | None:
+    """The CSV row of a finished job of the sweep in ``root`` (``None`` if it has not finished)."""
+    run = RunDir(Path(root) / job.options["out"])
     if not run.metrics_path.exists():
         return None
     metrics = run.read_metrics()
@@ -436,19 +524,33 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-# -------------------------------------------------------------------------------------------- run
+# ------------------------------------------------------------------------------------------ checks
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _check_stored(root: Path, spec: SweepSpec) -> None:
     """A sweep directory keeps its data and training options; the grid (seeds, alphas, gammas,
-    baselines) may grow or shrink between invocations (runs are keyed by their grid point)."""
+    baselines) may grow or shrink between invocations (runs are keyed by their grid point). Options
+    are compared as typed values (``epochs: 2`` equals ``--set epochs=2``)."""
     path = root / "sweep.json"
     if not path.exists():
         return
     try:
         stored = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); delete it or choose another --out") from None
-    now = spec.to_dict()
-    differ = [k for k in ("data", "imbalance", "common", "teacher", "student") if stored.get(k) != now.get(k)]
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path} is not a sweep description (a JSON object); delete it or choose another --out")
+    now = json.loads(json.dumps(spec.to_dict(), default=str))
+    for name in ("common", "teacher", "student"):
+        if isinstance(stored.get(name), Mapping):
+            stored[name] = {k: _typed(k, v) for k, v in stored[name].items()}
+    differ = [
+        k
+        for k in ("data", "imbalance", "common", "teacher", "student")
+        if _canonical(stored.get(k)) != _canonical(now[k])
+    ]
     if differ:
         detail = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differ)
         raise ConfigError(
@@ -456,100 +558,163 @@ def _check_stored(root: Path, spec: SweepSpec) -> None:
         )
 
 
+def check_runnable(spec: SweepSpec) -> None:
+    """Everything that can be checked before a run starts, before anything is written: the data source
+    loads, and every model of the sweep builds on it with its options. ``ConfigError`` names the culprit."""
+    import torch
+
+    from rkd_engine.models import build_model
+    from rkd_engine.training.engine import _auto_model
+
+    seen: set[str] = set()
+    for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1])):
+        cfg = _config(job)
+        if getattr(cfg, "method", None) == "post-shift":
+            continue  # post-shift wraps its teacher's model
+        try:
+            data = _dataset(
+                cfg.data or "digits", cfg.imbalance or 10.0, cfg.data_seed or 0, cfg.val_per_class, cfg.test_per_class
+            )
+        except (ValueError, TypeError, OSError) as exc:
+            raise ConfigError(f"--data {cfg.data}: {_one_line(exc)}") from None
+        name = _auto_model(data) if cfg.model == "auto" else cfg.model
+        key = _canonical([job.command, name, cfg.model_options])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with torch.device("meta"):
+                build_model(name, data.input_shape, data.num_classes, **cfg.model_options)
+        except (ValueError, TypeError) as exc:
+            which = "teachers'" if job.command == "teacher" else "students'"
+            raise ConfigError(
+                f"the {which} model {name!r} with options {cfg.model_options or {}} cannot be built: {_one_line(exc)}"
+            ) from None
+
+
+# --------------------------------------------------------------------------------------------- run
 def default_workers(spec: SweepSpec) -> int:
     if spec.device == "cuda":
         return 1
     return max(1, os.cpu_count() or 1)
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into the interrupt Ctrl-C gives."""
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupted(f"signal {signum}")
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    quiet: bool = False,
+    executor: str | Any = "local",
+    address: str | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float | None = None,
+) -> dict[str, Any]:
     """Run every job of ``spec`` into ``out`` (skipping finished ones); returns a summary.
 
-    Raises ``RuntimeError`` at the end if any run failed (the others still ran; their rows are in
-    ``runs.csv``)."""
+    ``executor`` is ``"local"`` (a process pool of ``spec.workers`` processes, the default), ``"ray"``
+    (each run a Ray task asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs, on the cluster at
+    ``address`` or a local one; ``out`` must be a directory every node sees at the same path) or an
+    ``Executor`` object. Ctrl-C or SIGTERM stops every run within seconds and leaves the directory as a
+    kill would (the same command continues it). Raises ``RuntimeError`` at the end if any run failed
+    (the others still ran; their rows are in ``runs.csv``, each failure's traceback in ``errors/<run id>.log``)."""
+    from rkd_engine.training.executors import make_executor
+
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} exists and is not a directory")
+    ex = make_executor(
+        executor, spec, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run
+    )  # checks its options (Ray installed, numbers) before anything is written
+    check_runnable(spec)
     root.mkdir(parents=True, exist_ok=True)
-    _check_stored(root, spec)
-    atomic_write_json(root / "sweep.json", spec.to_dict())
-    jobs = plan(spec, root)
-    workers = spec.workers or default_workers(spec)
-    threads = 1 if spec.device == "cpu" and workers > 1 else 0
+    with DirLock(root, ".sweep.lock", what=f"sweep {root}").acquire():
+        _check_stored(root, spec)
+        atomic_write_json(root / "sweep.json", spec.to_dict())
+        handler_set = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if handler_set else None
+        try:
+            return _schedule(spec, root, ex, quiet=quiet)
+        finally:
+            if handler_set:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _schedule(spec: SweepSpec, root: Path, ex: Any, *, quiet: bool) -> dict[str, Any]:
+    """Hand the unfinished jobs to ``ex`` (a student with its teacher as dependency), collect outcomes,
+    keep ``runs.csv`` current; on interrupt, stop the executor and re-raise."""
+    jobs = plan(spec)
     rows: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    done = {j.id for j in jobs if RunDir(j.options["out"]).metrics_path.exists()}
-    todo = [j for j in jobs if j.id not in done]
+    failed: dict[str, Outcome] = {}
     for j in jobs:
-        if j.id in done:
-            rows[j.id] = row_for(j)
+        row = row_for(root, j)
+        if row is not None:
+            rows[j.id] = row
+    todo = [j for j in jobs if j.id not in rows]
+    pending = {j.id for j in todo}
     started = time.perf_counter()
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    log(f"sweep {root}: {len(jobs)} runs, {len(done)} already finished, {len(todo)} to run on {workers} worker(s)")
+    log(f"sweep {root}: {len(jobs)} runs, {len(rows)} already finished, {len(todo)} to run on {ex.describe()}")
     csv_path = root / "runs.csv"
 
     def flush() -> None:
         write_csv(csv_path, [rows[j.id] for j in jobs if j.id in rows])
 
     flush()
-    if todo:
-
-        def ready(j: Job) -> bool:
-            return j.after is None or j.after in done
-
-        waiting = list(todo)
-        if workers == 1:  # one run at a time: in this process (no start-up cost, CUDA stays in one process)
-            pool_cm: cf.Executor = cf.ThreadPoolExecutor(1)
-        else:  # fresh interpreters: no OpenMP or CUDA state inherited through fork
-            ctx = multiprocessing.get_context("spawn")
-            pool_cm = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
-        with pool_cm as pool:
-            running: dict[cf.Future, Job] = {}
-
-            def submit() -> None:
-                for j in [j for j in waiting if ready(j)]:
-                    waiting.remove(j)
-                    running[pool.submit(execute_job, j, threads)] = j
-
-            submit()
-            finished = 0
-            while running:
-                complete, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for fut in complete:
-                    job = running.pop(fut)
-                    finished += 1
-                    try:
-                        info = fut.result()
-                    except Exception as exc:  # a failed run must not stop the others
-                        failed[job.id] = (
-                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                        )
-                        log(f"[{finished}/{len(todo)}] {job.id} FAILED: {failed[job.id]}")
-                        # Its dependants cannot run.
-                        for j in [j for j in waiting if j.after == job.id]:
-                            waiting.remove(j)
-                            failed[j.id] = f"its teacher {job.id} failed"
-                        continue
-                    done.add(job.id)
-                    rows[job.id] = row_for(job)
-                    r = rows[job.id]
-                    log(
-                        f"[{finished}/{len(todo)}] {job.id}: test average {100 * r['test_average']:.1f}  "
-                        f"worst {100 * r['test_worst']:.1f}  ({info.get('wall_seconds', 0):.1f} s)"
-                    )
-                    flush()
-                submit()
+    finished = 0
+    try:
+        if todo:
+            ex.start(root.resolve())
+            for j in todo:  # plan order: a teacher is submitted before its students
+                ex.submit(j, after=j.after if j.after in pending else None)
+        while pending:
+            for outcome in ex.wait(1.0):
+                if outcome.id not in pending:
+                    continue
+                pending.discard(outcome.id)
+                finished += 1
+                job = next(j for j in todo if j.id == outcome.id)
+                if not outcome.ok:
+                    failed[job.id] = outcome
+                    where = f" (log: {root / outcome.log})" if outcome.log else ""
+                    log(f"[{finished}/{len(todo)}] {job.id} FAILED: {outcome.error}{where}")
+                    continue
+                row = row_for(root, job)
+                if row is None:  # reported finished without metrics: treat as a failure
+                    failed[job.id] = dataclasses.replace(outcome, ok=False, error="finished without metrics.json")
+                    continue
+                rows[job.id] = row
+                log(
+                    f"[{finished}/{len(todo)}] {job.id}: test average {100 * row['test_average']:.1f}  "
+                    f"worst {100 * row['test_worst']:.1f}  ({outcome.wall_seconds or 0:.1f} s)"
+                )
+                flush()
+    except BaseException:
+        ex.close(cancel=True)
+        flush()
+        raise
+    ex.close(cancel=False)
     flush()
     seconds = time.perf_counter() - started
     summary = {
         "runs": len(jobs),
         "finished": len(rows),
-        "failed": failed,
+        "failed": {k: o.error for k, o in failed.items()},
         "seconds": round(seconds, 1),
         "csv": str(csv_path),
     }
     log(f"sweep {root}: {len(rows)}/{len(jobs)} runs finished in {seconds:.0f} s; wrote {csv_path}")
     if failed:
+        first = [o for o in failed.values() if o.log] or list(failed.values())
         raise RuntimeError(
             f"{len(failed)} run(s) of the sweep failed (the rest are in {csv_path}); first: "
-            + "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3])
+            + "; ".join(f"{o.id}: {o.error}" + (f" (log: {root / o.log})" if o.log else "") for o in first[:3])
         )
     return summary
