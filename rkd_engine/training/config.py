@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from rkd_engine.errors import UserError
+
 OBJECTIVES = ("standard", "balanced", "robust", "tradeoff")
 STUDENT_METHODS = ("distill", "hinton", "post-shift", "group-dro", "ada-alpha", "ada-margin")
 VAL_LABELS = ("teacher", "onehot")
@@ -31,7 +33,7 @@ NON_SEMANTIC = frozenset({"out", "device", "backend", "checkpoint_every"})
 INHERITED_DATA = ("data", "imbalance", "val_per_class", "test_per_class", "data_seed")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad option value or combination; the message names the option and what was expected."""
 
 

@@ -23,17 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from rkd_engine.errors import UserError
 from rkd_engine.training.config import semantic_diff
 
 CHECKPOINT_FORMAT = "rkd-checkpoint-v1"
 MODEL_FORMAT = "rkd-model-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or model file that cannot be used: unreadable, corrupt, or from another config."""
 
+    exit_status = 1
 
-class RunDirError(RuntimeError):
+
+class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (exists without ``--resume``, missing files...)."""
 
 
