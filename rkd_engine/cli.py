@@ -358,7 +358,11 @@ def _train(args: argparse.Namespace) -> int:
         out = flags.get("out", file_values.get("out"))
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        layers.append(RunDir(out).read_config())
+        stored = RunDir(out).read_config()
+        kind = "student" if "method" in stored or "teacher" in stored else "teacher"
+        if kind != args.command:
+            raise ConfigError(f"{out} is a {kind} run: continue it with `rkd {kind} --out {out} --resume`")
+        layers.append(stored)
     file_cfg = merge(cls, *layers, file_values, source=args.config or "")
     config = merge(cls, file_cfg.to_dict(), flags)
     if args.resume and args.overwrite:
@@ -371,20 +375,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rkd_engine.training.evaluation import evaluate_run, summary_line
+    from rkd_engine.training.evaluation import evaluate_run, summary_line, write_eval
 
     splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
     if not splits or any(s not in ("train", "val", "test") for s in splits):
         raise ConfigError(f"--split must list train, val and/or test, got {args.split!r}")
     if args.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
-    result = evaluate_run(args.run_dir, data=args.data, splits=splits, device=args.device)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is available here (use --device cpu)")
+    result = evaluate_run(args.run_dir, data=args.data, splits=splits, device=args.device, write=False)
     print(f"{result['run']} on {result['data']}")
     for name in splits:
         rep = result[name]
         print(f"  {name:5s} {summary_line(rep)}  ece {rep['ece']:.3f}  ({rep['num_examples']} examples)")
         recalls = " ".join("  -  " if r is None else f"{100 * r:5.1f}" for r in rep["per_class_recall"])
-        print(f"        per-class recall: {recalls}")
+        print(f"        per-class recall: {recalls}", flush=True)
+    # Written after printing: a read-only run directory still shows the metrics before the error.
+    write_eval(args.run_dir, result, data=args.data)
     return 0
 
 
