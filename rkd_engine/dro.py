@@ -70,6 +70,9 @@ class ClassDRO(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         num_classes = int(num_classes)
         self.num_classes = num_classes
+        # A standalone ClassDRO takes alpha from a loaded state; an owner whose objective fixes alpha
+        # (``RobustDistillationLoss``) sets this so that a state of another alpha is refused instead.
+        self.fixed_alpha = False
         self.alpha = _check_fraction("alpha", alpha)
         self.step_size = _check_fraction("step_size", step_size, positive=True)
         uniform = torch.full((num_classes,), 1.0 / num_classes)
@@ -165,11 +168,12 @@ class ClassDRO(nn.Module):
                 f"DRO state is for {state.get('num_classes')} classes, this ClassDRO has {self.num_classes}"
             )
         alpha = _check_fraction("alpha", state["alpha"])
-        if alpha != self.alpha:
+        if self.fixed_alpha and alpha != self.alpha:
             raise ValueError(
-                f"DRO state has alpha = {alpha}, this ClassDRO has alpha = {self.alpha} (a state of another "
-                "objective or trade-off); build the module with the state's alpha"
+                f"DRO state has alpha = {alpha}, this module has alpha = {self.alpha} (a state of another "
+                "objective or trade-off); build the module with the state's objective and alpha"
             )
+        self.alpha = alpha
         self.step_size = _check_fraction("step_size", state["step_size"], positive=True)
 
     def extra_repr(self) -> str:

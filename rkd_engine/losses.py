@@ -302,6 +302,7 @@ class RobustDistillationLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.dro = ClassDRO(num_classes, alpha=alpha, step_size=step_size, prior=prior)
+        self.dro.fixed_alpha = True  # the objective fixes alpha: a state of another alpha is refused
         if class_weights is not None:
             if not isinstance(class_weights, Tensor):
                 raise TypeError(

@@ -273,9 +273,13 @@ def _npz(path: Path) -> tuple[Tensor, Tensor, int, tuple[Tensor, Tensor] | None]
             loaded = {k: arrays[k] for k in ("x", "y", "x_test", "y_test") if k in arrays.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             # object arrays (which need pickle), or a truncated or damaged archive member
+            reason = (
+                "it holds object arrays, which cannot be read without pickle: save numeric arrays"
+                if "allow_pickle" in str(err)
+                else "it is truncated or damaged"
+            )
             raise DataError(
-                f"{path}: cannot read its arrays ({type(err).__name__}: {str(err)[:200]}); it may be truncated or "
-                "hold object arrays (save numeric arrays)"
+                f"{path}: cannot read its arrays ({type(err).__name__}: {str(err)[:200]}); {reason}"
             ) from None
     x, y = _check_arrays(loaded["x"], loaded["y"], str(path), "x", "y")
     test = _check_arrays(loaded["x_test"], loaded["y_test"], str(path), "x_test", "y_test") if has_test else None
