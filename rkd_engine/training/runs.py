@@ -326,6 +326,7 @@ _CORRUPT_SIGNS = (
     "truncated",
     "Ran out of input",
     "file not found in archive",
+    "Unsupported operand",
 )
 
 
@@ -348,7 +349,17 @@ def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) 
     except PermissionError as exc:
         raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}") from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first = lines[0][:300]
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in first:
+            # torch's long preamble; the reason is the line after "WeightsUnpickler error:".
+            marks = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
+            first = lines[marks[0] + 1][:300] if marks and marks[0] + 1 < len(lines) else first
+            if "Unsupported global" in first:
+                raise CheckpointError(
+                    f"{what} {path} holds Python objects that rkd never writes ({first}); it was refused without "
+                    "running them: it is not an rkd file"
+                ) from None
         corrupt = isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(sign in str(exc) for sign in _CORRUPT_SIGNS)
         if corrupt:
             raise CheckpointError(
