@@ -1,18 +1,24 @@
 """The ``rkd`` command line: ``rkd teacher``, ``rkd student``, ``rkd eval``, ``rkd demo``, ``rkd sweep``, ``rkd report``.
 
 Options come from the defaults, then ``--config FILE`` (YAML or JSON), then the flags (later wins).
-A bad value or combination ends with a one-line error and exit status 2; an unusable checkpoint with
-exit status 1. ``RKD_DEBUG=1`` shows the full traceback instead.
+A user error (``rkd_engine.errors.UserError``: a bad value or combination, bad data, a bad file) ends
+with a one-line error and exit status 2; an unusable run or checkpoint, or a diverged training, with
+exit status 1; a file system error (a full disk, a read-only or missing directory) with one line
+naming the path and exit status 1. Any other exception is a bug in rkd: its traceback is shown with
+a hint where to report it (exit status 3). ``RKD_DEBUG=1`` shows the full traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from rkd_engine.errors import UserError
 from rkd_engine.training.config import (
     CONFIG_CLASSES,
     ConfigError,
@@ -62,8 +68,9 @@ examples:
   rkd sweep --out sweeps/digits --seeds 5         teachers x students over alpha_t, alpha_s, gamma, with baselines
   rkd report sweeps/digits                        the paper's tables and plots from a sweep
 
-run `rkd COMMAND --help` for the options of a command. Errors are one line (exit status 2 for bad options,
-1 for an unusable checkpoint); RKD_DEBUG=1 shows the full traceback instead.
+run `rkd COMMAND --help` for the options of a command. Errors are one line (exit status 2 for bad options or
+data, 1 for an unusable run or checkpoint, a diverged training or a file system error); an internal error
+shows its traceback (exit status 3); RKD_DEBUG=1 shows the full traceback of every error.
 """
 
 _EPILOGS = {
@@ -369,7 +376,11 @@ def _train(args: argparse.Namespace) -> int:
         out = flags.get("out", file_values.get("out"))
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        layers.append(RunDir(out).read_config())
+        stored = RunDir(out).read_config()
+        kind = "student" if "method" in stored or "teacher" in stored else "teacher"
+        if kind != args.command:
+            raise ConfigError(f"{out} is a {kind} run: continue it with `rkd {kind} --out {out} --resume`")
+        layers.append(stored)
     file_cfg = merge(cls, *layers, file_values, source=args.config or "")
     config = merge(cls, file_cfg.to_dict(), flags)
     if args.resume and args.overwrite:
@@ -382,20 +393,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rkd_engine.training.evaluation import evaluate_run, summary_line
+    from rkd_engine.training.evaluation import evaluate_run, summary_line, write_eval
 
     splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
     if not splits or any(s not in ("train", "val", "test") for s in splits):
         raise ConfigError(f"--split must list train, val and/or test, got {args.split!r}")
     if args.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
-    result = evaluate_run(args.run_dir, data=args.data, splits=splits, device=args.device)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is available here (use --device cpu)")
+    result = evaluate_run(args.run_dir, data=args.data, splits=splits, device=args.device, write=False)
     print(f"{result['run']} on {result['data']}")
     for name in splits:
         rep = result[name]
         print(f"  {name:5s} {summary_line(rep)}  ece {rep['ece']:.3f}  ({rep['num_examples']} examples)")
         recalls = " ".join("  -  " if r is None else f"{100 * r:5.1f}" for r in rep["per_class_recall"])
-        print(f"        per-class recall: {recalls}")
+        print(f"        per-class recall: {recalls}", flush=True)
+    # Written after printing: a read-only run directory still shows the metrics before the error.
+    write_eval(args.run_dir, result, data=args.data)
     return 0
 
 
@@ -436,26 +454,78 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rkd`` console script; returns the exit status."""
-    from rkd_engine.training.runs import CheckpointError, RunDirError
+# File system errors that come from the user's environment, not from a bug: reported in one line.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENOENT,
+        errno.ENAMETOOLONG,
+        errno.EIO,
+    }
+)
 
+BUG_HINT = (
+    "this is an internal error of rkd, not a problem with your input: please report it to the rkd maintainers "
+    "(the project's issue tracker) with the command line, `rkd --version` and the traceback above"
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` for a file system error, with what to do about a full disk or a read-only place."""
+    where = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or _one_line(exc)
+    line = f"{where}: {reason}" if where else reason
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += " (the disk is full: free some space or choose another --out; a run continues with --resume)"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        line += " (rkd cannot write there: choose a writable --out)"
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rkd`` console script; returns the exit status.
+
+    A ``UserError`` or a file system error is one line on stderr; any other exception shows its
+    traceback and ``BUG_HINT`` (exit status 3).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"teacher": _train, "student": _train, "eval": _eval, "demo": _demo, "sweep": _sweep, "report": _report}
+    debug = bool(os.environ.get("RKD_DEBUG"))
     try:
         return handlers[args.command](args)
-    except (CheckpointError, RunDirError, ConfigError, ValueError, TypeError, FileNotFoundError) as exc:
-        if os.environ.get("RKD_DEBUG"):
+    except UserError as exc:
+        if debug:
             raise
-        status = 1 if isinstance(exc, CheckpointError) else 2
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        sys.stderr.write(f"rkd {args.command}: error: {message}\n")
-        return status
+        sys.stderr.write(f"rkd {args.command}: error: {_one_line(exc)}\n")
+        return exc.exit_status
+    except OSError as exc:
+        if debug or exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        sys.stderr.write(f"rkd {args.command}: error: {_os_error_line(exc)}\n")
+        return 1
     except KeyboardInterrupt:
         hint = "the same command continues the sweep" if args.command == "sweep" else "a run continues with --resume"
         sys.stderr.write(f"rkd {args.command}: interrupted ({hint})\n")
         return 130
+    except Exception:
+        if debug:
+            raise
+        traceback.print_exc()
+        sys.stderr.write(f"rkd {args.command}: {BUG_HINT}\n")
+        return 3
 
 
 if __name__ == "__main__":

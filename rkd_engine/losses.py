@@ -270,6 +270,15 @@ def distill_loss(
     return LossOutput(loss, mass, risk, error)
 
 
+def _as_python_number(value: object) -> object:
+    """A numpy or other ``numbers.Real`` scalar as a Python float (other values unchanged, for the checks)."""
+    import numbers
+
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
 class RobustDistillationLoss(nn.Module):
     """The paper's objectives for teacher training (labels) and student training (a teacher).
 
@@ -279,6 +288,12 @@ class RobustDistillationLoss(nn.Module):
     label prior of the training set for a teacher and the teacher marginal ``pi_t`` for a student
     (``set_prior``). ``lambda`` lives in the ``dro`` submodule (a ``ClassDRO``) and moves with
     ``update_weights(error, mass)``, the validation step of METHOD.md section 4.
+
+    Every argument is checked when the module is built (``class_weights``: ``(m,)`` finite and
+    ``>= 0``; ``teacher_weight``: a number in [0, 1]); ``forward`` checks the class count of the
+    logits. The DRO state and ``class_weights`` stay float32 whatever dtype the module is cast to,
+    and ``lambda`` never reaches 0 (``ClassDRO``), so no cost is ever 0 or inf. A DRO state of another
+    ``alpha`` (a robust state into a trade-off module) is refused by ``load_state_dict``.
     """
 
     def __init__(
@@ -303,22 +318,48 @@ class RobustDistillationLoss(nn.Module):
             raise ValueError("objective='tradeoff' needs alpha in [0, 1]")
         if objective != "tradeoff" and alpha is not None:
             raise ValueError(f"alpha is only used by objective='tradeoff' (objective={objective!r})")
-        alpha = 1.0 if objective == "robust" else (0.0 if alpha is None else float(alpha))
+        alpha = 1.0 if objective == "robust" else (0.0 if alpha is None else _as_python_number(alpha))
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.objective = objective
-        self.temperature = _check_positive_number("temperature", temperature)
-        self.student_temperature = _check_positive_number("student_temperature", student_temperature)
+        self.temperature = _check_positive_number("temperature", _as_python_number(temperature))
+        self.student_temperature = _check_positive_number("student_temperature", _as_python_number(student_temperature))
+        teacher_weight = _as_python_number(teacher_weight)
+        if teacher_weight is not None:
+            if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
+                raise TypeError(
+                    f"teacher_weight must be a number in [0, 1] (pass a per-example tensor to forward), "
+                    f"got {type(teacher_weight).__name__}"
+                )
+            if not 0.0 <= teacher_weight <= 1.0:
+                raise ValueError(f"teacher_weight must be a number in [0, 1], got {teacher_weight}")
+            teacher_weight = float(teacher_weight)
         self.teacher_weight = teacher_weight
         self.reduction = reduction
         self.backend = backend
         self.dro = ClassDRO(num_classes, alpha=alpha, step_size=step_size, prior=prior)
+        self.dro.fixed_alpha = True  # the objective fixes alpha: a state of another alpha is refused
         if class_weights is not None:
+            if not isinstance(class_weights, Tensor):
+                raise TypeError(
+                    f"class_weights must be a torch.Tensor of shape ({num_classes},), got {type(class_weights).__name__}"
+                )
             if tuple(class_weights.shape) != (num_classes,):
                 raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(class_weights.shape)}")
-            self.register_buffer("class_weights", class_weights.detach().float().clone())
+            class_weights = class_weights.detach().float().clone()
+            if not bool(torch.isfinite(class_weights).all()) or bool((class_weights < 0).any()):
+                raise ValueError("class_weights must be finite and >= 0 for every class")
+            self.register_buffer("class_weights", class_weights)
         else:
             self.class_weights = None
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # Keep ``class_weights`` float32 under ``.half()``/``.to(dtype)`` (the ``dro`` child keeps its own).
+        weights = self._buffers.get("class_weights")
+        super()._apply(fn, recurse)
+        if weights is not None and self._buffers["class_weights"].dtype != weights.dtype:
+            self._buffers["class_weights"] = weights.to(self._buffers["class_weights"].device)
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -356,6 +397,13 @@ class RobustDistillationLoss(nn.Module):
         validate: bool = False,
     ) -> LossOutput:
         """The objective's loss and per-class statistics for one batch (see ``distill_loss``)."""
+        if isinstance(student_logits, Tensor) and (
+            student_logits.ndim < 1 or student_logits.shape[-1] != self.num_classes
+        ):
+            raise ValueError(
+                f"student_logits must have {self.num_classes} classes in its last dimension (this loss was built "
+                f"for num_classes={self.num_classes}), got shape {tuple(student_logits.shape)}"
+            )
         return distill_loss(
             student_logits,
             labels=labels,

@@ -231,9 +231,11 @@ def test_train_eval_and_run_dir_errors(capsys, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert report["test"] == metrics["test"]
-    # A damaged checkpoint: a clear one-line error, exit status 1.
+    # A damaged checkpoint of an unfinished run: a clear one-line error, exit status 1.
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    (out / "metrics.json").rename(out / "metrics.saved")
     assert "corrupt or truncated" in _error(capsys, ["teacher", "--out", str(out), "--resume", "--quiet"], status=1)
+    (out / "metrics.saved").rename(out / "metrics.json")
     (out / "model.pt").write_bytes(b"\x00" * 10)
     assert "corrupt or truncated" in _error(capsys, ["eval", str(out)], status=1)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rkd_engine.errors import DataError
+
 
 def check_imbalance(imbalance: float) -> float:
     """``imbalance`` as a float, or a TypeError/ValueError unless it is a finite number ``rho >= 1``."""
@@ -165,7 +167,7 @@ def split_indices(
     for c, idx in enumerate(pool):
         if idx.numel() <= held_out:
             what = "val_per_class" if y_test is not None else "val_per_class + test_per_class"
-            raise ValueError(
+            raise DataError(
                 f"class {c} has {idx.numel()} examples but {what} = {held_out} leaves none for training: "
                 "pass smaller val_per_class/test_per_class"
             )
@@ -182,10 +184,10 @@ def split_indices(
         smallest = min(idx.numel() for idx in test_pool)
         if smallest == 0:
             empty = [c for c, idx in enumerate(test_pool) if idx.numel() == 0]
-            raise ValueError(f"the test set has no example of classes {empty}; a balanced test set needs every class")
+            raise DataError(f"the test set has no example of classes {empty}; a balanced test set needs every class")
         per_class = smallest if test_per_class is None else test_per_class
         if per_class > smallest:
-            raise ValueError(f"test_per_class = {per_class} but the test set's smallest class has {smallest} examples")
+            raise DataError(f"test_per_class = {per_class} but the test set's smallest class has {smallest} examples")
         test_idx = [idx[torch.randperm(idx.numel(), generator=gen)[:per_class]] for idx in test_pool]
     return tuple(
         idx[torch.randperm(idx.numel(), generator=gen)] for idx in (train_idx, torch.cat(val_idx), torch.cat(test_idx))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data.protocol import Dataset, Split, check_imbalance, check_seed, split_indices, standardise_
+from rkd_engine.errors import DataError, DataNotFoundError
 
 SOURCES: tuple[str, ...] = (
     "digits",
@@ -85,7 +89,7 @@ def load_dataset(
     scale = 1.0  # multiplies the stored inputs (CIFAR: uint8 pixels to [0, 1])
     if kind == "digits":
         if arg:
-            raise ValueError(f"the digits source takes no argument, got {spec!r}")
+            raise DataError(f"the digits source takes no argument, got {spec!r}")
         x, y, m = _digits()
         name, is_image, default = "digits", True, (30, 30)
         official_test = None
@@ -95,20 +99,20 @@ def load_dataset(
         official_test = None
     elif kind == "npz":
         if not arg:
-            raise ValueError("the npz source needs a path: 'npz:PATH'")
+            raise DataError("the npz source needs a path: 'npz:PATH'")
         x, y, m, official_test = _npz(Path(arg).expanduser())
         name, is_image = "npz", x.ndim == 4
         tenth = max(1, int(torch.bincount(y, minlength=m).min()) // 10)
         default = (tenth, None if official_test is not None else tenth)
     elif kind in _CIFAR:
         if not arg:
-            raise ValueError(f"the {kind} source needs a folder: '{kind}:DIR'")
+            raise DataError(f"the {kind} source needs a folder: '{kind}:DIR'")
         x, y, official_test = _cifar(kind, Path(arg).expanduser())
         m = _CIFAR[kind]["num_classes"]
         name, is_image, scale = kind, True, 1.0 / 255.0
         default = (max(1, int(torch.bincount(y, minlength=m).min()) // 10), None)
     else:
-        raise ValueError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
+        raise DataError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
     x_test, y_test = official_test if official_test is not None else (x, y)
     train_idx, val_idx, test_idx = split_indices(
         y,
@@ -148,12 +152,12 @@ def _parse_options(arg: str, defaults: dict[str, float | int], source: str) -> d
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in defaults:
-            raise ValueError(f"bad {source} option {item!r}: expected key=value with key one of {', '.join(defaults)}")
+            raise DataError(f"bad {source} option {item!r}: expected key=value with key one of {', '.join(defaults)}")
         kind = type(defaults[key])
         try:
             options[key] = kind(value) if kind is float else int(value)
         except ValueError:
-            raise ValueError(f"{source} option {key} must be {kind.__name__}, got {value!r}") from None
+            raise DataError(f"{source} option {key} must be {kind.__name__}, got {value!r}") from None
     return options
 
 
@@ -166,9 +170,9 @@ def _synthetic(arg: str, seed: int) -> tuple[Tensor, Tensor, int, int]:
     opts = _parse_options(arg, SYNTHETIC_DEFAULTS, "synthetic")
     m, d, n, sep = int(opts["m"]), int(opts["d"]), int(opts["n"]), float(opts["sep"])
     if m < 1 or d < 1 or n < 3:
-        raise ValueError(f"synthetic needs m >= 1, d >= 1 and n >= 3, got m={m}, d={d}, n={n}")
+        raise DataError(f"synthetic needs m >= 1, d >= 1 and n >= 3, got m={m}, d={d}, n={n}")
     if not math.isfinite(sep) or sep < 0:
-        raise ValueError(f"synthetic option sep must be a finite number >= 0, got {sep}")
+        raise DataError(f"synthetic option sep must be a finite number >= 0, got {sep}")
     means = torch.randn(
         m,
         d,
@@ -184,61 +188,115 @@ def _synthetic(arg: str, seed: int) -> tuple[Tensor, Tensor, int, int]:
 
 def _check_arrays(x: np.ndarray, y: np.ndarray, where: str, xname: str, yname: str) -> tuple[Tensor, Tensor]:
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{where}: {yname} must hold integer labels, got dtype {y.dtype}")
+        raise DataError(f"{where}: {yname} must hold integer labels, got dtype {y.dtype}")
     if y.ndim != 1:
-        raise ValueError(f"{where}: {yname} must be 1-D (N,), got shape {y.shape}")
+        raise DataError(f"{where}: {yname} must be 1-D (N,), got shape {y.shape}")
     if x.ndim not in (2, 3, 4) or x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"{where}: {xname} must be (N, features), (N, H, W) or (N, C, H, W) with N = len({yname}) = "
             f"{y.shape[0]}, got shape {x.shape}"
         )
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{where}: {xname} must be numeric, got dtype {x.dtype}")
+        raise DataError(f"{where}: {xname} must be numeric, got dtype {x.dtype}")
     if y.size == 0:
-        raise ValueError(f"{where}: {yname} is empty")
+        raise DataError(f"{where}: {yname} is empty")
     if y.min() < 0:
-        raise ValueError(f"{where}: {yname} must be labels 0..m-1, found {y.min()}")
+        raise DataError(f"{where}: {yname} must be labels 0..m-1, found {y.min()}")
     if x.dtype in (np.uint8, np.int8, np.int16, np.int32, np.int64):
         xt = torch.from_numpy(np.ascontiguousarray(x))  # kept compact; made float32 once the rows are chosen
     else:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if not torch.isfinite(xt).all():
-            raise ValueError(f"{where}: {xname} contains NaN or infinite values")
+            raise DataError(f"{where}: {xname} contains NaN or infinite values")
     if x.ndim == 3:
         xt = xt.unsqueeze(1)
     return xt, torch.from_numpy(y.astype(np.int64))
 
 
+def _classes_without_examples(counts: Tensor) -> str:
+    """``classes [3, 7] have no example`` (at most the first 10 listed)."""
+    empty = torch.nonzero(counts == 0).flatten()
+    shown = empty[:10].tolist()
+    more = f" and {empty.numel() - 10} more" if empty.numel() > 10 else ""
+    return f"classes {shown}{more} have no example"
+
+
+def data_fingerprint(spec: str) -> str | None:
+    """SHA-256 of the files behind a data source (``npz:PATH``, ``cifar10:DIR``, ``cifar100:DIR``).
+
+    ``None`` for the built-in sources (``digits``, ``synthetic``), which are generated, or when the
+    files cannot be found (``load_dataset`` reports that). A run stores it so that a replaced file is
+    noticed by resume, students and ``rkd eval``.
+    """
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "npz" and arg:
+        files = [Path(arg).expanduser()]
+    elif kind in _CIFAR and arg:
+        root = Path(arg).expanduser()
+        info = _CIFAR[kind]
+        if (root / info["folder"]).is_dir():
+            root = root / info["folder"]
+        files = [root / n for n in info["train"] + info["test"]]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError:
+            return None
+    return digest.hexdigest()
+
+
 def _npz(path: Path) -> tuple[Tensor, Tensor, int, tuple[Tensor, Tensor] | None]:
     if not path.is_file():
-        raise FileNotFoundError(f"npz data file not found: {path}")
+        raise DataNotFoundError(f"npz data file not found: {path}")
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable .npz file: {err}") from err
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path} is a single .npy array, not an .npz archive: save it with np.savez(path, x=..., y=...)"
+        )
     with arrays:
         missing = [k for k in ("x", "y") if k not in arrays.files]
         if missing:
-            raise ValueError(f"{path} lacks the array(s) {missing}; it holds {arrays.files} (need 'x' and 'y')")
+            raise DataError(f"{path} lacks the array(s) {missing}; it holds {arrays.files[:20]} (need 'x' and 'y')")
         has_test = "x_test" in arrays.files or "y_test" in arrays.files
         if has_test and not ("x_test" in arrays.files and "y_test" in arrays.files):
-            raise ValueError(f"{path} holds only one of 'x_test' and 'y_test'; give both or neither")
+            raise DataError(f"{path} holds only one of 'x_test' and 'y_test'; give both or neither")
         try:
             loaded = {k: arrays[k] for k in ("x", "y", "x_test", "y_test") if k in arrays.files}
-        except ValueError as err:  # object arrays, which need pickle
-            raise ValueError(f"{path}: cannot read its arrays without pickle ({err}); save numeric arrays") from err
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            # object arrays (which need pickle), or a truncated or damaged archive member
+            reason = (
+                "it holds object arrays, which cannot be read without pickle: save numeric arrays"
+                if "allow_pickle" in str(err)
+                else "it is truncated or damaged"
+            )
+            raise DataError(
+                f"{path}: cannot read its arrays ({type(err).__name__}: {str(err)[:200]}); {reason}"
+            ) from None
     x, y = _check_arrays(loaded["x"], loaded["y"], str(path), "x", "y")
     test = _check_arrays(loaded["x_test"], loaded["y_test"], str(path), "x_test", "y_test") if has_test else None
     m = int(y.max()) + 1
+    if m > y.numel():  # before bincount: a label of 10^12 would allocate terabytes
+        raise DataError(
+            f"{path}: labels must cover every class 0..m-1, but the largest label is {m - 1} and there are only "
+            f"{y.numel()} examples"
+        )
     counts = torch.bincount(y, minlength=m)
     if (counts == 0).any():
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"{path}: labels must cover every class 0..{m - 1}; classes {empty} have no example")
+        raise DataError(f"{path}: labels must cover every class 0..{m - 1}; {_classes_without_examples(counts)}")
     if test is not None:
         if test[0].shape[1:] != x.shape[1:]:
-            raise ValueError(f"{path}: x_test has example shape {tuple(test[0].shape[1:])}, x has {tuple(x.shape[1:])}")
+            raise DataError(f"{path}: x_test has example shape {tuple(test[0].shape[1:])}, x has {tuple(x.shape[1:])}")
         if int(test[1].max()) >= m:
-            raise ValueError(f"{path}: y_test holds label {int(test[1].max())} but y has only classes 0..{m - 1}")
+            raise DataError(f"{path}: y_test holds label {int(test[1].max())} but y has only classes 0..{m - 1}")
     return x, y, m, test
 
 
@@ -282,21 +340,21 @@ def _read_cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[T
         TypeError,
         AttributeError,
     ) as err:
-        raise ValueError(f"{path} is not a CIFAR python-pickle batch: {err}") from err
+        raise DataError(f"{path} is not a CIFAR python-pickle batch: {err}") from err
     if not isinstance(batch, dict):  # bad file content, not a bad argument type
-        raise ValueError(f"{path} is not a CIFAR batch: expected a dict, got {type(batch).__name__}")
+        raise DataError(f"{path} is not a CIFAR batch: expected a dict, got {type(batch).__name__}")
     batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     missing = [k.decode() for k in (b"data", label_key) if k not in batch]
     if missing:
-        raise ValueError(f"{path} lacks the key(s) {missing}; it holds {sorted(k.decode() for k in batch)}")
+        raise DataError(f"{path} lacks the key(s) {missing}; it holds {sorted(k.decode() for k in batch)}")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key])
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
-        raise ValueError(f"{path}: 'data' must be a uint8 array (N, 3072), got {data.dtype} {data.shape}")
+        raise DataError(f"{path}: 'data' must be a uint8 array (N, 3072), got {data.dtype} {data.shape}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: {label_key.decode()!r} must be {data.shape[0]} integer labels, got {labels.shape}")
+        raise DataError(f"{path}: {label_key.decode()!r} must be {data.shape[0]} integer labels, got {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32))  # uint8; scaled once the rows are chosen
     return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -304,13 +362,13 @@ def _read_cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[T
 def _cifar(kind: str, root: Path) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     info = _CIFAR[kind]
     if not root.is_dir():
-        raise FileNotFoundError(f"{kind} folder not found: {root}")
+        raise DataNotFoundError(f"{kind} folder not found: {root}")
     if (root / info["folder"]).is_dir():
         root = root / info["folder"]
     names = info["train"] + info["test"]
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{kind} folder {root} lacks {', '.join(missing)} (expected the python-pickle files {', '.join(names)})"
         )
     parts = [_read_cifar_batch(root / n, info["labels"], info["num_classes"]) for n in names]
@@ -319,6 +377,5 @@ def _cifar(kind: str, root: Path) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]
     y = torch.cat([p[1] for p in parts[:k]])
     counts = torch.bincount(y, minlength=info["num_classes"])
     if (counts == 0).any():
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"{kind} training batches in {root} have no example of classes {empty}")
+        raise DataError(f"{kind} training batches in {root}: {_classes_without_examples(counts)}")
     return x, y, (parts[k][0], parts[k][1])

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from rkd_engine.errors import UserError
+
 OBJECTIVES = ("standard", "balanced", "robust", "tradeoff")
 STUDENT_METHODS = ("distill", "hinton", "post-shift", "group-dro", "ada-alpha", "ada-margin")
 VAL_LABELS = ("teacher", "onehot")
@@ -31,7 +33,7 @@ NON_SEMANTIC = frozenset({"out", "device", "backend", "checkpoint_every"})
 INHERITED_DATA = ("data", "imbalance", "val_per_class", "test_per_class", "data_seed")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad option value or combination; the message names the option and what was expected."""
 
 
@@ -140,6 +142,8 @@ def _fail(name: str, expected: str, value: Any) -> ConfigError:
 
 def convert(name: str, kind: str, value: Any) -> Any:
     """Convert a flag string or a config-file value to the option's kind; ``ConfigError`` if it cannot."""
+    if kind == "optstr" and isinstance(value, str) and not value.strip() and name in ("data", "out", "teacher"):
+        raise _fail(name, "a non-empty string (or leave it out for the default)", value)
     if kind in ("optint", "optfloat", "optstr"):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
@@ -202,9 +206,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a text file (expected YAML or JSON)") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix.lower() == ".json" else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError, DuplicateKeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(
             f"--config {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}"
@@ -214,6 +220,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping key given twice in a config file (YAML and JSON would silently keep the last one)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises ``DuplicateKeyError`` for a mapping key given twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def merge(cls: type[TrainConfig], *layers: Mapping[str, Any], source: str = "") -> TrainConfig:
@@ -253,6 +290,9 @@ def validate(cfg: TrainConfig) -> None:
         _check(value is None or value >= 1, name, "an integer >= 1", value)
     for name in ("epochs", "batch_size", "dro_every", "val_batch"):
         _check(getattr(cfg, name) >= 1, name, "an integer >= 1", getattr(cfg, name))
+    for name in ("seed", "data_seed"):
+        value = getattr(cfg, name)
+        _check(value is None or 0 <= value < 2**63, name, "an integer in [0, 2^63)", value)
     for name in ("checkpoint_every", "eval_every"):
         _check(getattr(cfg, name) >= 0, name, "an integer >= 0", getattr(cfg, name))
     _check(cfg.lr > 0, "lr", "a number > 0", cfg.lr)

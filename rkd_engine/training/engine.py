@@ -16,6 +16,8 @@ position inside the epoch), so a resumed run repeats an uninterrupted one exactl
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from rkd_engine.data import Dataset, augment_images, default_augmentation, load_dataset
+from rkd_engine.data.sources import data_fingerprint
 from rkd_engine.dro import ClassDRO
+from rkd_engine.errors import TrainingDiverged
 from rkd_engine.losses import LossOutput, RobustDistillationLoss, distill_loss
 from rkd_engine.models import build_model
 from rkd_engine.training import distributed
@@ -58,6 +62,7 @@ from rkd_engine.training.methods import (
 from rkd_engine.training.runs import (
     CheckpointError,
     RunDir,
+    RunDirError,
     capture_rng_state,
     derive_seed,
     restore_rng_state,
@@ -199,27 +204,92 @@ class _Run:
         self.data = data.to(ctx.device)
         self.m = data.num_classes
         self.augment = _augmentation(cfg.augment, data)
-        checkpoint = self._open_run_dir()
+        self.fingerprint = data_fingerprint(cfg.data)
+        # Everything that can fail on a bad option is checked before the run directory is touched.
+        self._check_backend()
+        self._check_teacher_data()
         seed_everything(derive_seed(cfg.seed, "init"))
+        self.new_model = self._make_model() if self.method != "post-shift" else None
+        checkpoint = self._open_run_dir()
+        if isinstance(checkpoint, RunResult):
+            return checkpoint
         if self.method == "post-shift":
             return self._post_shift()
         self._build(checkpoint)
         self._train()
         return self._finish()
 
-    def _open_run_dir(self) -> dict[str, Any] | None:
+    def _make_model(self) -> nn.Module:
+        cfg, data = self.cfg, self.data
+        try:
+            return build_model(cfg.model, tuple(data.input_shape), self.m, **cfg.model_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--model {cfg.model}: {exc}") from None
+
+    def _check_backend(self) -> None:
+        """``--backend`` (or ``RKD_BACKEND``) must be able to run this run's losses on its device."""
+        from rkd_engine.ops.dispatch import select_backend
+
+        cfg = self.cfg
+        forced = os.environ.get("RKD_BACKEND") if cfg.backend == "auto" else None
+        try:
+            select_backend(cfg.backend, self.ctx.device, torch.float32, self.m)
+        except (RuntimeError, ValueError) as exc:
+            which = f"RKD_BACKEND={forced}" if forced else f"--backend {cfg.backend}"
+            raise ConfigError(f"{which}: {str(exc).splitlines()[0]}") from None
+
+    def _check_teacher_data(self) -> None:
+        """A student's teacher must have been trained on the same data files (same fingerprint)."""
+        if not self.student or self.cfg.teacher is None:
+            return
+        stored = RunDir(self.cfg.teacher).read_data_fingerprint()
+        theirs = stored.get("sha256") if stored else None
+        if theirs and self.fingerprint and theirs != self.fingerprint:
+            raise ConfigError(
+                f"--data {self.cfg.data}: the file(s) changed since the teacher {self.cfg.teacher} was trained on "
+                f"them (sha256 {theirs[:12]}... then, {self.fingerprint[:12]}... now); restore them or retrain the teacher"
+            )
+
+    def _check_same_data(self) -> None:
+        stored = self.run.read_data_fingerprint()
+        theirs = stored.get("sha256") if stored else None
+        if theirs and self.fingerprint and theirs != self.fingerprint:
+            raise RunDirError(
+                f"cannot resume {self.run.path}: the file(s) of --data {self.cfg.data} changed since the run started "
+                f"(sha256 {theirs[:12]}... then, {self.fingerprint[:12]}... now); restore them or start a new run"
+            )
+
+    def _finished_result(self) -> RunResult:
+        """A finished run asked to resume: nothing to do, nothing touched."""
+        metrics = self.run.read_metrics()
+        if not self.quiet and self.ctx.is_main:
+            print(f"{self.cfg.command} {self.run.path}: the run has finished; nothing to resume", file=sys.stderr)
+        return RunResult(self.run.path, self.config_dict, metrics if self.ctx.is_main else {})
+
+    def _create(self) -> None:
+        ctx, run = self.ctx, self.run
+        ctx.barrier()
+        if ctx.is_main:
+            run.create(self.config_dict, overwrite=True)
+            run.write_data_fingerprint(self.cfg.data, self.fingerprint)
+        ctx.barrier()
+
+    def _open_run_dir(self) -> dict[str, Any] | RunResult | None:
         run, ctx = self.run, self.ctx
+        if self.resume and run.never_started():
+            self._create()  # a failed start: replaced by this run, whatever its options were
+            return None
         if self.resume:
             stored = run.read_config()
             differ = semantic_diff(stored, self.config_dict)
             if differ:
                 detail = ", ".join(f"{flag(k)} {stored.get(k)!r} -> {self.config_dict.get(k)!r}" for k in differ[:5])
                 raise ConfigError(f"cannot resume {run.path} with different options ({detail})")
+            self._check_same_data()
+            if run.is_finished():
+                return self._finished_result()
             if not run.checkpoint_path.exists():
-                ctx.barrier()
-                if ctx.is_main:
-                    run.create(self.config_dict, overwrite=True)
-                ctx.barrier()
+                self._create()
                 return None
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the model's device.
             checkpoint = run.load_checkpoint(self.config_dict, map_location="cpu")
@@ -232,9 +302,7 @@ class _Run:
             run.truncate_log(checkpoint["step"])
             return checkpoint
         run.check_new(overwrite=self.overwrite)
-        ctx.barrier()
-        run.create(self.config_dict, overwrite=self.overwrite)
-        ctx.barrier()
+        self._create()
         return None
 
     def _load_teacher(self) -> nn.Module:
@@ -263,11 +331,7 @@ class _Run:
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
         cfg, ctx, data = self.cfg, self.ctx, self.data
-        try:
-            model = build_model(cfg.model, tuple(data.input_shape), self.m, **cfg.model_options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--model {cfg.model}: {exc}") from None
-        self.module = model.to(ctx.device)
+        self.module = self.new_model.to(ctx.device)
         self.model = ctx.wrap(self.module)
         self.teacher = None
         self.g_train = None  # cached teacher scores on the training set (only without augmentation)
@@ -309,6 +373,8 @@ class _Run:
             decay=cfg.lr_decay,
         )
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.last_checkpoint_step: int | None = None
+        self.last_finite_step = 0
         self.aug_state: Tensor | None = None
         self.aug_gen: torch.Generator | None = None
         self.log_window = {
@@ -365,8 +431,25 @@ class _Run:
         }
 
     def _save_checkpoint(self) -> None:
+        self._check_finite(float(self.log_window["loss"]))  # never replace a good checkpoint with a diverged one
         state = self._checkpoint_state()
         self.run.save_checkpoint(state, self.config_dict)
+        self.last_checkpoint_step = self.step
+
+    def _check_finite(self, loss: float) -> None:
+        """Stop with ``TrainingDiverged`` if the loss summed since the last check is NaN or infinite."""
+        if math.isfinite(loss):
+            self.last_finite_step = self.step
+            return
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint_step}) is kept: resume it with --resume, "
+            if self.last_checkpoint_step is not None
+            else "no checkpoint was written, "
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {self.step}: the loss became {loss} after step {self.last_finite_step}; "
+            f"{kept}or start again with a lower --lr"
+        )
 
     def _restore(self, ck: dict[str, Any]) -> None:
         try:
@@ -375,6 +458,16 @@ class _Run:
             self.scheduler.load_state_dict(ck["scheduler"])
             self.loss_fn.load_state_dict(ck["loss"])
             self.step, self.epoch, self.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
+            if not (
+                0 <= self.batch <= self.steps_per_epoch
+                and 0 <= self.epoch <= self.cfg.epochs
+                and self.step == self.epoch * self.steps_per_epoch + self.batch
+            ):
+                raise ValueError(
+                    f"its position (epoch {self.epoch}, batch {self.batch}, step {self.step}) is not a position of "
+                    f"this run ({self.cfg.epochs} epochs of {self.steps_per_epoch} batches)"
+                )
+            self.last_checkpoint_step = self.last_finite_step = self.step
             self.aug_state = ck.get("augment_generator")
             for key, value in ck["log_window"].items():
                 self.log_window[key].copy_(value)
@@ -487,6 +580,7 @@ class _Run:
                 if self._uses_validation_dro() and self.step % cfg.dro_every == 0:
                     self._dro_validation_update()
                 if self.step % LOG_EVERY == 0 or self.batch == self.steps_per_epoch:
+                    self._check_finite(float(window["loss"]))  # the divergence check costs no extra sync
                     loss_avg = float(window["loss"]) / int(window["steps"])
                     acc = float(window["hits"]) / max(int(window["rows"]), 1)
                     self.run.log(

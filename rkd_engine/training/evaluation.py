@@ -102,11 +102,22 @@ def evaluate_run(
     Returns ``{"run", "data", split: classification_report, ...}``.
     """
     from rkd_engine.data import load_dataset
+    from rkd_engine.data.sources import data_fingerprint
+    from rkd_engine.errors import DataError
 
     run = RunDir(run_dir)
-    config = run.read_config()
+    config = run.read_config(required=("data", "imbalance", "data_seed"))
     model, spec = load_model_file(run.path, device)
     source = data if data is not None else config["data"]
+    if data is None:
+        stored = run.read_data_fingerprint()
+        theirs = stored.get("sha256") if stored else None
+        now = data_fingerprint(source) if theirs else None
+        if theirs and now and theirs != now:
+            raise DataError(
+                f"the file(s) of {source} changed since {run.path} was trained on them (sha256 {theirs[:12]}... "
+                f"then, {now[:12]}... now): its own split cannot be rebuilt; pass --data to evaluate on other data"
+            )
     dataset = load_dataset(
         source,
         imbalance=config["imbalance"],
@@ -115,7 +126,7 @@ def evaluate_run(
         test_per_class=config.get("test_per_class"),
     )
     if dataset.num_classes != spec["num_classes"] or tuple(dataset.input_shape) != tuple(spec["input_shape"]):
-        raise ValueError(
+        raise DataError(
             f"data {source!r} has {dataset.num_classes} classes of shape {tuple(dataset.input_shape)} but the model "
             f"of {run.path} expects {spec['num_classes']} of shape {tuple(spec['input_shape'])}"
         )
@@ -126,6 +137,17 @@ def evaluate_run(
         part = getattr(dataset, name).to(device)
         result[name] = report(predict(model, part.x), part.y, dataset.num_classes)
     if write:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in source)
-        atomic_write_json(run.path / ("eval.json" if data is None else f"eval-{safe}.json"), result)
+        write_eval(run.path, result, data=data)
     return result
+
+
+def write_eval(run_dir: str | Path, result: Mapping[str, Any], *, data: str | None = None) -> Path:
+    """Write ``evaluate_run``'s ``result`` into the run: ``eval.json`` (``eval-<source>.json`` for other data)."""
+    run = RunDir(run_dir)
+    if data is None:
+        name = "eval.json"
+    else:
+        name = "eval-" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data) + ".json"
+    atomic_write_json(run.path / name, dict(result))
+    run.register_file(name)
+    return run.path / name

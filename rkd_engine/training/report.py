@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rkd_engine.errors import UserError
 from rkd_engine.training.demo import pareto_front
 from rkd_engine.training.runs import atomic_write
 
@@ -44,7 +45,7 @@ BASELINE_NAMES = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A sweep directory that cannot be reported (no runs.csv, no finished runs, ...)."""
 
 
@@ -89,19 +90,34 @@ def read_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
     path = root / "runs.csv"
     if not path.exists():
         raise ReportError(f"{root} is not a sweep directory (no runs.csv); run `rkd sweep --out {root}` first")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ReportError(f"{path} is not a readable CSV file ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise ReportError(f"{path} holds no finished runs yet")
     spec_path = root / "sweep.json"
-    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
-    for r in rows:
-        r["seed"] = int(r["seed"])
-        for c in ("alpha_t", "alpha_s", "gamma"):
-            r[c] = _float(r[c])
-        for split in ("val", "test"):
-            for m in METRICS:
-                r[f"{split}_{m}"] = float(r[f"{split}_{m}"])
+    try:
+        spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{spec_path} is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise ReportError(f"{spec_path} must hold a JSON object, got {type(spec).__name__}")
+    needed = ["seed", "alpha_t", "alpha_s", "gamma"] + [f"{s}_{m}" for s in ("val", "test") for m in METRICS]
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise ReportError(f"{path} lacks the column(s) {', '.join(missing)}; it was not written by rkd sweep")
+    for line, r in enumerate(rows, start=2):
+        try:
+            r["seed"] = int(r["seed"])
+            for c in ("alpha_t", "alpha_s", "gamma"):
+                r[c] = _float(r[c])
+            for split in ("val", "test"):
+                for m in METRICS:
+                    r[f"{split}_{m}"] = float(r[f"{split}_{m}"])
+        except (TypeError, ValueError) as exc:
+            raise ReportError(f"{path} line {line}: a bad value ({exc})") from None
     return rows, spec
 
 

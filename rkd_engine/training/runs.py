@@ -5,6 +5,10 @@ logged step and per evaluation), ``checkpoint.pt`` (everything needed to continu
 ``model.pt`` (the final model, loadable without the config) and ``metrics.json`` (the final
 classification reports). Every file is written to a temporary name, flushed to disk and renamed, so a
 run killed at any instant leaves either the old file or the new one, never a torn one.
+
+``.rkd-run`` marks a directory as written by rkd and lists the extra files rkd wrote into it
+(``eval*.json``); ``--overwrite`` deletes only the run's own files and those listed, and refuses a
+non-empty directory without the marker. ``data.json`` holds the fingerprint of the data files.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,17 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from rkd_engine.errors import UserError
 from rkd_engine.training.config import semantic_diff
 
 CHECKPOINT_FORMAT = "rkd-checkpoint-v1"
 MODEL_FORMAT = "rkd-model-v1"
+RUN_MARKER = ".rkd-run"
+RUN_FORMAT = "rkd-run-v1"
+# The files every run writes (and ``--overwrite`` may delete), besides those listed in the marker.
+RUN_FILES = ("config.json", "log.jsonl", "metrics.json", "checkpoint.pt", "model.pt", "data.json")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or model file that cannot be used: unreadable, corrupt, or from another config."""
 
+    exit_status = 1
 
-class RunDirError(RuntimeError):
+
+class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (exists without ``--resume``, missing files...)."""
 
 
@@ -73,6 +83,11 @@ def atomic_write(path: Path, write: Any) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and str(exc.filename) != str(tmp):
+            raise
+        # Name the file being written (not its temporary twin), e.g. for a full disk.
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -134,38 +149,109 @@ class RunDir:
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
     model_path = property(lambda self: self.path / "model.pt")
 
+    marker_path = property(lambda self: self.path / RUN_MARKER)
+    data_path = property(lambda self: self.path / "data.json")
+
+    def is_rkd_run(self) -> bool:
+        """Whether rkd created this directory (it holds the ``.rkd-run`` marker)."""
+        return self.marker_path.is_file()
+
+    def never_started(self) -> bool:
+        """An rkd run that saved nothing to continue from (no checkpoint, model or metrics): replaceable."""
+        return self.is_rkd_run() and not any(
+            p.exists() for p in (self.checkpoint_path, self.model_path, self.metrics_path)
+        )
+
+    def is_finished(self) -> bool:
+        """Whether the run finished (``model.pt`` and ``metrics.json`` are there)."""
+        return self.model_path.is_file() and self.metrics_path.is_file()
+
     def check_new(self, *, overwrite: bool) -> None:
-        """Raise unless a new run may start here (missing or empty directory, or ``overwrite``)."""
+        """Raise unless a new run may start here.
+
+        Allowed: a missing or empty directory; an rkd run that never saved anything (a failed start);
+        with ``overwrite``, an rkd run (with the marker). A directory rkd did not create is never
+        overwritten.
+        """
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path} exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise RunDirError(f"--out {self.path} exists and is not a directory")
+        if not self.path.is_dir() or not any(self.path.iterdir()) or self.never_started():
+            return
+        if not self.is_rkd_run():
+            raise RunDirError(
+                f"--out {self.path} is a non-empty directory that rkd did not create (no {RUN_MARKER} marker): "
+                + ("--overwrite only replaces rkd runs; " if overwrite else "")
+                + "choose another --out"
+            )
+        if not overwrite:
             raise RunDirError(
                 f"run directory {self.path} already exists: pass --resume to continue it, --overwrite to "
                 "start it again, or choose another --out"
             )
 
+    def _marker(self) -> dict[str, Any]:
+        try:
+            marker = json.loads(self.marker_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return marker if isinstance(marker, dict) else {}
+
+    def register_file(self, name: str) -> None:
+        """Record in the marker that rkd wrote ``name`` into this run (so ``--overwrite`` may delete it)."""
+        marker = self._marker()
+        if not marker:
+            return
+        files = [f for f in marker.get("files", []) if isinstance(f, str)]
+        if name not in files:
+            marker["files"] = files + [name]
+            atomic_write_json(self.marker_path, marker)
+
     def create(self, config: Mapping[str, Any], *, overwrite: bool) -> None:
-        """Start a new run: (re)create the directory, write ``config.json``, an empty log."""
+        """Start a new run: (re)create the directory, write the marker, ``config.json``, an empty log.
+
+        Replacing an existing run deletes only the files rkd wrote (``RUN_FILES`` and those listed in
+        the marker); call ``check_new`` first.
+        """
         if not self.writer:
             return
-        if overwrite and self.path.is_dir():
-            for name in ("config.json", "log.jsonl", "metrics.json", "checkpoint.pt", "model.pt"):
-                (self.path / name).unlink(missing_ok=True)
-            for extra in self.path.glob("eval*.json"):
-                extra.unlink()
-            shutil.rmtree(self.path / "plots", ignore_errors=True)
+        if self.is_rkd_run():
+            listed = [f for f in self._marker().get("files", []) if isinstance(f, str) and "/" not in f]
+            for name in (*RUN_FILES, *listed):
+                if name not in (".", ".."):
+                    (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.marker_path, {"format": RUN_FORMAT, "command": config.get("command"), "files": []})
         atomic_write_json(self.config_path, dict(config))
         atomic_write(self.log_path, lambda fh: None)
 
-    def read_config(self) -> dict[str, Any]:
-        """The resolved options of this run."""
+    def read_data_fingerprint(self) -> dict[str, Any] | None:
+        """``data.json`` of the run (``{"data": spec, "sha256": ...}``), ``None`` if the run has none."""
         try:
-            return json.loads(self.config_path.read_text())
+            record = json.loads(self.data_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_data_fingerprint(self, spec: str, sha256: str | None) -> None:
+        if self.writer:
+            atomic_write_json(self.data_path, {"data": spec, "sha256": sha256})
+
+    def read_config(self, required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The resolved options of this run; ``RunDirError`` unless it is a JSON object holding ``required``."""
+        try:
+            config = json.loads(self.config_path.read_text())
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not a run directory (no config.json)") from None
-        except json.JSONDecodeError as exc:
+        except IsADirectoryError:
+            raise RunDirError(f"{self.config_path} is a directory, not a run's config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RunDirError(f"{self.config_path} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise RunDirError(f"{self.config_path} must hold a JSON object of options, got {type(config).__name__}")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise RunDirError(f"{self.config_path} lacks the option(s) {', '.join(missing)}; it is damaged")
+        return config
 
     def read_metrics(self) -> dict[str, Any]:
         """The final metrics of a finished run."""
@@ -173,6 +259,8 @@ class RunDir:
             return json.loads(self.metrics_path.read_text())
         except FileNotFoundError:
             raise RunDirError(f"run {self.path} has not finished (no metrics.json); resume it with --resume") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunDirError(f"{self.metrics_path} is not valid JSON: {exc}") from None
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON record to ``log.jsonl``."""
@@ -228,15 +316,54 @@ class RunDir:
         return payload
 
 
+# Signs of a file that is damaged (as opposed to one that cannot be loaded here, e.g. on another device).
+_CORRUPT_SIGNS = (
+    "PytorchStreamReader",
+    "central directory",
+    "unexpected EOF",
+    "invalid header",
+    "archive",
+    "truncated",
+    "Ran out of input",
+    "file not found in archive",
+    "Unsupported operand",
+)
+
+
 def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) -> Any:
-    """``torch.load`` (weights only) with a clear error for a corrupt or truncated file."""
+    """``torch.load`` (weights only) with a clear error.
+
+    Only a file shown to be damaged (a torn archive, a truncated pickle) is reported as corrupt with
+    the advice to delete it; any other failure (a CUDA tensor on a machine without CUDA, a permission
+    error) names its cause and touches nothing.
+    """
+    device = torch.device(map_location) if isinstance(map_location, str) else map_location
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"cannot load {what} {path} onto {device}: no CUDA GPU is available here (use cpu)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {path} is a directory, not a file") from None
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}") from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{what} {path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {first}); "
-            "delete it to start over"
-        ) from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first = lines[0][:300]
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in first:
+            # torch's long preamble; the reason is the line after "WeightsUnpickler error:".
+            marks = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
+            first = lines[marks[0] + 1][:300] if marks and marks[0] + 1 < len(lines) else first
+            if "Unsupported global" in first:
+                raise CheckpointError(
+                    f"{what} {path} holds Python objects that rkd never writes ({first}); it was refused without "
+                    "running them: it is not an rkd file"
+                ) from None
+        corrupt = isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(sign in str(exc) for sign in _CORRUPT_SIGNS)
+        if corrupt:
+            raise CheckpointError(
+                f"{what} {path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {first}); "
+                "delete it to start over"
+            ) from None
+        raise CheckpointError(f"cannot load {what} {path} ({type(exc).__name__}: {first})") from None

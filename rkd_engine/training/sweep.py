@@ -231,6 +231,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
         kw["gamma"] = _floats("gamma", values["gamma"], pos=True)
     if "baselines" in values:
         raw = values["baselines"]
+        if not isinstance(raw, (str, list, tuple)) or not all(isinstance(s, str) for s in raw):
+            raise ConfigError(
+                f"baselines must be all, none or a list of names among {', '.join(BASELINES)}, got {raw!r}"
+            )
         items = [s.strip() for s in raw.split(",")] if isinstance(raw, str) else list(raw)
         items = [s for s in items if s and s != "none"]
         if items == ["all"]:
@@ -243,9 +247,12 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
         if name in values:
             kw[name] = _options(name, values[name])
     if "workers" in values:
+        raw = values["workers"]
         try:
-            kw["workers"] = int(values["workers"])
-        except (TypeError, ValueError):
+            kw["workers"] = (
+                0 if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()) else int(raw)
+            )
+        except (TypeError, ValueError, OverflowError):
             kw["workers"] = 0
         if kw["workers"] < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {values['workers']!r}")
