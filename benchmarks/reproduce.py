@@ -36,6 +36,7 @@ KEEP = (
     "pareto.png",
     "per_class_recall.png",
     "calibration.png",
+    "lambda.png",
 )
 
 

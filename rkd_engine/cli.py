@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--alpha-s", metavar="A,A,..", help="student trade-offs (default: 0,0.25,0.5,0.75,1)")
     sweep.add_argument("--gamma", metavar="G,G,..", help="teacher temperatures (default: 1)")
     sweep.add_argument(
+        "--val-gamma", metavar="G,G,..", help="validation temperatures of the DRO students (default: gamma)"
+    )
+    sweep.add_argument(
+        "--dro-step", metavar="E,E,..", help="DRO step sizes of the DRO students (default: the DRO schedule's)"
+    )
+    sweep.add_argument(
         "--baselines", metavar="LIST", help="all (default), none, or some of: " + ", ".join(_baselines())
     )
     sweep.add_argument("--epochs", metavar="N", help="epochs of every run (shortcut for --set epochs=N)")
@@ -308,6 +314,8 @@ def _sweep(args: argparse.Namespace) -> int:
         "alpha_t": args.alpha_t,
         "alpha_s": args.alpha_s,
         "gamma": args.gamma,
+        "val_gamma": args.val_gamma,
+        "dro_step": args.dro_step,
         "baselines": args.baselines,
         "workers": args.workers,
         "device": args.device,
