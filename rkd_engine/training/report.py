@@ -520,6 +520,9 @@ def _lambda_trace(sweep_dir: Path, run: str) -> tuple[list[int], list[list[float
         if record.get("event") == "train" and "dro_weights" in record:
             steps.append(int(record["step"]))
             weights.append(record["dro_weights"])
+    if steps and steps[0] > 0:  # lambda starts uniform
+        steps.insert(0, 0)
+        weights.insert(0, [1.0 / len(weights[0])] * len(weights[0]))
     return steps, weights
 
 
