@@ -232,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--alpha-s", metavar="A,A,..", help="student trade-offs (default: 0,0.25,0.5,0.75,1)")
     sweep.add_argument("--gamma", metavar="G,G,..", help="teacher temperatures (default: 1)")
     sweep.add_argument(
+        "--val-gamma",
+        metavar="G,G,..",
+        help="validation temperatures of the DRO students (default: gamma; 'default' drops a config file's list)",
+    )
+    sweep.add_argument(
+        "--dro-step",
+        metavar="E,E,..",
+        help="DRO step sizes of the DRO students (default: the DRO schedule's; 'default' drops a file's list)",
+    )
+    sweep.add_argument(
         "--baselines", metavar="LIST", help="all (default), none, or some of: " + ", ".join(_baselines())
     )
     sweep.add_argument("--epochs", metavar="N", help="epochs of every run (shortcut for --set epochs=N)")
@@ -277,12 +287,12 @@ _SWEEP_EPILOG = """\
 examples:
   rkd sweep --out sweeps/digits                               5 x 5 grid, 3 seeds, long-tailed digits (rho 100)
   rkd sweep --out sweeps/small --alpha-t 0,1 --alpha-s 0,1 --seeds 2 --baselines none
-  rkd sweep --out sweeps/digits10 --imbalance 10 --gamma 1,3 --seeds 5 --set dro_every=4
+  rkd sweep --out sweeps/digits10 --imbalance 10 --gamma 1,3 --val-gamma 0.1,1 --seeds 5
   rkd sweep --config benchmarks/recipes/cifar10_lt.yaml --out sweeps/c10 --device cuda
   rkd sweep --out /shared/sweeps/digits --executor ray --address HEAD:6379 --cpus-per-run 2
   rkd report sweeps/digits
 
-A config file holds the same keys (data, imbalance, seeds, alpha_t, alpha_s, gamma, baselines, workers,
+A config file holds the same keys (data, imbalance, seeds, alpha_t, alpha_s, gamma, val_gamma, dro_step, baselines, workers,
 device, backend) plus `common`, `teacher` and `student`: mappings of training options for every run,
 the teachers or the students (flags --set, --teacher-set, --student-set add to them).
 """
@@ -325,6 +335,8 @@ def _sweep(args: argparse.Namespace) -> int:
         "alpha_t": args.alpha_t,
         "alpha_s": args.alpha_s,
         "gamma": args.gamma,
+        "val_gamma": args.val_gamma,
+        "dro_step": args.dro_step,
         "baselines": args.baselines,
         "workers": args.workers,
         "device": args.device,

@@ -192,6 +192,8 @@ def test_cifar_recipe_smoke(tmp_path):
             "1",
             "--gamma",
             "3",
+            "--val-gamma",
+            "default",
             "--baselines",
             "none",
             "--set",

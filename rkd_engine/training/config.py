@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rkd_engine.data.defaults import DEFAULT_IMBALANCE, Protocol
 from rkd_engine.errors import UserError
 
 OBJECTIVES = ("standard", "balanced", "robust", "tradeoff")
@@ -50,11 +51,15 @@ class TrainConfig:
     data: str | None = _opt(
         "digits", "optstr", "data source: digits | synthetic[:m=..,d=..,n=..] | npz:PATH | cifar10:DIR | cifar100:DIR"
     )
-    imbalance: float | None = _opt(10.0, "optfloat", "imbalance ratio rho = n_0 / n_(m-1) of the training set")
+    imbalance: float | None = _opt(
+        None, "optfloat", f"imbalance ratio rho = n_0 / n_(m-1) of the training set (default {DEFAULT_IMBALANCE:g})"
+    )
     val_per_class: int | None = _opt(None, "optint", "validation examples per class (default: the source's)")
     test_per_class: int | None = _opt(None, "optint", "test examples per class (default: the source's)")
     data_seed: int | None = _opt(None, "optint", "seed of the data split (default: --seed)")
-    model: str = _opt("auto", "str", "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | auto")
+    model: str = _opt(
+        "auto", "str", "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | auto (the data source's default)"
+    )
     model_options: dict = field(
         default_factory=dict,
         metadata={
@@ -63,18 +68,26 @@ class TrainConfig:
             "choices": None,
         },
     )
-    epochs: int = _opt(30, "int", "training epochs")
-    batch_size: int = _opt(64, "int", "global batch size (split over processes under torchrun)")
-    lr: float = _opt(0.1, "float", "peak learning rate of SGD")
+    epochs: int | None = _opt(None, "optint", "training epochs (default: the data source's)")
+    batch_size: int | None = _opt(
+        None, "optint", "global batch size, split over processes under torchrun (default: the data source's)"
+    )
+    lr: float | None = _opt(None, "optfloat", "peak learning rate of SGD (default: the data source's)")
     momentum: float = _opt(0.9, "float", "SGD momentum")
-    weight_decay: float = _opt(5e-4, "float", "SGD weight decay")
+    weight_decay: float | None = _opt(None, "optfloat", "SGD weight decay (default: the data source's)")
     warmup_epochs: float = _opt(1.0, "float", "epochs of linear learning-rate warm-up")
     lr_decay_at: tuple = _opt((0.5, 0.75), "floats", "fractions of training where the learning rate decays")
     lr_decay: float = _opt(0.1, "float", "factor applied to the learning rate at each decay point")
     objective: str = _opt("standard", "str", "training objective (METHOD.md 2)", OBJECTIVES)
     alpha: float | None = _opt(None, "optfloat", "trade-off alpha in [0, 1] (objective tradeoff only)")
-    dro_step: float | None = _opt(None, "optfloat", "DRO step size eta (default 0.1; 0.01 for group-dro)")
-    dro_every: int = _opt(32, "int", "DRO weight update every K training steps (robust, tradeoff)")
+    dro_step: float | None = _opt(
+        None,
+        "optfloat",
+        "DRO step size eta (default: 0.1 sqrt((log m / K) / (log 10 / 100)) for K updates; 0.01 for group-dro)",
+    )
+    dro_every: int | None = _opt(
+        None, "optint", "DRO weight update every N training steps (default: 4 an epoch, at most every 32 steps)"
+    )
     val_batch: int = _opt(4096, "int", "validation rows per DRO update (all of them if fewer)")
     augment: str = _opt("auto", "str", "image augmentation (auto: the data source's default)", AUGMENT)
     seed: int = _opt(0, "int", "seed of initialisation, batch order and augmentation")
@@ -289,15 +302,16 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         _check(value is None or value >= 1, name, "an integer >= 1", value)
     for name in ("epochs", "batch_size", "dro_every", "val_batch"):
-        _check(getattr(cfg, name) >= 1, name, "an integer >= 1", getattr(cfg, name))
+        value = getattr(cfg, name)
+        _check(value is None or value >= 1, name, "an integer >= 1", value)
     for name in ("seed", "data_seed"):
         value = getattr(cfg, name)
         _check(value is None or 0 <= value < 2**63, name, "an integer in [0, 2^63)", value)
     for name in ("checkpoint_every", "eval_every"):
         _check(getattr(cfg, name) >= 0, name, "an integer >= 0", getattr(cfg, name))
-    _check(cfg.lr > 0, "lr", "a number > 0", cfg.lr)
+    _check(cfg.lr is None or cfg.lr > 0, "lr", "a number > 0", cfg.lr)
     _check(0 <= cfg.momentum < 1, "momentum", "a number in [0, 1)", cfg.momentum)
-    _check(cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)
+    _check(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", "a number >= 0", cfg.warmup_epochs)
     _check(0 < cfg.lr_decay <= 1, "lr_decay", "a number in (0, 1]", cfg.lr_decay)
     _check(
@@ -354,13 +368,14 @@ def resolve_defaults(cfg: TrainConfig, *, cuda_available: bool) -> TrainConfig:
     if cfg.data is None:
         changes["data"] = "digits"
     if cfg.imbalance is None:
-        changes["imbalance"] = 10.0
+        changes["imbalance"] = DEFAULT_IMBALANCE
     if cfg.device == "auto":
         changes["device"] = "cuda" if cuda_available else "cpu"
     if cfg.data_seed is None:
         changes["data_seed"] = cfg.seed
-    if cfg.dro_step is None:
-        changes["dro_step"] = 0.01 if getattr(cfg, "method", None) == "group-dro" else 0.1
+    # Validation DRO's step depends on the run's number of updates: ``resolve_data_defaults`` sets it.
+    if cfg.dro_step is None and getattr(cfg, "method", None) in ("group-dro", "post-shift"):
+        changes["dro_step"] = 0.01 if cfg.method == "group-dro" else 0.1
     if isinstance(cfg, StudentConfig):
         if cfg.teacher_weight is None and cfg.method in ("hinton", "ada-margin"):
             changes["teacher_weight"] = 0.5 if cfg.method == "hinton" else 1.0
@@ -371,6 +386,40 @@ def resolve_defaults(cfg: TrainConfig, *, cuda_available: bool) -> TrainConfig:
         label = cfg.objective if what in (None, "distill") else what
         changes["out"] = str(Path("runs") / f"{cfg.command}-{label}-seed{cfg.seed}")
     return dataclasses.replace(cfg, **changes)
+
+
+def resolve_data_defaults(cfg: TrainConfig, dataset: Any, protocol: Protocol) -> tuple[TrainConfig, dict[str, Any]]:
+    """Fill the options that default to the data source's ``protocol`` and the DRO schedule of the run.
+
+    Returns the config and the values filled (a dict: what a run prints so a user knows what ran). The
+    DRO schedule (``rkd_engine.training.schedule``): ``dro_every`` gives about 4 updates an epoch, at
+    most every 32 steps; ``dro_step`` is ``0.1 sqrt((log m / K) / (log 10 / 100))`` for the ``K``
+    updates the run makes. Both only where the objective updates ``lambda`` from validation.
+    """
+    from rkd_engine.training.schedule import default_dro_every, default_dro_step, steps_per_epoch
+
+    filled: dict[str, Any] = {}
+    for name, value in protocol.options().items():
+        if name == "model":
+            if cfg.model == "auto":
+                filled["model"] = value
+                if not cfg.model_options:
+                    filled["model_options"] = protocol.model_options
+        elif name != "model_options" and getattr(cfg, name) is None:
+            filled[name] = value
+    cfg = dataclasses.replace(cfg, **filled)
+    # Resolved for every run (config.json holds concrete values), reported where lambda moves.
+    per_epoch = steps_per_epoch(len(dataset.train), cfg.batch_size)
+    schedule: dict[str, Any] = {}
+    if cfg.dro_every is None:
+        schedule["dro_every"] = default_dro_every(per_epoch)
+    updates = cfg.epochs * per_epoch // schedule.get("dro_every", cfg.dro_every)
+    if cfg.dro_step is None:
+        schedule["dro_step"] = default_dro_step(dataset.num_classes, updates)
+    cfg = dataclasses.replace(cfg, **schedule)
+    if cfg.objective in ("robust", "tradeoff") and getattr(cfg, "method", "distill") != "group-dro":
+        filled.update(schedule, dro_updates=updates)
+    return cfg, filled
 
 
 def semantic_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

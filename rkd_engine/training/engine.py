@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from rkd_engine.data import Dataset, augment_images, default_augmentation, load_dataset
+from rkd_engine.data.defaults import default_protocol
 from rkd_engine.data.sources import data_fingerprint
 from rkd_engine.dro import ClassDRO
 from rkd_engine.errors import TrainingDiverged
@@ -40,6 +41,7 @@ from rkd_engine.training.config import (
     TeacherConfig,
     TrainConfig,
     flag,
+    resolve_data_defaults,
     resolve_defaults,
     semantic_diff,
     validate,
@@ -68,7 +70,13 @@ from rkd_engine.training.runs import (
     restore_rng_state,
     seed_everything,
 )
-from rkd_engine.training.schedule import epoch_order, shard, steps_per_epoch, warmup_step_decay
+from rkd_engine.training.schedule import (
+    distance_from_uniform,
+    epoch_order,
+    shard,
+    steps_per_epoch,
+    warmup_step_decay,
+)
 
 LOG_EVERY = 50  # steps between "train" records in log.jsonl
 _PRIOR_FLOOR = 1e-8  # smallest class prior kept (a class the teacher never predicts still needs pi > 0)
@@ -144,12 +152,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def _auto_model(dataset: Dataset) -> str:
-    if not dataset.is_image or len(dataset.input_shape) != 3:
-        return "mlp"
-    return "cnn" if min(dataset.input_shape[1:]) <= 16 else "resnet20"
-
-
 def _augmentation(mode: str, dataset: Dataset) -> dict | None:
     if mode == "off":
         return None
@@ -184,10 +186,6 @@ class _Run:
 
     def _execute(self) -> RunResult:
         cfg, ctx = self.cfg, self.ctx
-        if cfg.batch_size % ctx.world_size:
-            raise ConfigError(
-                f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({ctx.world_size})"
-            )
         self.run = RunDir(cfg.out, writer=ctx.is_main)
         data = self.dataset_in
         if data is None:
@@ -198,8 +196,11 @@ class _Run:
                 val_per_class=cfg.val_per_class,
                 test_per_class=cfg.test_per_class,
             )
-        if cfg.model == "auto":
-            self.cfg = cfg = dataclasses.replace(cfg, model=_auto_model(data))
+        self.cfg = cfg = self._data_defaults(cfg, data)
+        if cfg.batch_size % ctx.world_size:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({ctx.world_size})"
+            )
         self.config_dict = cfg.to_dict()
         self.data = data.to(ctx.device)
         self.m = data.num_classes
@@ -273,6 +274,15 @@ class _Run:
             run.create(self.config_dict, overwrite=True)
             run.write_data_fingerprint(self.cfg.data, self.fingerprint)
         ctx.barrier()
+
+    def _data_defaults(self, cfg: TrainConfig, data: Dataset) -> TrainConfig:
+        """Fill the options left to the data source's protocol and the DRO schedule; print what was filled."""
+        protocol = default_protocol(data)
+        cfg, filled = resolve_data_defaults(cfg, data, protocol)
+        if filled and not self.quiet and self.ctx.is_main:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in filled.items())
+            print(f"{cfg.command} {cfg.out}: defaults for {data.name} ({protocol.origin}): {shown}", file=sys.stderr)
+        return cfg
 
     def _open_run_dir(self) -> dict[str, Any] | RunResult | None:
         run, ctx = self.run, self.ctx
@@ -583,16 +593,19 @@ class _Run:
                     self._check_finite(float(window["loss"]))  # the divergence check costs no extra sync
                     loss_avg = float(window["loss"]) / int(window["steps"])
                     acc = float(window["hits"]) / max(int(window["rows"]), 1)
-                    self.run.log(
-                        {
-                            "event": "train",
-                            "epoch": self.epoch,
-                            "step": self.step,
-                            "loss": loss_avg,
-                            "accuracy": acc,
-                            "lr": self.scheduler.get_last_lr()[0],
-                        }
-                    )
+                    record = {
+                        "event": "train",
+                        "epoch": self.epoch,
+                        "step": self.step,
+                        "loss": loss_avg,
+                        "accuracy": acc,
+                        "lr": self.scheduler.get_last_lr()[0],
+                    }
+                    weights = self._dro_weights()
+                    if weights is not None:  # lambda over training (a sync the record above already makes)
+                        record["dro_weights"] = weights.tolist()
+                        record["dro_distance"] = float(distance_from_uniform(weights))
+                    self.run.log(record)
                     shown.update(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}")
                     bar.set_postfix(shown, refresh=False)
                     for value in window.values():
@@ -646,6 +659,13 @@ class _Run:
             metrics = self._final_metrics(self.module)
             metrics["steps"] = self.step
             metrics["dro_weights"] = per_rank[0]
+            if weights is not None:
+                metrics["dro"] = {
+                    "every": None if self.method == "group-dro" else self.cfg.dro_every,
+                    "step_size": self.cfg.dro_step,
+                    "updates": self.step if self.method == "group-dro" else self.step // self.cfg.dro_every,
+                    "distance_from_uniform": float(distance_from_uniform(weights)),
+                }
             if ctx.enabled:
                 metrics["distributed"] = {"world_size": ctx.world_size, "dro_weights_per_rank": per_rank}
             self.run.write_metrics(metrics)

@@ -55,6 +55,7 @@ class Cell:
 
     key: tuple
     rows: list[dict[str, Any]] = field(default_factory=list)
+    variant: tuple = (None, None)  # (val_gamma, dro_step) of a DRO student; None: the run's default
 
     @property
     def n(self) -> int:
@@ -113,6 +114,8 @@ def read_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
             r["seed"] = int(r["seed"])
             for c in ("alpha_t", "alpha_s", "gamma"):
                 r[c] = _float(r[c])
+            for c in ("val_gamma", "dro_step"):  # grid dimensions that older sweeps do not have
+                r[c] = _float(r.get(c))
             for split in ("val", "test"):
                 for m in METRICS:
                     r[f"{split}_{m}"] = float(r[f"{split}_{m}"])
@@ -121,13 +124,35 @@ def read_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
     return rows, spec
 
 
-def group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
-    """Cells keyed by ``(kind, teacher, student, gamma)``; teachers by ``("teacher", name, "", None)``."""
+def group_variants(rows: Iterable[Mapping[str, Any]]) -> list[Cell]:
+    """One cell per configuration: ``(kind, teacher, student, gamma)`` and its ``(val_gamma, dro_step)``."""
     cells: dict[tuple, Cell] = {}
     for r in rows:
         key = (r["kind"], r["teacher"], r["student"] if r["kind"] != "teacher" else "", r["gamma"])
-        cells.setdefault(key, Cell(key)).rows.append(dict(r))
+        variant = (r.get("val_gamma"), r.get("dro_step"))
+        cells.setdefault((key, variant), Cell(key, variant=variant)).rows.append(dict(r))
+    return list(cells.values())
+
+
+def group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
+    """Cells keyed by ``(kind, teacher, student, gamma)``; teachers by ``("teacher", name, "", None)``.
+
+    Where the sweep's grid has several ``val_gamma`` or ``dro_step`` for a key, the cell is the one with
+    the highest mean validation worst-class accuracy (chosen on validation, as the paper tunes them)."""
+    cells: dict[tuple, Cell] = {}
+    for c in group_variants(rows):
+        best = cells.get(c.key)
+        if best is None or c.mean("val_worst") > best.mean("val_worst"):
+            cells[c.key] = c
     return cells
+
+
+def _variant_label(cell: Cell) -> str:
+    """``, val γ=0.1, η=0.3`` for a cell of a sweep with those grid dimensions ('' otherwise)."""
+    val_gamma, dro_step = cell.variant
+    return (f", val γ={val_gamma:g}" if val_gamma is not None else "") + (
+        f", η={dro_step:g}" if dro_step is not None else ""
+    )
 
 
 def fmt(cell: Cell | None, column: str) -> str:
@@ -186,6 +211,7 @@ def _best(cells: Sequence[Cell], column: str) -> Cell | None:
 
 def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -> Report:
     cells = group(rows)
+    variants = group_variants(rows)
     students = [c for k, c in cells.items() if k[0] == "student"]
     if not students:
         raise ReportError("the sweep has no finished student runs yet")
@@ -199,7 +225,8 @@ def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -
     floor = standard.mean("val_average") - (
         0.0 if math.isnan(standard.se("val_average")) else standard.se("val_average")
     )
-    candidates = [c for c in students if c.key[2] != "standard"]
+    # Every (alpha_t, alpha_s, gamma, val_gamma, dro_step) point is a candidate: the rule picks over all of them.
+    candidates = [c for c in variants if c.key[0] == "student" and c.key[2] != "standard"]
     eligible = [c for c in candidates if c.mean("val_average") >= floor - 1e-12]
     if eligible:
         selected = _best(eligible, "val_worst")
@@ -229,7 +256,7 @@ def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -
     ):
         c = at_best_gamma("standard", tag)
         if c is not None:
-            table2.append((f"{label} (γ={c.key[3]:g})", c))
+            table2.append((f"{label} (γ={c.key[3]:g}{_variant_label(c)})", c))
     for method, label in BASELINE_NAMES.items():
         c = at_best_gamma("" if method == "group-dro" else "standard", method, "baseline")
         if c is not None:
@@ -237,7 +264,8 @@ def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -
             table2.append((label + gamma, c))
     if selected is not None:
         t, s, g = selected.key[1:]
-        table2.append((f"selected trade-off: teacher {_name(t)}, student {_name(s)}, γ={g:g}", selected))
+        label = f"selected trade-off: teacher {_name(t)}, student {_name(s)}, γ={g:g}{_variant_label(selected)}"
+        table2.append((label, selected))
     seeds = len({r["seed"] for r in rows})
     return Report(cells, gammas, teachers, student_tags, standard, selected, note, table2, seeds, dict(spec or {}))
 
@@ -265,6 +293,7 @@ def table2(rep: Report) -> list[list[str]]:
         "test worst-k",
         "val average",
         "val worst",
+        "λ distance",
         "seeds",
     ]
     out = [header]
@@ -278,10 +307,17 @@ def table2(rep: Report) -> list[list[str]]:
                 fmt(c, "test_worst_k"),
                 fmt(c, "val_average"),
                 fmt(c, "val_worst"),
+                _fmt_distance(c),
                 str(c.n),
             ]
         )
     return out
+
+
+def _fmt_distance(cell: Cell) -> str:
+    """Mean total-variation distance of the final ``lambda`` from uniform ('-' where no ``lambda`` moved)."""
+    values = cell.values("lambda_distance")
+    return f"{sum(values) / len(values):.2f}" if values else "-"
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -347,6 +383,22 @@ def findings(rep: Report) -> list[str]:
             f"Robust on both sides (worst-class {100 * both.mean('test_worst'):.1f}) {word} the best robust-on-one-side "
             f"pair (teacher {_name(best_one.key[1])}, student {_name(best_one.key[2])}: "
             f"{100 * best_one.mean('test_worst'):.1f}); the paper found it wins only on TinyImageNet."
+        )
+    pairs = []
+    for c in students:
+        if c.key[2] == "a1":
+            bal = rep.cells.get(("student", c.key[1], "a0", c.key[3]))
+            if bal is not None and c.n >= 2 and bal.n >= 2:
+                gap = c.mean("test_worst") - bal.mean("test_worst")
+                pairs.append((abs(gap) > c.se("test_worst") + bal.se("test_worst"), gap, c))
+    if pairs:
+        apart = [p for p in pairs if p[0]]
+        largest = max(pairs, key=lambda p: abs(p[1]))
+        out.append(
+            f"The robust student (α_s = 1) and the balanced one (α_s = 0) differ in mean test worst-class accuracy by "
+            f"more than the sum of their standard errors for {len(apart)} of {len(pairs)} (teacher, γ) pairs; "
+            f"largest gap {100 * largest[1]:+.1f} points (teacher {_name(largest[2].key[1])}, "
+            f"γ={largest[2].key[3]:g})."
         )
     grid = [c for c in students if c.key[3] == gamma and c.key[1] != "standard" and c.key[2] != "standard"]
     if len(grid) >= 4:
@@ -487,6 +539,65 @@ def plot_all(rep: Report, out: Path) -> list[str]:
     return names
 
 
+def _lambda_trace(sweep_dir: Path, run: str) -> tuple[list[int], list[list[float]]]:
+    """Steps and ``lambda`` of one run's ``log.jsonl`` "train" records (empty if it logged none)."""
+    steps: list[int] = []
+    weights: list[list[float]] = []
+    path = sweep_dir / "runs" / run / "log.jsonl"
+    if not path.exists():
+        return steps, weights
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "train" and "dro_weights" in record:
+            steps.append(int(record["step"]))
+            weights.append(record["dro_weights"])
+    if steps and steps[0] > 0:  # lambda starts uniform
+        steps.insert(0, 0)
+        weights.insert(0, [1.0 / len(weights[0])] * len(weights[0]))
+    return steps, weights
+
+
+def plot_lambda(rep: Report, sweep_dir: Path, out: Path) -> list[str]:
+    """``lambda.png``: ``lambda`` per class against training steps for the selected trade-off and the
+    robust student of the standard teacher (their first seed); returns its name, or none without
+    matplotlib or logged ``lambda``."""
+    panels = []
+    robust = rep.cells.get(("student", "standard", "a1", rep.standard.key[3]))
+    for title, cell in (("selected trade-off", rep.selected), ("robust student, standard teacher", robust)):
+        if cell is not None and cell.rows:
+            row = min(cell.rows, key=lambda r: r["seed"])
+            steps, weights = _lambda_trace(Path(sweep_dir), row["run"])
+            if steps:
+                panels.append((f"{title} ({row['run']})", steps, weights))
+    if not panels:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (title, steps, weights) in zip(axes[0], panels, strict=True):
+        m = len(weights[0])
+        cmap = plt.get_cmap("viridis")
+        for j in range(m):
+            ax.plot(steps, [w[j] for w in weights], color=cmap(j / max(1, m - 1)), lw=1.2, label=f"class {j}")
+        ax.axhline(1.0 / m, color="gray", ls=":", lw=1, label="uniform")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("λ_j")
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    names: list[str] = []
+    _save(fig, out, "lambda.png", names)
+    return names
+
+
 # -------------------------------------------------------------------------------------------- main
 def planned(spec: Mapping[str, Any]) -> tuple[int, int] | None:
     """``(runs, seeds)`` the sweep described by ``spec`` (its ``sweep.json``) plans, or ``None`` if unknown."""
@@ -521,7 +632,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
         sys.stderr.write(f"rkd report: warning: {incomplete}\n")
     out = Path(out) if out is not None else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_all(rep, out)
+    plots = plot_all(rep, out) + plot_lambda(rep, Path(sweep_dir), out)
     t1_rows: list[list[str]] = []
     parts = [
         f"# Sweep report: {spec.get('data', '?')}, imbalance rho = {spec.get('imbalance', '?')}, {rep.seeds} seed(s)",
@@ -531,6 +642,12 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
     ]
     if incomplete:
         parts += ["", f"**Warning: {incomplete}.**"]
+    if any(c.variant != (None, None) for c in group_variants(rows)):
+        parts += [
+            "",
+            "A DRO student's cell shows, of its validation temperatures and DRO step sizes, the one with the highest "
+            "mean validation worst-class accuracy; the selection rule below picks over all of them.",
+        ]
     for g in rep.gammas:
         t1 = table1(rep, g)
         if not t1_rows:

@@ -61,3 +61,47 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> torch.Tensor:
 def shard(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s share of a global batch (every ``world_size``-th row, like ``DistributedSampler``)."""
     return rows[rank::world_size]
+
+
+# The DRO schedule (METHOD.md section 4). The paper's bound (Thm. 4) takes eta = (1 / (2 B Z))
+# sqrt(log m / K) for K updates; the constant 1 / (2 B Z) is fixed here so that the paper's setting,
+# m = 10 classes and about 100 updates, keeps its eta = 0.1.
+DRO_REFERENCE_STEP = 0.1
+DRO_REFERENCE_CLASSES = 10
+DRO_REFERENCE_UPDATES = 100
+DRO_UPDATES_PER_EPOCH = 4  # at least this many lambda updates an epoch ...
+DRO_MAX_EVERY = 32  # ... but no fewer steps apart than the reference code's 32 when epochs are long
+
+
+def default_dro_every(steps_in_epoch: int) -> int:
+    """Training steps between DRO updates: ``steps_in_epoch // 4`` clipped to ``[1, 32]``.
+
+    Long epochs get about 4 updates each (CIFAR-10-LT's ~97 steps: every 24), very long ones the
+    reference code's every 32 steps; short ones (long-tailed digits: 5 steps) update every step, so
+    any run makes updates enough to move ``lambda``.
+    """
+    if isinstance(steps_in_epoch, bool) or not isinstance(steps_in_epoch, int) or steps_in_epoch < 1:
+        raise ValueError(f"steps_in_epoch must be an integer >= 1, got {steps_in_epoch!r}")
+    return max(1, min(DRO_MAX_EVERY, steps_in_epoch // DRO_UPDATES_PER_EPOCH))
+
+
+def default_dro_step(num_classes: int, updates: int) -> float:
+    """The DRO step size for ``updates`` updates over ``num_classes`` classes.
+
+    ``eta = 0.1 sqrt((log m / K) / (log 10 / 100))``: the theory's ``sqrt(log m / K)`` scaled so that
+    ``m = 10, K = 100`` gives the paper's 0.1. Fewer updates take larger steps, so ``lambda`` covers
+    the same distance in a short run; with no update at all (``K = 0``) it is 0.1. ``m < 2`` counts as 2.
+    """
+    for name, value, low in (("num_classes", num_classes, 1), ("updates", updates, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if updates == 0:
+        return DRO_REFERENCE_STEP
+    ratio = (math.log(max(2, num_classes)) / updates) / (math.log(DRO_REFERENCE_CLASSES) / DRO_REFERENCE_UPDATES)
+    return DRO_REFERENCE_STEP * math.sqrt(ratio)
+
+
+def distance_from_uniform(weights: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance ``(1/2) sum_j |lambda_j - 1/m|`` of the DRO weights from uniform, in [0, 1 - 1/m]."""
+    m = weights.shape[-1]
+    return 0.5 * (weights.float() - 1.0 / m).abs().sum(-1)

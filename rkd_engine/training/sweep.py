@@ -73,6 +73,8 @@ CSV_COLUMNS = (
     "student",
     "alpha_s",
     "gamma",
+    "val_gamma",
+    "dro_step",
     "method",
     "data",
     "imbalance",
@@ -92,6 +94,8 @@ CSV_COLUMNS = (
     "teacher_calibration_max",
     "teacher_calibration_mean",
     "teacher_calibration",
+    "lambda_distance",
+    "dro_updates",
     "wall_seconds",
 )
 
@@ -108,6 +112,10 @@ class SweepSpec:
     alpha_t: tuple[float, ...] = DEFAULT_ALPHAS
     alpha_s: tuple[float, ...] = DEFAULT_ALPHAS
     gamma: tuple[float, ...] = (1.0,)
+    # Student grid dimensions of the DRO students (alpha_s > 0); empty: the run's default (val_gamma =
+    # gamma, dro_step from the DRO schedule), one run per point as before.
+    val_gamma: tuple[float, ...] = ()
+    dro_step: tuple[float, ...] = ()
     baselines: tuple[str, ...] = BASELINES
     common: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)
@@ -229,6 +237,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
             kw[name] = _floats(name, values[name], lo=0.0, hi=1.0)
     if "gamma" in values:
         kw["gamma"] = _floats("gamma", values["gamma"], pos=True)
+    for name in ("val_gamma", "dro_step"):  # grid dimensions of the DRO students; "default" or [] for none
+        raw = values.get(name)
+        if raw is not None and raw not in ("", "default", [], ()):
+            kw[name] = _floats(name, raw, pos=True)
     if "baselines" in values:
         raw = values["baselines"]
         if not isinstance(raw, (str, list, tuple)) or not all(isinstance(s, str) for s in raw):
@@ -262,6 +274,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {values[name]!r}")
             kw[name] = values[name]
     spec = SweepSpec(**kw)
+    for name in ("val_gamma", "dro_step"):
+        clash = [where for where in ("common", "student") if getattr(spec, name) and name in getattr(spec, where)]
+        if clash:
+            raise ConfigError(f"{name} is a grid dimension of this sweep: drop it from {' and '.join(clash)}")
     # Every run's options must be valid: build one of each kind now rather than fail in a worker.
     for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1])):
         _config(job)
@@ -317,11 +333,17 @@ def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
         students = [("standard", None)] + [(f"a{_tag(a)}", a) for a in spec.alpha_s]
         for gamma in spec.gamma:
             for tname, alpha_t in teachers:
-                for sname, alpha_s in students:
+                for sname, alpha_s, val_gamma, dro_step in _dro_points(spec, students):
                     run_id = f"seed{seed}/g{_tag(gamma)}/{tname}__{sname}"
                     objective = (
                         {"objective": "standard"} if alpha_s is None else {"objective": "tradeoff", "alpha": alpha_s}
                     )
+                    if val_gamma is not None:
+                        run_id += f"__vg{_tag(val_gamma)}"
+                        objective["val_gamma"] = val_gamma
+                    if dro_step is not None:
+                        run_id += f"__eta{_tag(dro_step)}"
+                        objective["dro_step"] = dro_step
                     jobs.append(
                         Job(
                             run_id,
@@ -342,6 +364,8 @@ def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
                                 "student": sname,
                                 "alpha_s": alpha_s,
                                 "gamma": gamma,
+                                "val_gamma": val_gamma,
+                                "dro_step": dro_step,
                                 "method": "distill",
                             },
                             after=tid[tname],
@@ -372,6 +396,21 @@ def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
                     )
                 )
     return jobs
+
+
+def _dro_points(spec: SweepSpec, students: list[tuple[str, float | None]]) -> list[tuple]:
+    """``(name, alpha_s, val_gamma, dro_step)`` of every student at one teacher and ``gamma``: the DRO
+    students (``alpha_s > 0``) once per point of the ``val_gamma`` x ``dro_step`` grid, the others
+    (standard, balanced: ``lambda`` has no effect on them) once. ``None``: the run's default."""
+    points = []
+    for name, alpha in students:
+        if alpha is None or alpha == 0:
+            points.append((name, alpha, None, None))
+            continue
+        for val_gamma in spec.val_gamma or (None,):
+            for dro_step in spec.dro_step or (None,):
+                points.append((name, alpha, val_gamma, dro_step))
+    return points
 
 
 def _config(job: Job) -> TrainConfig:
@@ -501,6 +540,8 @@ def row_for(root: str | Path, job: Job) -> dict[str, Any] | None:
         "student": _num(lab.get("student")),
         "alpha_s": _num(lab.get("alpha_s")),
         "gamma": _num(lab.get("gamma")),
+        "val_gamma": _num(lab.get("val_gamma")),
+        "dro_step": _num(lab.get("dro_step")),
         "method": lab["method"],
         "data": config.get("data"),
         "imbalance": config.get("imbalance"),
@@ -512,6 +553,8 @@ def row_for(root: str | Path, job: Job) -> dict[str, Any] | None:
         "teacher_calibration_max": _num(calib.get("max")),
         "teacher_calibration_mean": _num(calib.get("mean")),
         "teacher_calibration": json.dumps(calib.get("per_class")) if calib else "",
+        "lambda_distance": _num((metrics.get("dro") or {}).get("distance_from_uniform")),
+        "dro_updates": _num((metrics.get("dro") or {}).get("updates")),
         "wall_seconds": "" if wall is None else round(wall, 2),
     }
     for split, rep in (("val", val), ("test", test)):
