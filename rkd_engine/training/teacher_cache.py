@@ -458,7 +458,7 @@ class TeacherCache:
         return TopkTeacher(
             indices=torch.from_numpy(np.array(self.array(split, "topk_indices"), dtype=np.int64)).to(device),
             logits=torch.from_numpy(np.array(self.array(split, "topk_logits"), dtype=np.float32)).to(device),
-            log_normalizer=torch.from_numpy(np.ascontiguousarray(self.array(split, "log_normalizer")[:, t])).to(device),
+            log_normalizer=torch.from_numpy(np.array(self.array(split, "log_normalizer")[:, t])).to(device),
             gamma=float(gamma),
             num_classes=self.num_classes,
         )
@@ -629,6 +629,9 @@ def resolve_cache_config(config: Any) -> Any:
 
     cache = TeacherCache.open(config.teacher_cache, verify="size")
     cache.check_options(config.to_dict())
+    check_student_use(cache, method=config.method, augment=None, cache_augmented=config.cache_augmented)
+    if cache.layout == "topk":
+        cache.temperature_index(config.gamma)
     made = cache.manifest["data"]
     changes: dict[str, Any] = {k: made.get(k) for k in INHERITED_DATA if getattr(config, k) is None}
     if config.teacher is not None:
