@@ -254,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", metavar="{cpu,cuda}", help="device of every run (default: cpu)")
     sweep.add_argument("--backend", metavar="NAME", help="loss backend (default: auto)")
     sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    sweep.add_argument(
+        "--cache-teachers",
+        action="store_const",
+        const=True,
+        help="cache each teacher's outputs once it is trained (DIR/caches/); its students read the cache "
+        "instead of loading and running the teacher (identical results; see rkd cache-teacher)",
+    )
 
     rep = sub.add_parser(
         "report",
@@ -389,6 +396,7 @@ def _sweep(args: argparse.Namespace) -> int:
         "teacher": _key_values("teacher-set", args.teacher_set) or None,
         "student": _key_values("student-set", args.student_set) or None,
     }
+    flags["cache_teachers"] = args.cache_teachers
     spec = load_spec(args.config, flags)
     try:
         run_sweep(spec, args.out, quiet=args.quiet)

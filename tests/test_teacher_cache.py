@@ -350,3 +350,26 @@ def test_cli_cache_teacher_and_student(tmp_path, teacher, capsys):
     student_help = " ".join(capsys.readouterr().out.split())  # the opt-in's help says what it changes
     assert "--cache-augmented accept a teacher cache with augmentation on" in student_help
     assert "UN-augmented image" in student_help and "changes the method" in student_help
+
+
+# ----------------------------------------------------------------------------------------- sweep
+def test_sweep_with_cached_teachers_matches_online(tmp_path):
+    import csv
+
+    fast = ["--set", "epochs=2", "--set", "model=mlp", "--set", "model_options={hidden_sizes: [16]}"]
+    grid = ["--alpha-t", "1", "--alpha-s", "1", "--seeds", "1", "--baselines", "hinton,post-shift", "--workers", "1"]
+    rows = {}
+    for name, extra in (("online", []), ("cached", ["--cache-teachers"])):
+        assert main(["sweep", "--out", str(tmp_path / name), *grid, *fast, "--quiet", *extra]) == 0
+        with open(tmp_path / name / "runs.csv", newline="") as fh:
+            rows[name] = {r["run"]: r for r in csv.DictReader(fh)}
+    assert rows["online"].keys() == rows["cached"].keys() and len(rows["online"]) == 2 + 4 + 2
+    for run, row in rows["online"].items():
+        for column in ("test_average", "test_worst", "test_recall", "val_worst"):
+            assert row[column] == rows["cached"][run][column], (run, column)
+    caches = tmp_path / "cached" / "caches" / "seed0"
+    assert sorted(p.name for p in caches.iterdir() if p.is_dir()) == ["teacher-a1", "teacher-standard"]
+    student = json.loads((tmp_path / "cached" / "runs" / "seed0" / "g1" / "a1__a1" / "config.json").read_text())
+    assert student["teacher_cache"] == str(caches / "teacher-a1")
+    post = json.loads((tmp_path / "cached" / "runs" / "seed0" / "baseline-post-shift" / "config.json").read_text())
+    assert post["teacher_cache"] is None  # post-shift's model is the teacher itself

@@ -103,6 +103,7 @@ class SweepSpec:
     workers: int | None = None
     device: str = "cpu"
     backend: str = "auto"
+    cache_teachers: bool = False  # cache each teacher's outputs once trained; its students read the cache
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -117,6 +118,7 @@ class Job:
     options: dict
     labels: dict  # kind, seed, teacher, alpha_t, student, alpha_s, gamma, method
     after: str | None = None  # the id of the teacher run it needs
+    cache: str | None = None  # a teacher's output cache, written once it is trained (cache_teachers)
 
 
 # ------------------------------------------------------------------------------------------- spec
@@ -218,6 +220,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
             if values[name] not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {values[name]!r}")
             kw[name] = values[name]
+    if "cache_teachers" in values:
+        from rkd_engine.training.config import convert
+
+        kw["cache_teachers"] = convert("cache_teachers", "bool", values["cache_teachers"])
     spec = SweepSpec(**kw)
     # Every run's options must be valid: build one of each kind now rather than fail in a worker.
     for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1]), Path(".")):
@@ -327,7 +333,22 @@ def plan(spec: SweepSpec, root: Path) -> list[Job]:
                         after=None if method == "group-dro" else tid["standard"],
                     )
                 )
+    if spec.cache_teachers:
+        jobs = _with_caches(jobs, root)
     return jobs
+
+
+def _with_caches(jobs: list[Job], root: Path) -> list[Job]:
+    """Teachers write ``caches/<teacher id>`` once trained; their students (not post-shift) read it."""
+    caches = {j.id: str(root / "caches" / j.id) for j in jobs if j.command == "teacher"}
+    out = []
+    for j in jobs:
+        if j.command == "teacher":
+            j = dataclasses.replace(j, cache=caches[j.id])
+        elif j.after in caches and j.options.get("method") != "post-shift":
+            j = dataclasses.replace(j, options={**j.options, "teacher_cache": caches[j.after]})
+        out.append(j)
+    return out
 
 
 def _config(job: Job) -> TrainConfig:
@@ -353,6 +374,7 @@ def execute_job(job: Job, threads: int) -> dict[str, Any]:
     import torch
 
     from rkd_engine.training.engine import train_student, train_teacher
+    from rkd_engine.training.teacher_cache import cache_teacher
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -364,7 +386,12 @@ def execute_job(job: Job, threads: int) -> dict[str, Any]:
     dataset = _dataset(cfg.data, cfg.imbalance, cfg.data_seed, cfg.val_per_class, cfg.test_per_class)
     started = time.perf_counter()
     train = train_teacher if job.command == "teacher" else train_student
+    cache = cfg.teacher_cache if job.command == "student" else None
+    if cache is not None and not (Path(cache) / "manifest.json").exists():  # its teacher's caching was killed
+        cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, quiet=True)
     train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
+    if job.cache is not None:
+        cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, quiet=True)
     wall = time.perf_counter() - started
     atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
     return {"id": job.id, "wall_seconds": wall, "skipped": False}
