@@ -93,6 +93,8 @@ def distill_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = True,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    topk_tail: str = "renormalize",
 ) -> LossOutput:
     """Margin-adjusted distillation loss with per-class statistics, fused in one pass over the logits.
 
@@ -112,12 +114,37 @@ def distill_loss(
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
         validate: check values (NaN, label range, probability rows...). These checks read the
             tensors and so synchronise with the device; pass ``False`` in a training hot path.
+        teacher_topk: a sparse teacher ``(indices, probs)`` instead of a dense one: (B, k) distinct
+            classes per row and their (already tempered) probabilities, rows summing to at most 1.
+        topk_tail: the target of a top-k teacher (METHOD.md section 11): ``"renormalize"`` (``probs``
+            divided by their row sum on the top k, 0 elsewhere) or ``"uniform"`` (the missing mass
+            ``1 - sum(probs)`` spread evenly over the other ``m - k`` classes).
 
     Returns:
         ``LossOutput(loss, mass, risk, error)``; the statistics are (m,) float32 (float64 for
         float64 inputs) sums over the batch: ``mass_j = sum_i q_ij``, ``risk_j = sum_i q_ij (-log s_ij)``,
         ``error_j = sum_i q_ij [argmax_k f_ik != j]``.
     """
+    # --- sparse top-k teacher (rkd_engine.wide) ---
+    if teacher_topk is not None:
+        if teacher_logits is not None or teacher_probs is not None:
+            raise ValueError("pass one teacher: teacher_topk, teacher_logits or teacher_probs")
+        from rkd_engine.wide import topk_distill_loss
+
+        return topk_distill_loss(
+            student_logits,
+            teacher_topk,
+            topk_tail=topk_tail,
+            labels=labels,
+            teacher_weight=teacher_weight,
+            class_costs=class_costs,
+            class_weights=class_weights,
+            student_temperature=student_temperature,
+            reduction=reduction,
+            backend=backend,
+            validate=validate,
+        )
+    # --- end of the top-k teacher ---
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
     if student_logits.dim() != 2:

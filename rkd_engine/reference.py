@@ -34,8 +34,10 @@ __all__ = [
     "FusedRows",
     "dro_update",
     "fused_rows",
+    "linear_loss_rows",
     "loss_rows",
     "teacher_probs_from_logits",
+    "topk_target",
     "target_distribution",
     "tradeoff_beta",
 ]
@@ -189,6 +191,41 @@ def fused_rows(
     else:
         grad = student.new_empty(0)
     return FusedRows(loss, grad, mass, risk, error)
+
+
+def topk_target(indices: Tensor, probs: Tensor, m: int, tail: str = "renormalize") -> Tensor:
+    """The dense teacher target ``p~`` (B, m) of a top-k teacher (METHOD.md section 11).
+
+    ``indices`` (B, k) are distinct classes per row and ``probs`` (B, k) their teacher probabilities
+    (``sum_k <= 1``). ``tail="renormalize"``: ``p~_ij = p_ij / sum_{K_i} p_ik`` on ``K_i``, 0 elsewhere;
+    ``tail="uniform"``: ``p~_ij = p_ij`` on ``K_i`` and ``(1 - sum_{K_i} p_ik) / (m - k)`` on every other
+    class (nothing when ``k = m``). Computed in the dtype of ``probs``; the oracle of the sparse paths.
+    """
+    k = indices.shape[-1]
+    total = probs.sum(-1, keepdim=True)
+    if tail == "renormalize":
+        dense = torch.zeros(probs.shape[0], m, dtype=probs.dtype, device=probs.device)
+        return dense.scatter(1, indices.long(), probs / total)
+    if tail == "uniform":
+        rest = (1 - total).clamp_min(0) / (m - k) if m > k else torch.zeros_like(total)
+        dense = rest.expand(probs.shape[0], m).clone()
+        return dense.scatter(1, indices.long(), probs)
+    raise ValueError(f"tail must be 'renormalize' or 'uniform', got {tail!r}")
+
+
+def linear_loss_rows(
+    student_input: Tensor,
+    student_head_weight: Tensor,
+    student_head_bias: Tensor | None = None,
+    **loss_args,
+) -> Tensor:
+    """``loss_rows`` of the scores ``f = X W^T + b`` of a linear output layer (METHOD.md section 11).
+
+    Differentiable in ``X``, ``W`` and ``b`` with autograd; ``loss_args`` are those of ``loss_rows``.
+    This materialises the (B, m) scores: it is the oracle and the eager baseline of the fused layer.
+    """
+    scores = torch.nn.functional.linear(student_input, student_head_weight, student_head_bias)
+    return loss_rows(scores, **loss_args)
 
 
 def tradeoff_beta(weights: Tensor, alpha: float) -> Tensor:
