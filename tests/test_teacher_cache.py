@@ -135,7 +135,7 @@ def test_topk_cache_gives_the_sparse_loss(topk2, teacher, dataset, tail):
     torch.testing.assert_close(got.mass.double(), want.mass, rtol=1e-5, atol=1e-5)
     if tc._OP_HAS_TOPK:  # the sparse op itself, where it exists
         op = distill_loss(f, teacher_topk=(i, pk.double()), topk_tail=tail, class_costs=costs)
-        torch.testing.assert_close(op.loss, want.loss.mean(), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(op.loss, want.loss.mean(), rtol=1e-6, atol=1e-7)  # float32 cached p
 
 
 # ------------------------------------------------------------------------ students from a cache
