@@ -48,6 +48,7 @@ _GROUPS = {
     "objective (METHOD.md 2-4)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
     "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
     "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
+    "offline teacher (rkd cache-teacher)": ("teacher_cache", "topk_tail", "cache_augmented"),
 }
 
 _MAIN_DESCRIPTION = """\
@@ -112,6 +113,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _METAVARS = {"data": "SPEC", "out": "DIR", "teacher": "RUN_DIR", "model": "NAME", "lr_decay_at": "F1,F2"}
+_METAVARS["teacher_cache"] = "CACHE"
 
 
 def _metavar(name: str, kind: str) -> str:
@@ -134,7 +136,16 @@ def _add_train_options(parser: argparse.ArgumentParser, cls: type[TrainConfig]) 
             shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
             help_text = meta["help"] + ("" if shown in (None, {}) else f" (default: {shown})")
             metavar = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else _metavar(name, meta["kind"])
-            if name == "model_options":
+            if meta["kind"] == "bool":
+                group.add_argument(
+                    flag(name),
+                    dest=name,
+                    action="store_const",
+                    const=True,
+                    default=argparse.SUPPRESS,
+                    help=meta["help"],
+                )
+            elif name == "model_options":
                 group.add_argument(
                     "--model-option",
                     dest=name,
@@ -177,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOGS["student"],
     )
     _add_train_options(student, StudentConfig)
+
+    _add_cache_teacher(sub, fmt)
 
     ev = sub.add_parser(
         "eval",
@@ -267,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-run", metavar="N", help="Ray: CPUs each run asks for (default: 1)")
     sweep.add_argument("--gpus-per-run", metavar="N", help="Ray: GPUs each run asks for (default: 1 on cuda, else 0)")
     sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    sweep.add_argument(
+        "--cache-teachers",
+        action="store_const",
+        const=True,
+        help="cache each teacher's outputs once it is trained (DIR/caches/); its students read the cache "
+        "instead of loading and running the teacher (identical results; see rkd cache-teacher)",
+    )
 
     rep = sub.add_parser(
         "report",
@@ -296,6 +316,66 @@ A config file holds the same keys (data, imbalance, seeds, alpha_t, alpha_s, gam
 device, backend) plus `common`, `teacher` and `student`: mappings of training options for every run,
 the teachers or the students (flags --set, --teacher-set, --student-set add to them).
 """
+
+
+def _add_cache_teacher(sub: Any, fmt: type) -> None:
+    cache = sub.add_parser(
+        "cache-teacher",
+        help="store a teacher's outputs once, for students that never run it",
+        formatter_class=fmt,
+        description="Run a finished teacher once over its training, validation and test sets (evaluation mode, "
+        "no augmentation) and write its outputs to CACHE: .npy files and manifest.json (provenance, sizes, "
+        "checksums), readable with numpy alone. The training set is stored dense (any --gamma), or as the top k "
+        "scores per row with the log-normalisers at --temperatures. `rkd student --teacher-cache CACHE` then "
+        "trains without the teacher. A killed run leaves CACHE.partial/; the same command continues it.",
+        epilog="examples:\n"
+        "  rkd cache-teacher runs/t-bal --out caches/t-bal                    dense scores (small m)\n"
+        "  rkd cache-teacher runs/t-bal --out caches/t-bal-k5 --top-k 5 --temperatures 1,3,5\n"
+        "  rkd student --teacher-cache caches/t-bal --objective robust --gamma 3 --out runs/s-rob\n",
+    )
+    cache.add_argument("run_dir", metavar="RUN_DIR", help="a finished run written by rkd teacher")
+    cache.add_argument("--out", required=True, metavar="CACHE", help="cache directory to write")
+    cache.add_argument("--top-k", metavar="K", help="store the top K classes per training row (default: dense)")
+    cache.add_argument(
+        "--temperatures",
+        default="1,3,5",
+        metavar="G,G,..",
+        help="teacher temperatures of a top-k cache (default: 1,3,5)",
+    )
+    cache.add_argument(
+        "--dtype", default="float32", metavar="{float32,float16}", help="stored scores (default: float32)"
+    )
+    cache.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="device (default: cpu)")
+    cache.add_argument("--overwrite", action="store_true", help="replace a cache made with other options")
+    cache.add_argument("--quiet", action="store_true", help="no progress")
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from rkd_engine.training.teacher_cache import cache_teacher
+
+    top_k = None if args.top_k is None else _positive_int("--top-k", args.top_k)
+    temps = []
+    for item in args.temperatures.split(","):
+        try:
+            temps.append(float(item))
+        except ValueError:
+            raise ConfigError(
+                f"--temperatures must be comma-separated numbers > 0, got {args.temperatures!r}"
+            ) from None
+    cache = cache_teacher(
+        args.run_dir,
+        args.out,
+        top_k=top_k,
+        temperatures=temps,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        size = sum(entry["bytes"] for entry in cache.manifest["files"].values())
+        print(f"wrote {cache.path} ({cache.layout}, k = {cache.k} of m = {cache.num_classes}, {size} bytes)")
+    return 0
 
 
 def _baselines() -> tuple[str, ...]:
@@ -345,6 +425,7 @@ def _sweep(args: argparse.Namespace) -> int:
         "teacher": _key_values("teacher-set", args.teacher_set) or None,
         "student": _key_values("student-set", args.student_set) or None,
     }
+    flags["cache_teachers"] = args.cache_teachers
     spec = load_spec(args.config, flags)
     try:
         run_sweep(
@@ -515,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"teacher": _train, "student": _train, "eval": _eval, "demo": _demo, "sweep": _sweep, "report": _report}
+    handlers["cache-teacher"] = _cache_teacher
     debug = bool(os.environ.get("RKD_DEBUG"))
     try:
         return handlers[args.command](args)

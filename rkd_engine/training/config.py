@@ -132,6 +132,22 @@ class StudentConfig(TrainConfig):
     val_labels: str = _opt("teacher", "str", "labels of the validation DRO updates", VAL_LABELS)
     val_gamma: float | None = _opt(None, "optfloat", "teacher temperature for validation labels (default: --gamma)")
     margin_scale: float = _opt(1.0, "float", "ada-margin: largest per-example margin delta")
+    # Offline teacher (rkd_engine/training/teacher_cache.py).
+    teacher_cache: str | None = _opt(
+        None,
+        "optstr",
+        "teacher-output cache (written by `rkd cache-teacher`): train without loading or running the teacher",
+    )
+    topk_tail: str = _opt(
+        "renormalize", "str", "top-k cache: the target off the top k classes (METHOD.md 11)", ("renormalize", "uniform")
+    )
+    cache_augmented: bool = _opt(
+        False,
+        "bool",
+        "accept a teacher cache with augmentation on: every augmented view is then distilled towards the "
+        "teacher's outputs on the UN-augmented image (online, the teacher sees the augmented view), which "
+        "changes the method",
+    )
 
     command = "student"
 
@@ -184,6 +200,15 @@ def convert(name: str, kind: str, value: Any) -> Any:
         if not math.isfinite(out):
             raise _fail(name, "a finite number", value)
         return out
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise _fail(name, "true or false", value)
     if kind == "str":
         if not isinstance(value, str):
             raise _fail(name, "a string", value)
@@ -354,8 +379,20 @@ def _validate_student(cfg: StudentConfig) -> None:
                     else "has no teacher target)"
                 )
             )
-    if cfg.teacher is None and cfg.method != "group-dro":
-        raise ConfigError(f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`)")
+    if cfg.teacher_cache is not None and cfg.method in ("post-shift", "group-dro"):
+        raise ConfigError(
+            f"--teacher-cache cannot serve --method {cfg.method}: "
+            + (
+                "its model is the teacher itself (give --teacher)"
+                if cfg.method == "post-shift"
+                else "it has no teacher"
+            )
+        )
+    if cfg.teacher is None and cfg.teacher_cache is None and cfg.method != "group-dro":
+        raise ConfigError(
+            f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`; "
+            "or --teacher-cache CACHE)"
+        )
     if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
         raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")
     if cfg.tau != 1.0 and cfg.method in ("post-shift", "group-dro"):

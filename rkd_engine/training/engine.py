@@ -77,6 +77,13 @@ from rkd_engine.training.schedule import (
     steps_per_epoch,
     warmup_step_decay,
 )
+from rkd_engine.training.teacher_cache import (
+    TeacherCache,
+    check_student_use,
+    resolve_cache_config,
+    topk_distill_loss,
+    topk_target_mass,
+)
 
 LOG_EVERY = 50  # steps between "train" records in log.jsonl
 _PRIOR_FLOOR = 1e-8  # smallest class prior kept (a class the teacher never predicts still needs pi > 0)
@@ -126,6 +133,8 @@ def train_student(
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill every computed default (a student's data options from its teacher)."""
     validate(config)
+    if isinstance(config, StudentConfig) and config.teacher_cache is not None:
+        config = resolve_cache_config(config)
     if isinstance(config, StudentConfig) and config.teacher is not None:
         teacher_dir = RunDir(config.teacher)
         teacher_cfg = teacher_dir.read_config()
@@ -346,8 +355,12 @@ class _Run:
         self.teacher = None
         self.g_train = None  # cached teacher scores on the training set (only without augmentation)
         self.p_val = None
+        self.topk_train = None  # top-k teacher of the training set (from a top-k cache)
+        self.teacher_held_out = None  # cached teacher scores of the val and test sets
         prior = data.train_prior.clamp_min(_PRIOR_FLOOR)
-        if self.student and self.method != "group-dro":
+        if self.student and self.method != "group-dro" and cfg.teacher_cache is not None:
+            prior = self._use_teacher_cache().clamp_min(_PRIOR_FLOOR)
+        elif self.student and self.method != "group-dro":
             self.teacher = self._load_teacher()
             g_train = predict(self.teacher, data.train.x)
             prior = self._target_marginal(g_train, data.train.y).clamp_min(_PRIOR_FLOOR)
@@ -395,6 +408,22 @@ class _Run:
         }
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _use_teacher_cache(self) -> Tensor:
+        """Teacher outputs from ``--teacher-cache`` (the teacher is neither loaded nor run); returns ``pi``."""
+        cfg, data, device = self.cfg, self.data, self.ctx.device
+        cache = TeacherCache.open(cfg.teacher_cache)
+        check_student_use(cache, method=self.method, augment=self.augment, cache_augmented=cfg.cache_augmented)
+        cache.check_data(data)
+        self.teacher_held_out = {name: cache.logits(name, device) for name in ("val", "test")}
+        if cfg.val_labels == "teacher":
+            self.p_val = torch.softmax(self.teacher_held_out["val"] / cfg.val_gamma, dim=1)
+        if cache.layout == "dense":
+            self.g_train = cache.logits("train", device)
+            return self._target_marginal(self.g_train, data.train.y)
+        self.topk_train = cache.topk("train", cfg.gamma, device)
+        a = float(cfg.teacher_weight) if self.method == "hinton" else 1.0
+        return topk_target_mass(self.topk_train, data.train.y, tail=cfg.topk_tail, teacher_weight=a) / len(data.train)
 
     @torch.no_grad()
     def _target_marginal(self, g: Tensor, y: Tensor) -> Tensor:
@@ -495,6 +524,18 @@ class _Run:
             return self.loss_fn(f, labels=y)
         if self.method == "group-dro":
             return distill_loss(f, labels=y, class_weights=self.loss_fn.costs, backend=cfg.backend, validate=False)
+        if self.topk_train is not None:  # a top-k teacher cache (METHOD.md 11): q = (1 - a) e_y + a p~
+            return topk_distill_loss(
+                f,
+                self.topk_train.rows(rows),
+                tail=cfg.topk_tail,
+                labels=None if self.method == "distill" else y,
+                teacher_weight=None if self.method == "distill" else self._weight(f, y),
+                class_costs=self.loss_fn.costs,
+                class_weights=self.loss_fn.class_weights,
+                student_temperature=self.loss_fn.student_temperature,
+                backend=cfg.backend,
+            )
         if self.g_train is not None:
             g = self.g_train[rows]
         else:
@@ -685,12 +726,15 @@ class _Run:
         if not self.student:
             metrics["calibration"] = teacher_calibration(logits["test"], data.test.y, 1.0)
         metrics["prior"] = self.prior.tolist()
-        if self.teacher is not None:
+        held_out = getattr(self, "teacher_held_out", None)  # from a teacher cache
+        if self.teacher is not None or held_out is not None:
             gamma = cfg.gamma
+            if held_out is None:
+                held_out = {name: predict(self.teacher, getattr(data, name).x) for name in ("test", "val")}
             metrics["teacher_calibration"] = {
                 "temperature": gamma,
-                "test": teacher_calibration(predict(self.teacher, data.test.x), data.test.y, gamma),
-                "val": teacher_calibration(predict(self.teacher, data.val.x), data.val.y, gamma),
+                "test": teacher_calibration(held_out["test"], data.test.y, gamma),
+                "val": teacher_calibration(held_out["val"], data.val.y, gamma),
             }
         if not self.quiet and self.ctx.is_main:
             print(f"{cfg.command} {cfg.out}: test {summary_line(metrics['test'])}", file=sys.stderr)

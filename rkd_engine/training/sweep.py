@@ -123,6 +123,7 @@ class SweepSpec:
     workers: int | None = None
     device: str = "cpu"
     backend: str = "auto"
+    cache_teachers: bool = False  # cache each teacher's outputs once trained; its students read the cache
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -137,6 +138,7 @@ class Job:
     options: dict
     labels: dict  # kind, seed, teacher, alpha_t, student, alpha_s, gamma, method
     after: str | None = None  # the id of the teacher run it needs
+    cache: str | None = None  # a teacher's output cache, written once it is trained (cache_teachers)
 
 
 # ------------------------------------------------------------------------------------------- spec
@@ -273,6 +275,10 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
             if values[name] not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {values[name]!r}")
             kw[name] = values[name]
+    if "cache_teachers" in values:
+        from rkd_engine.training.config import convert
+
+        kw["cache_teachers"] = convert("cache_teachers", "bool", values["cache_teachers"])
     spec = SweepSpec(**kw)
     for name in ("val_gamma", "dro_step"):
         clash = [where for where in ("common", "student") if getattr(spec, name) and name in getattr(spec, where)]
@@ -395,6 +401,8 @@ def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
                         after=None if method == "group-dro" else tid["standard"],
                     )
                 )
+    if spec.cache_teachers:
+        jobs = _with_caches(jobs)
     return jobs
 
 
@@ -411,6 +419,20 @@ def _dro_points(spec: SweepSpec, students: list[tuple[str, float | None]]) -> li
             for dro_step in spec.dro_step or (None,):
                 points.append((name, alpha, val_gamma, dro_step))
     return points
+
+
+def _with_caches(jobs: list[Job]) -> list[Job]:
+    """Teachers write ``caches/<teacher id>`` (relative to the sweep directory, as ``runs/`` is) once
+    trained; their students (not post-shift) read it."""
+    caches = {j.id: str(Path("caches") / j.id) for j in jobs if j.command == "teacher"}
+    out = []
+    for j in jobs:
+        if j.command == "teacher":
+            j = dataclasses.replace(j, cache=caches[j.id])
+        elif j.after in caches and j.options.get("method") != "post-shift":
+            j = dataclasses.replace(j, options={**j.options, "teacher_cache": caches[j.after]})
+        out.append(j)
+    return out
 
 
 def _config(job: Job) -> TrainConfig:
@@ -487,6 +509,7 @@ def _execute_here(job: Job, threads: int) -> Outcome:
             import torch
 
             from rkd_engine.training.engine import train_student, train_teacher
+            from rkd_engine.training.teacher_cache import cache_teacher
 
             if threads > 0:
                 torch.set_num_threads(threads)
@@ -495,7 +518,12 @@ def _execute_here(job: Job, threads: int) -> Outcome:
             dataset = _dataset(cfg.data, cfg.imbalance, cfg.data_seed, cfg.val_per_class, cfg.test_per_class)
             started = time.perf_counter()
             train = train_teacher if job.command == "teacher" else train_student
+            cache = cfg.teacher_cache if job.command == "student" else None
+            if cache is not None and not (Path(cache) / "manifest.json").exists():  # its teacher's caching was killed
+                cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, quiet=True)
             train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
+            if job.cache is not None:
+                cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, quiet=True)
             wall = time.perf_counter() - started
             atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
             error_log.unlink(missing_ok=True)
