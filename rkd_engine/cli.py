@@ -42,6 +42,7 @@ _GROUPS = {
     "objective (METHOD.md 2-4)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
     "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
     "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
+    "teacher trained elsewhere": ("teacher_checkpoint", "teacher_model", "teacher_model_options"),
 }
 
 _MAIN_DESCRIPTION = """\
@@ -105,6 +106,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _METAVARS = {"data": "SPEC", "out": "DIR", "teacher": "RUN_DIR", "model": "NAME", "lr_decay_at": "F1,F2"}
+_METAVARS.update(teacher_checkpoint="FILE", teacher_model="NAME")
 
 
 def _metavar(name: str, kind: str) -> str:
@@ -127,9 +129,9 @@ def _add_train_options(parser: argparse.ArgumentParser, cls: type[TrainConfig]) 
             shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
             help_text = meta["help"] + ("" if shown in (None, {}) else f" (default: {shown})")
             metavar = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else _metavar(name, meta["kind"])
-            if name == "model_options":
+            if meta["kind"] == "options":
                 group.add_argument(
-                    "--model-option",
+                    flag(name)[:-1],  # --model-option, --teacher-model-option
                     dest=name,
                     action="append",
                     metavar="KEY=VALUE",

@@ -52,7 +52,9 @@ class TrainConfig:
     val_per_class: int | None = _opt(None, "optint", "validation examples per class (default: the source's)")
     test_per_class: int | None = _opt(None, "optint", "test examples per class (default: the source's)")
     data_seed: int | None = _opt(None, "optint", "seed of the data split (default: --seed)")
-    model: str = _opt("auto", "str", "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | auto")
+    model: str = _opt(
+        "auto", "str", "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | auto | package.module:factory"
+    )
     model_options: dict = field(
         default_factory=dict,
         metadata={
@@ -108,6 +110,14 @@ class StudentConfig(TrainConfig):
     data: str | None = _opt(None, "optstr", "data source (default: the teacher's; must match it)")
     imbalance: float | None = _opt(None, "optfloat", "imbalance ratio (default: the teacher's)")
     teacher: str | None = _opt(None, "optstr", "teacher run directory (written by `rkd teacher`)")
+    teacher_checkpoint: str | None = _opt(
+        None, "optstr", "a teacher trained elsewhere: a state dict (with --teacher-model), torch.export or TorchScript"
+    )
+    teacher_model: str | None = _opt(None, "optstr", "model of --teacher-checkpoint's state dict (NAME or pkg.mod:fn)")
+    teacher_model_options: dict = field(
+        default_factory=dict,
+        metadata={"kind": "options", "help": "--teacher-model keyword KEY=VALUE (repeatable)", "choices": None},
+    )
     method: str = _opt("distill", "str", "student method", STUDENT_METHODS)
     gamma: float = _opt(1.0, "float", "teacher temperature gamma: p = softmax(g / gamma)")
     tau: float = _opt(1.0, "float", "student temperature tau on the teacher term (Hinton)")
@@ -300,8 +310,17 @@ def _validate_student(cfg: StudentConfig) -> None:
                     else "has no teacher target)"
                 )
             )
-    if cfg.teacher is None and cfg.method != "group-dro":
-        raise ConfigError(f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`)")
+    if cfg.teacher is not None and cfg.teacher_checkpoint is not None:
+        raise ConfigError("pass either --teacher RUN_DIR or --teacher-checkpoint FILE, not both")
+    if (cfg.teacher_model is not None or cfg.teacher_model_options) and cfg.teacher_checkpoint is None:
+        raise ConfigError("--teacher-model and --teacher-model-option describe --teacher-checkpoint FILE: pass it too")
+    if cfg.teacher_checkpoint is not None and cfg.method in ("post-shift", "group-dro"):
+        raise ConfigError(f"--method {cfg.method} takes no --teacher-checkpoint (post-shift needs a --teacher run)")
+    if cfg.teacher is None and cfg.teacher_checkpoint is None and cfg.method != "group-dro":
+        raise ConfigError(
+            f"--teacher RUN_DIR (or --teacher-checkpoint FILE) is required for --method {cfg.method} "
+            "(train one with `rkd teacher`)"
+        )
     if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
         raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")
     if cfg.tau != 1.0 and cfg.method in ("post-shift", "group-dro"):
