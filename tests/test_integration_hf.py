@@ -127,7 +127,9 @@ def test_no_implicit_cross_entropy_and_bad_arguments(tmp_path):
             model=_tiny_llama(0), args=_args(tmp_path), teacher=teacher, loss=loss, compute_loss_func=lambda *a: 0
         )
     with pytest.raises(ValueError, match="teacher_weight"):
-        RobustDistillationTrainer(model=_tiny_llama(0), args=_args(tmp_path), teacher=teacher, loss=loss, teacher_weight=2)
+        RobustDistillationTrainer(
+            model=_tiny_llama(0), args=_args(tmp_path), teacher=teacher, loss=loss, teacher_weight=2
+        )
     with pytest.raises(ValueError, match="dro_dataset"):
         RobustDistillationTrainer(
             model=_tiny_llama(0), args=_args(tmp_path), teacher=teacher, loss=RobustDistillationLoss(VOCAB, "robust")

@@ -61,9 +61,7 @@ def batch_distill_loss(
         if labels is None and a < 1.0:
             raise ValueError(f"teacher_weight={a} < 1 mixes in the labels, but the batch has no 'labels'")
         y = None if a == 1.0 else labels
-        return distill_loss(
-            student_logits, labels=y, teacher_logits=g, teacher_weight=a, reduction="sum", **common
-        )
+        return distill_loss(student_logits, labels=y, teacher_logits=g, teacher_weight=a, reduction="sum", **common)
     if labels is None:
         raise ValueError("a causal LM batch needs 'labels' (B, T) to say which positions count (-100: ignored)")
     if student_logits.dim() != 3 or labels.dim() != 2 or student_logits.shape[:2] != labels.shape:
