@@ -125,7 +125,7 @@ class ImageFolder:
         with Image.open(path) as image:
             image = image.convert("RGB" if self.channels == 3 else "L")
             image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     def __getitem__(self, rows: Tensor | Sequence[int] | slice) -> Tensor:
