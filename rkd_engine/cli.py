@@ -49,6 +49,7 @@ _GROUPS = {
     "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
     "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
     "offline teacher (rkd cache-teacher)": ("teacher_cache", "topk_tail", "cache_augmented"),
+    "teacher trained elsewhere": ("teacher_checkpoint", "teacher_model", "teacher_model_options"),
 }
 
 _MAIN_DESCRIPTION = """\
@@ -113,7 +114,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _METAVARS = {"data": "SPEC", "out": "DIR", "teacher": "RUN_DIR", "model": "NAME", "lr_decay_at": "F1,F2"}
-_METAVARS["teacher_cache"] = "CACHE"
+_METAVARS.update(teacher_cache="CACHE", teacher_checkpoint="FILE", teacher_model="NAME")
 
 
 def _metavar(name: str, kind: str) -> str:
@@ -145,9 +146,9 @@ def _add_train_options(parser: argparse.ArgumentParser, cls: type[TrainConfig]) 
                     default=argparse.SUPPRESS,
                     help=meta["help"],
                 )
-            elif name == "model_options":
+            elif meta["kind"] == "options":
                 group.add_argument(
-                    "--model-option",
+                    flag(name)[:-1],  # --model-option, --teacher-model-option
                     dest=name,
                     action="append",
                     metavar="KEY=VALUE",

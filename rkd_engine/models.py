@@ -2,11 +2,16 @@
 
 ``build_model(name, input_shape, num_classes, **kwargs)`` returns an ``nn.Module`` mapping a batch
 ``(B, *input_shape)`` to scores ``f`` of shape ``(B, m)``. The convolutional models end in adaptive
-average pooling, so they take images of any size.
+average pooling, so they take images of any size. A name ``package.module:factory`` is the user's own
+model: ``factory(**kwargs)`` with ``input_shape`` and ``num_classes`` added where it accepts them.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
@@ -191,6 +196,52 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` names a user factory (``package.module:factory``) rather than a built-in model."""
+    return isinstance(name, str) and ":" in name
+
+
+def resolve_factory(name: str) -> Callable[..., object]:
+    """The callable ``factory`` of ``package.module:factory`` (the working directory is importable, as for
+    ``python -m``). ``ValueError`` naming what could not be found."""
+    module_name, _, attr = name.partition(":")
+    module_name, attr = module_name.strip(), attr.strip()
+    if not module_name or not attr:
+        raise ValueError(f"a user model must be written package.module:factory, got {name!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while importing
+        raise ValueError(f"cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    factory: object = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"{name} is not callable (got a {type(factory).__name__})")
+    return factory
+
+
+def _build_user_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: object) -> nn.Module:
+    factory = resolve_factory(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
+        if key in kwargs:
+            raise ValueError(f"{key} is set by the data; do not pass it as a model option")
+        if takes_any or key in params:
+            kwargs[key] = value
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{name} must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def available_models() -> list[str]:
     """The names ``build_model`` accepts."""
     return list(_BUILDERS)
@@ -203,9 +254,14 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     - ``cnn``: a small CNN for 8x8 images ``(C, H, W)``; ``width`` (32).
     - ``resnet8``, ``resnet20``, ``resnet32``, ``resnet56``: He et al. (2016) CIFAR ResNets for images
       ``(C, H, W)``; ``shortcut`` ``"A"`` (default: zero-padded identity, as in the paper) or ``"B"``.
+    - ``package.module:factory``: the user's own model, ``factory(**kwargs)`` with ``input_shape`` and
+      ``num_classes`` passed where its signature takes them (or ``**kwargs``); it must return a module.
     """
+    if is_user_model(name):
+        shape = tuple(input_shape)
+        return _build_user_model(name, shape, num_classes, **kwargs)
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_BUILDERS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_BUILDERS)} or package.module:factory")
     shape = tuple(input_shape)
     if not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive integers, got {input_shape!r}")

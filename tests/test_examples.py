@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,37 @@ def test_plain_loop_example():
     assert worst["robust student"] > worst["standard student"] + 5.0, done.stdout
     weights = re.search(r"final lambda: \[(.*)\]", done.stdout).group(1)
     assert abs(sum(float(w) for w in weights.split(",")) - 1.0) < 1e-2
+
+
+def _run_example(name: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _worst_by_objective(stdout: str) -> dict[str, float]:
+    found = re.findall(
+        r"^\s*(standard|robust) student\s+accuracy [\d.]+%\s+worst-class ([\d.]+)%", stdout, re.MULTILINE
+    )
+    return {name: float(value) for name, value in found}
+
+
+@pytest.mark.parametrize(
+    ("example", "framework"), [("hf_trainer.py", "transformers"), ("distill_lightning.py", "lightning")]
+)
+def test_framework_examples(example, framework):
+    pytest.importorskip(framework)
+    stdout = _run_example(example)
+    worst = _worst_by_objective(stdout)
+    assert set(worst) == {"standard", "robust"}, stdout
+    # The robust student's worst class beats the standard student's on the long-tailed data.
+    assert worst["robust"] > worst["standard"] + 10.0, stdout

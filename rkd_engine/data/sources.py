@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rkd_engine.data.folder import load_folder
 from rkd_engine.data.protocol import Dataset, Split, check_imbalance, check_seed, split_indices, standardise_
 from rkd_engine.errors import DataError, DataNotFoundError
 
@@ -22,6 +23,7 @@ SOURCES: tuple[str, ...] = (
     "npz:PATH",
     "cifar10:DIR",
     "cifar100:DIR",
+    "folder:DIR",
 )
 
 # Default options of the synthetic Gaussian mixture; see ``_synthetic``.
@@ -73,7 +75,10 @@ def load_dataset(
       - ``cifar10:DIR``, ``cifar100:DIR``: the python-pickle CIFAR folders (``DIR`` is the folder holding
         ``data_batch_1..5`` and ``test_batch``, or ``train`` and ``test`` for CIFAR-100, or its parent).
         The official test batch is the test set; validation (default 10% of the smallest class: 500 per
-        class for CIFAR-10, 50 for CIFAR-100) is carved from the training batches.
+        class for CIFAR-10, 50 for CIFAR-100) is carved from the training batches;
+      - ``folder:DIR[,size=32][,channels=3]``: PNG/JPEG images, one sub-folder per class (or ``train/``
+        and ``test/`` folders of class folders), resized to ``size``; only the chosen rows are decoded
+        (``rkd_engine.data.folder``); default 10% of the smallest class for validation (and test).
 
     Balanced, disjoint validation and test sets are drawn per class first; the training set takes
     ``long_tail_counts(n_max, m, imbalance)`` of the remaining examples (class 0 the head, ``n_max`` the
@@ -111,6 +116,13 @@ def load_dataset(
         m = _CIFAR[kind]["num_classes"]
         name, is_image, scale = kind, True, 1.0 / 255.0
         default = (max(1, int(torch.bincount(y, minlength=m).min()) // 10), None)
+    elif kind == "folder":
+        if not arg:
+            raise ValueError("the folder source needs a folder: 'folder:DIR'")
+        x, y, m, official_test = load_folder(arg)  # x decodes only the rows chosen below
+        name, is_image, scale = "folder", True, 1.0 / 255.0
+        tenth = max(1, int(torch.bincount(y, minlength=m).min()) // 10)
+        default = (tenth, None if official_test is not None else tenth)
     else:
         raise DataError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
     x_test, y_test = official_test if official_test is not None else (x, y)

@@ -58,7 +58,9 @@ class TrainConfig:
     test_per_class: int | None = _opt(None, "optint", "test examples per class (default: the source's)")
     data_seed: int | None = _opt(None, "optint", "seed of the data split (default: --seed)")
     model: str = _opt(
-        "auto", "str", "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | auto (the data source's default)"
+        "auto",
+        "str",
+        "mlp | cnn | resnet8 | resnet20 | resnet32 | resnet56 | package.module:factory | auto (the data source's default)",
     )
     model_options: dict = field(
         default_factory=dict,
@@ -123,6 +125,14 @@ class StudentConfig(TrainConfig):
     data: str | None = _opt(None, "optstr", "data source (default: the teacher's; must match it)")
     imbalance: float | None = _opt(None, "optfloat", "imbalance ratio (default: the teacher's)")
     teacher: str | None = _opt(None, "optstr", "teacher run directory (written by `rkd teacher`)")
+    teacher_checkpoint: str | None = _opt(
+        None, "optstr", "a teacher trained elsewhere: a state dict (with --teacher-model), torch.export or TorchScript"
+    )
+    teacher_model: str | None = _opt(None, "optstr", "model of --teacher-checkpoint's state dict (NAME or pkg.mod:fn)")
+    teacher_model_options: dict = field(
+        default_factory=dict,
+        metadata={"kind": "options", "help": "--teacher-model keyword KEY=VALUE (repeatable)", "choices": None},
+    )
     method: str = _opt("distill", "str", "student method", STUDENT_METHODS)
     gamma: float = _opt(1.0, "float", "teacher temperature gamma: p = softmax(g / gamma)")
     tau: float = _opt(1.0, "float", "student temperature tau on the teacher term (Hinton)")
@@ -388,10 +398,25 @@ def _validate_student(cfg: StudentConfig) -> None:
                 else "it has no teacher"
             )
         )
-    if cfg.teacher is None and cfg.teacher_cache is None and cfg.method != "group-dro":
+    given = [
+        name
+        for name, value in (
+            ("--teacher", cfg.teacher),
+            ("--teacher-checkpoint", cfg.teacher_checkpoint),
+            ("--teacher-cache", cfg.teacher_cache),
+        )
+        if value is not None
+    ]
+    if cfg.teacher_checkpoint is not None and len(given) > 1:  # a cache names the teacher run it came from
+        raise ConfigError(f"pass one teacher: {' or '.join(given)}, not several")
+    if (cfg.teacher_model is not None or cfg.teacher_model_options) and cfg.teacher_checkpoint is None:
+        raise ConfigError("--teacher-model and --teacher-model-option describe --teacher-checkpoint FILE: pass it too")
+    if cfg.teacher_checkpoint is not None and cfg.method in ("post-shift", "group-dro"):
+        raise ConfigError(f"--method {cfg.method} takes no --teacher-checkpoint (post-shift needs a --teacher run)")
+    if not given and cfg.method != "group-dro":
         raise ConfigError(
-            f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`; "
-            "or --teacher-cache CACHE)"
+            f"--teacher RUN_DIR (or --teacher-checkpoint FILE, or --teacher-cache CACHE) is required for "
+            f"--method {cfg.method} (train one with `rkd teacher`)"
         )
     if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
         raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")

@@ -46,6 +46,7 @@ from rkd_engine.training.config import (
     semantic_diff,
     validate,
 )
+from rkd_engine.training.dro_schedule import DROSchedule
 from rkd_engine.training.evaluation import (
     load_model_file,
     predict,
@@ -54,6 +55,7 @@ from rkd_engine.training.evaluation import (
     summary_line,
     teacher_calibration,
 )
+from rkd_engine.training.external import load_external_teacher
 from rkd_engine.training.methods import (
     PostShift,
     ada_alpha_weight,
@@ -325,6 +327,16 @@ class _Run:
         return None
 
     def _load_teacher(self) -> nn.Module:
+        cfg = self.cfg
+        if getattr(cfg, "teacher_checkpoint", None) is not None:
+            return load_external_teacher(
+                cfg.teacher_checkpoint,
+                model=cfg.teacher_model,
+                model_options=cfg.teacher_model_options,
+                input_shape=tuple(self.data.input_shape),
+                num_classes=self.m,
+                device=self.ctx.device,
+            )
         teacher, spec = load_model_file(self.cfg.teacher, self.ctx.device)
         if spec["num_classes"] != self.m or tuple(spec["input_shape"]) != tuple(self.data.input_shape):
             raise ConfigError(
@@ -383,6 +395,19 @@ class _Run:
                 backend=cfg.backend,
             )
         self.loss_fn.to(ctx.device)
+        if self._uses_validation_dro():
+            self.dro_schedule = DROSchedule(
+                self.loss_fn,
+                every=cfg.dro_every,
+                labels=data.val.y if self.p_val is None else None,
+                teacher_probs=self.p_val,
+                val_batch=cfg.val_batch,
+                seed=cfg.seed,
+                backend=cfg.backend,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                reduce=ctx.all_reduce_,
+            )
         self.steps_per_epoch = steps_per_epoch(len(data.train), cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.SGD(
@@ -551,26 +576,8 @@ class _Run:
     @torch.no_grad()
     def _dro_validation_update(self) -> None:
         """``lambda <- lambda exp(eta alpha error/mass)`` from a validation batch, statistics summed over ranks."""
-        cfg, ctx, val = self.cfg, self.ctx, self.data.val
-        n = len(val)
-        if cfg.val_batch >= n:
-            rows = torch.arange(n, device=ctx.device)
-        else:
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "val", self.step))
-            rows = torch.randperm(n, generator=gen)[: cfg.val_batch].to(ctx.device)
-        rows = shard(rows, ctx.rank, ctx.world_size)
-        error = torch.zeros(self.m, device=ctx.device)
-        mass = torch.zeros(self.m, device=ctx.device)
-        if rows.numel():
-            f = predict(self.module, val.x[rows])
-            if self.p_val is not None:
-                stats = distill_loss(f, teacher_probs=self.p_val[rows], backend=cfg.backend, validate=False)
-            else:
-                stats = distill_loss(f, labels=val.y[rows], backend=cfg.backend, validate=False)
-            error += stats.error.float()
-            mass += stats.mass.float()
-        ctx.all_reduce_(error, mass)
-        self.loss_fn.update_weights(error, mass)
+        val = self.data.val
+        self.dro_schedule.maybe_update(self.step, lambda rows: predict(self.module, val.x[rows]))
 
     def _uses_validation_dro(self) -> bool:
         return self.cfg.objective in ("robust", "tradeoff") and self.method != "group-dro"
@@ -628,7 +635,7 @@ class _Run:
                 window["hits"] += (f.detach().argmax(1) == y).sum()
                 window["rows"] += y.numel()
                 window["steps"] += 1
-                if self._uses_validation_dro() and self.step % cfg.dro_every == 0:
+                if self._uses_validation_dro():
                     self._dro_validation_update()
                 if self.step % LOG_EVERY == 0 or self.batch == self.steps_per_epoch:
                     self._check_finite(float(window["loss"]))  # the divergence check costs no extra sync
