@@ -39,7 +39,7 @@ _GROUPS = {
         "lr_decay",
         "seed",
     ),
-    "objective (METHOD.md 2-4)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
+    "objective (docs/objectives.md, docs/dro.md)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
     "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
     "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
 }
