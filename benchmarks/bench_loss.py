@@ -1,10 +1,10 @@
 """Forward+backward of the distillation loss: eager reference, torch.compile of the reference, rkd backends.
 
-The case is the paper's robust student (METHOD.md section 3): teacher logits ``g`` at temperature
+The case is the paper's robust student (docs/loss.md): teacher logits ``g`` at temperature
 ``gamma = 2``, target ``q = p`` (``a = 1``), class costs ``c = lambda / pi_t``, mean over rows, and
 ``loss.backward()`` into the student scores. Every method computes the same gradient; speed-ups are
 measured in the same run. Bandwidth is judged against a memory copy measured in the same run
-(METHOD.md section 10): the floor moves ``3 x B x m`` elements (read ``f`` and ``g``, write the
+(docs/performance.md): the floor moves ``3 x B x m`` elements (read ``f`` and ``g``, write the
 gradient); a two-pass kernel over rows too wide for the chip moves ``5 x``.
 
     python benchmarks/bench_loss.py                      # the issue's shapes for the device present

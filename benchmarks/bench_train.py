@@ -1,6 +1,6 @@
 """A whole student training step with the fused loss against the same step with the eager reference loss.
 
-One step (the paper's robust student, METHOD.md sections 3 and 4): the teacher's logits ``g`` for the batch
+One step (the paper's robust student, docs/loss.md and docs/dro.md): the teacher's logits ``g`` for the batch
 are a fixed tensor computed beforehand (what the step gets from the teacher's forward), then the student's
 forward ``f = model(x)``, the robust distillation loss (``q = p = softmax(g / gamma)``, ``gamma = 2``, class
 costs ``c = lambda / pi_t`` from ``RobustDistillationLoss(objective="robust")``, mean over rows), backward,
@@ -37,7 +37,7 @@ Share of the step spent in the loss, measured two ways (both in the CSV):
   zero gradient into ``f``: the same forward, backward and optimizer work, no loss cost), timed in the same
   rounds; ``(step - trivial step) / step``. Noisier: it is a difference of two step times.
 
-DRO weight update (METHOD.md section 4, every ``K = 32`` steps): ``dro_update_ms`` is one
+DRO weight update (docs/dro.md, every ``K = 32`` steps): ``dro_update_ms`` is one
 ``RobustDistillationLoss.update_weights(error, mass)`` call (``ClassDRO.update``); the validation pass it
 needs is the student's forward on ``val_rows`` rows (``dro_val_forward_ms``) and the fused loss without
 gradient on those logits for the per-class ``error`` and ``mass`` (``dro_val_stats_ms``).
@@ -73,7 +73,7 @@ from rkd_engine import RobustDistillationLoss, distill_loss  # noqa: E402
 from rkd_engine.models import build_model  # noqa: E402
 from rkd_engine.ops import select_backend  # noqa: E402
 
-K = 32  # steps between DRO updates (METHOD.md section 4, the reference code's value)
+K = 32  # steps between DRO updates (docs/dro.md, the reference code's value)
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 
 

@@ -1,7 +1,7 @@
 """Reproduce the paper's study on embedded data: long-tailed digits at two imbalance ratios.
 
 Runs ``rkd sweep`` with ``benchmarks/recipes/digits_lt.yaml`` (5 x 5 grid of ``alpha_t`` x ``alpha_s``,
-``gamma`` in {1, 3}, every baseline of METHOD.md section 5, 5 seeds) at ``rho = 100`` and ``rho = 10``,
+``gamma`` in {1, 3}, every baseline of docs/baselines.md, 5 seeds) at ``rho = 100`` and ``rho = 10``,
 then ``rkd report`` on each, and copies what is worth keeping (``runs.csv``, ``report.md``, the
 tables and the plots; not the run directories) to ``benchmarks/results/reproduce/digits_rho<rho>/``.
 

@@ -5,7 +5,7 @@ Synthetic long-tailed data (a Gaussian mixture, class 0 the head, imbalance 50),
   2. a student distilled with the standard objective (c = 1) as the baseline;
   3. a student distilled with the robust objective, written out by hand with ``distill_loss`` and
      ``ClassDRO``: c = lambda / pi_t, lambda updated every K steps from the student's per-class 0-1
-     error on a teacher-labelled validation set (METHOD.md section 4; no validation labels used).
+     error on a teacher-labelled validation set (docs/dro.md; no validation labels used).
 Prints the average and worst-class test accuracy of each. Runs in a few seconds on a CPU:
 
     python examples/plain_loop.py

@@ -1,6 +1,6 @@
 """Fused robust-distillation rows in Triton: loss, gradient and per-class statistics in one read.
 
-Math (METHOD.md section 3), per row ``i`` of ``B`` rows and ``m`` classes, all arithmetic in fp32:
+Math (docs/loss.md), per row ``i`` of ``B`` rows and ``m`` classes, all arithmetic in fp32:
 
     p_i     = softmax((g_i - max_j g_ij) / gamma)          teacher logits (p_i = g_i for probabilities)
     q_i     = (1 - a_i) e_{y_i} + a_i p_i                   target

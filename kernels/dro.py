@@ -1,4 +1,4 @@
-"""The exponentiated-gradient DRO step on device (METHOD.md section 4), in place, without host sync.
+"""The exponentiated-gradient DRO step on device (docs/dro.md), in place, without host sync.
 
 Math, over the ``m`` classes, with ``P = {j : mass_j > 0}`` the classes present:
 

@@ -2,7 +2,7 @@
 
 The fused distillation loss with per-class statistics (``distill_loss``), the class-level DRO state
 (``ClassDRO``) and a module that applies the paper's objectives (``RobustDistillationLoss``).
-See ``../shared/METHOD.md`` for the formulas; ``rkd_engine.reference`` is their pure-PyTorch oracle.
+See ``docs/README.md`` for the formulas; ``rkd_engine.reference`` is their pure-PyTorch oracle.
 """
 
 from __future__ import annotations

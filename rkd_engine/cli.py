@@ -45,7 +45,7 @@ _GROUPS = {
         "lr_decay",
         "seed",
     ),
-    "objective (METHOD.md 2-4)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
+    "objective (docs/objectives.md, docs/dro.md)": ("objective", "alpha", "dro_step", "dro_every", "val_batch"),
     "distillation": ("teacher", "method", "gamma", "tau", "teacher_weight", "val_labels", "val_gamma", "margin_scale"),
     "run": ("out", "checkpoint_every", "eval_every", "device", "backend"),
     "offline teacher (rkd cache-teacher)": ("teacher_cache", "topk_tail", "cache_augmented"),
@@ -99,7 +99,7 @@ examples:
 methods: distill (the paper's student, q = p), hinton (q = (1-a) e_y + a p, student temperature tau),
 post-shift (f_y = log(shift_y p_y), shift tuned for worst-class validation accuracy), group-dro (no
 teacher, online DRO weights from the batch losses), ada-alpha (a per example from the teacher margin),
-ada-margin (a per-example margin from the teacher margin); see rkd_engine/training/methods.py.
+ada-margin (a per-example margin from the teacher margin); see docs/baselines.md.
 A student uses its teacher's data split; the data options default to the teacher's.
 """,
 }
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read SWEEP_DIR/runs.csv and write report.md (Table 1: teacher x student grid; Table 2: "
         "the trade-off selected by the paper's rule against the baselines; checks of the paper's findings), "
         "table1.csv, table2.csv, pareto.png, per_class_recall.png and calibration.png; print the markdown.",
-        epilog="examples:\n  rkd report sweeps/digits\n  rkd report sweeps/digits --out docs/digits\n",
+        epilog="examples:\n  rkd report sweeps/digits\n  rkd report sweeps/digits --out reports/digits\n",
     )
     rep.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a directory written by rkd sweep")
     rep.add_argument("--out", metavar="DIR", help="where to write the report (default: SWEEP_DIR)")

@@ -1,6 +1,6 @@
 """``ClassDRO``: the class weights ``lambda`` of distributionally robust training over classes.
 
-METHOD.md section 4 (Algorithms 1 and 2 of the paper): ``lambda`` starts uniform on the simplex; every
+docs/dro.md (Algorithms 1 and 2 of the paper): ``lambda`` starts uniform on the simplex; every
 update takes per-class risks ``R_j = risk_numerator_j / mass_j`` (the validation 0-1 error, or the
 batch surrogate risk for online Group DRO) and does the exponentiated-gradient step
 ``lambda_j <- lambda_j exp(eta alpha R_j)`` renormalised over the classes present, so a class with zero

@@ -1,6 +1,6 @@
 """The user API: ``distill_loss`` (a function) and ``RobustDistillationLoss`` (an ``nn.Module``).
 
-Per row ``i`` (METHOD.md section 3): ``p_i = softmax(g_i / gamma)`` (or given), ``q_i = (1 - a_i) e_{y_i}
+Per row ``i`` (docs/loss.md): ``p_i = softmax(g_i / gamma)`` (or given), ``q_i = (1 - a_i) e_{y_i}
 + a_i p_i``, ``s_i = softmax(f_i - log c)`` and ``loss_i = -sum_j w_j q_ij log s_ij`` (with the Hinton
 student temperature ``tau`` on the teacher part). Besides the loss, every call returns the per-class
 statistics ``mass``, ``risk`` and ``error`` summed over the batch, which drive the DRO class weights.
@@ -27,7 +27,7 @@ _PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4,
 
 
 class LossOutput(NamedTuple):
-    """The loss and the per-class statistics of METHOD.md section 3.6 (summed over the batch).
+    """The loss and the per-class statistics of docs/statistics.md (summed over the batch).
 
     ``risk / mass`` and ``error / mass`` are the per-class surrogate and 0-1 risk estimates.
     """
@@ -309,12 +309,12 @@ def _as_python_number(value: object) -> object:
 class RobustDistillationLoss(nn.Module):
     """The paper's objectives for teacher training (labels) and student training (a teacher).
 
-    ``objective`` sets the class costs ``c`` of the margin loss (METHOD.md section 3):
+    ``objective`` sets the class costs ``c`` of the margin loss (docs/loss.md):
     ``"standard"``: ``c = 1``; ``"balanced"``: ``c = 1 / pi``; ``"robust"``: ``c = lambda / pi``;
     ``"tradeoff"``: ``c = beta / pi`` with ``beta = (1 - alpha) / m + alpha * lambda``. ``pi`` is the
     label prior of the training set for a teacher and the teacher marginal ``pi_t`` for a student
     (``set_prior``). ``lambda`` lives in the ``dro`` submodule (a ``ClassDRO``) and moves with
-    ``update_weights(error, mass)``, the validation step of METHOD.md section 4.
+    ``update_weights(error, mass)``, the validation step of docs/dro.md.
 
     Every argument is checked when the module is built (``class_weights``: ``(m,)`` finite and
     ``>= 0``; ``teacher_weight``: a number in [0, 1]); ``forward`` checks the class count of the

@@ -1,4 +1,4 @@
-"""Evaluation metrics of METHOD.md sections 6 and 7.
+"""Evaluation metrics of docs/metrics.md.
 
 Accuracy, per-class recall, balanced accuracy (mean recall), worst-1 (min recall) and worst-k (mean of
 the ``k`` lowest recalls) accuracy, top-label expected calibration error (ECE) and the per-class
@@ -78,7 +78,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
 
 
 def per_class_calibration_error(probs: Tensor, labels: Tensor, prior: Tensor | None = None, n_bins: int = 10) -> dict:
-    """The per-class calibration error of METHOD.md section 6, estimated from held-out labels.
+    """The per-class calibration error of docs/metrics.md, estimated from held-out labels.
 
     ``pi_t = mean_x p(x)`` over the given rows. For each class ``y`` the rows are binned by ``p_y(x)``
     into ``n_bins`` equal-width bins and the error is
@@ -134,7 +134,7 @@ def classification_report(
     k: int = 3,
     probs: Tensor | None = None,
 ) -> dict:
-    """Accuracy metrics of METHOD.md section 7 from scores ``(N, m)`` or predicted classes ``(N,)``.
+    """Accuracy metrics of docs/metrics.md from scores ``(N, m)`` or predicted classes ``(N,)``.
 
     Predictions are ``h(x) = argmax_j f_j(x)`` of the raw scores (first index on ties). Per-class recall
     ``r_y`` is the accuracy on the rows labelled ``y``; over the classes present in ``labels``:

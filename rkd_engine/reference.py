@@ -1,11 +1,11 @@
-"""Pure-PyTorch reference of every formula in METHOD.md sections 3 and 4.
+"""Pure-PyTorch reference of every formula in docs/loss.md and docs/dro.md.
 
 This module is the test oracle, the fallback backend on any device and the baseline of every
 benchmark. It favours clarity over speed, works in any floating dtype (float64 included) and is
 differentiable with autograd, so ``torch.autograd.gradcheck`` can check both the loss and the
 closed-form gradient below.
 
-Symbols (METHOD.md section 1 and 3), per row ``i`` of a batch of ``B`` rows and ``m`` classes:
+Symbols (docs/README.md and docs/loss.md), per row ``i`` of a batch of ``B`` rows and ``m`` classes:
 
     p_i   = softmax(g_i / gamma)                       (teacher; or given as probabilities)
     q_i   = (1 - a_i) e_{y_i} + a_i p_i                (target)
@@ -99,7 +99,7 @@ def loss_rows(
     w: Tensor | None = None,
     tau: float = 1.0,
 ) -> Tensor:
-    """Per-row loss ``loss_i`` of METHOD.md section 3, differentiable in ``student`` (and teacher).
+    """Per-row loss ``loss_i`` of docs/loss.md, differentiable in ``student`` (and teacher).
 
     ``a`` is a (B,) tensor; ``log_c`` and ``w`` are (m,) tensors or ``None`` (``c = 1``, ``w = 1``).
     Computed in the dtype of ``student`` (use float64 for an oracle).
@@ -246,13 +246,13 @@ def linear_loss_rows(
 
 
 def tradeoff_beta(weights: Tensor, alpha: float) -> Tensor:
-    """``beta = (1 - alpha) / m + alpha * lambda`` (METHOD.md section 2)."""
+    """``beta = (1 - alpha) / m + alpha * lambda`` (docs/objectives.md)."""
     m = weights.shape[-1]
     return (1.0 - alpha) / m + alpha * weights
 
 
 def dro_update(weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float, step_size: float) -> Tensor:
-    """One exponentiated-gradient step on the class weights ``lambda`` (METHOD.md section 4).
+    """One exponentiated-gradient step on the class weights ``lambda`` (docs/dro.md).
 
     ``R_j = risk_numerator_j / mass_j`` for classes with ``mass_j > 0``;
     ``lambda_j <- lambda_j exp(step_size * alpha * R_j)``, renormalised over the classes present so

@@ -39,7 +39,7 @@ def backend_devices() -> list:
 
 
 def make_inputs(rows: int, m: int, dtype: torch.dtype, device: str, regime: str, seed: int):
-    """Student and teacher scores and labels for one input regime (see STYLE.md, Tests)."""
+    """Student and teacher scores and labels for one input regime (see CONTRIBUTING.md, Tests)."""
     gen = torch.Generator().manual_seed(seed)
     f = torch.randn(rows, m, generator=gen, dtype=torch.float64)
     g = torch.randn(rows, m, generator=gen, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Data protocol (METHOD.md section 8), the data sources and image augmentation."""
+"""Data protocol (docs/protocol.md), the data sources and image augmentation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DRO weight update of METHOD.md section 4."""
+"""The DRO weight update of docs/dro.md."""
 
 from __future__ import annotations
 

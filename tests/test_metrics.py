@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md sections 6 and 7: hand-worked examples, absent classes, calibration."""
+"""Metrics of docs/metrics.md: hand-worked examples, absent classes, calibration."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-// rkd_engine._C: the fused distillation loss on CPU (METHOD.md section 3), bound with pybind11.
+// rkd_engine._C: the fused distillation loss on CPU (docs/loss.md), bound with pybind11.
 //
-// Math, per row i of B rows and m classes (METHOD.md symbols), with f = student scores, g = teacher
+// Math, per row i of B rows and m classes (the symbols of docs/README.md), with f = student scores, g = teacher
 // logits (or p given directly), y = label, a = a_i, c = class costs, w = class weights:
 //   p_j   = softmax(g / gamma)_j                  q_j = (1 - a) [j == y] + a p_j
 //   z_j   = (f_j - max_k f_k) - log c_j           s = softmax(z),  s^tau = softmax(z / tau)
@@ -399,7 +399,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("grad_out") = py::none(),
           py::arg("ignore_index") = -100,
           py::call_guard<py::gil_scoped_release>(),
-          "(loss, grad, mass, risk, error) of METHOD.md section 3 for CPU tensors "
+          "(loss, grad, mass, risk, error) of docs/loss.md for CPU tensors "
           "(see rkd_engine.reference.fused_rows).");
   mod.def("scale_rows_", &rkd::cpu::scale_rows_, py::arg("grad"), py::arg("go"),
           py::call_guard<py::gil_scoped_release>(), "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1.");

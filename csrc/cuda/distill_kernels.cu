@@ -1,4 +1,4 @@
-// rkd CUDA kernels for sm_90 (H100, H200): the fused robust-distillation loss of METHOD.md section 3,
+// rkd CUDA kernels for sm_90 (H100, H200): the fused robust-distillation loss of docs/loss.md,
 // the in-place row scaling of its saved gradient, and the DRO weight step of section 4.
 // Plain CUDA C++: no torch header, so CI compiles this file with nvcc on a machine without a GPU.
 //

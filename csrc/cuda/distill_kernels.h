@@ -1,7 +1,7 @@
 // Host interface of the rkd CUDA kernels (distill_kernels.cu). Plain C++ and the CUDA runtime only: no
 // torch, so the kernels compile with nvcc alone (CI checks that on a machine without a GPU).
 //
-// Symbols follow METHOD.md: B rows, m classes, student scores f (B x m), teacher g (B x m), labels y,
+// Symbols follow docs/README.md: B rows, m classes, student scores f (B x m), teacher g (B x m), labels y,
 // teacher weight a (B,), class costs c (m,) given as log c, class weights w (m,). See the .cu file.
 #pragma once
 
@@ -62,7 +62,7 @@ void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_byte
 void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_t rows, int64_t cols,
                 cudaStream_t stream);
 
-// One exponentiated-gradient step on the class weights lambda (METHOD.md section 4), in place, in one
+// One exponentiated-gradient step on the class weights lambda (docs/dro.md), in place, in one
 // block: R_j = risk_j / mass_j where mass_j > 0; lambda_j <- lambda_j exp(step_size * alpha * R_j),
 // renormalised over the classes present; a class with mass_j <= 0 keeps its weight exactly.
 void dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha,

@@ -1,4 +1,4 @@
-"""Data for the protocol of METHOD.md section 8: long-tailed training sets, balanced validation and test sets.
+"""Data for the protocol of docs/protocol.md: long-tailed training sets, balanced validation and test sets.
 
 ``load_dataset(spec)`` returns a ``Dataset`` (train, val, test ``Split``s) from ``digits``, ``synthetic``,
 ``npz:PATH``, ``cifar10:DIR`` or ``cifar100:DIR``; ``augment_images`` crops and flips image batches in

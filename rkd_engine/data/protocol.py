@@ -1,4 +1,4 @@
-"""The data protocol of METHOD.md section 8: long-tailed training sets, balanced held-out sets.
+"""The data protocol of docs/protocol.md: long-tailed training sets, balanced held-out sets.
 
 A training set is long-tailed with the exponential profile ``n_y = n_max * rho^(-y/(m-1))`` (class 0
 the head, imbalance ratio ``rho = n_0 / n_{m-1}``); the validation and test sets are balanced and
@@ -76,7 +76,7 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A long-tailed training split and balanced, disjoint validation and test splits (METHOD.md section 8)."""
+    """A long-tailed training split and balanced, disjoint validation and test splits (docs/protocol.md)."""
 
     name: str
     num_classes: int

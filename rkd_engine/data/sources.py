@@ -61,7 +61,7 @@ def load_dataset(
     val_per_class: int | None = None,
     test_per_class: int | None = None,
 ) -> Dataset:
-    """Load a data set and split it by the protocol of METHOD.md section 8.
+    """Load a data set and split it by the protocol of docs/protocol.md.
 
     ``spec`` is one of
       - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as ``1 x 8 x 8`` images

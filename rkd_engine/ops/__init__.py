@@ -1,6 +1,6 @@
 """Ops and their dispatch.
 
-Four layers (STYLE.md): raw kernels (``kernels/`` Triton, ``csrc/`` C++ and CUDA), launchers (one
+Four layers (CONTRIBUTING.md): raw kernels (``kernels/`` Triton, ``csrc/`` C++ and CUDA), launchers (one
 module per backend here: ``reference_backend``, ``cpp_backend``, ``triton_backend``,
 ``cuda_backend``, all with the same contract as ``rkd_engine.reference.fused_rows``), the
 ``rkd::distill`` custom op (``op.py``) and the user API (``rkd_engine.losses``).

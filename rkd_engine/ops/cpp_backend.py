@@ -1,7 +1,7 @@
 """The C++ CPU backend: the fused kernel of ``csrc/cpu`` (extension ``rkd_engine._C``) behind the backend contract.
 
 One pass per row computes ``loss_i``, ``grad_scale * dloss_i/df_i`` and the per-class ``mass``, ``risk`` and
-``error`` of METHOD.md section 3 (see ``csrc/cpu/distill_cpu.cpp`` for the math), with OpenMP over rows and
+``error`` of docs/loss.md (see ``csrc/cpu/distill_cpu.cpp`` for the math), with OpenMP over rows and
 AVX2 vector code where the CPU has it. The extension is imported on first use, so a checkout or
 installation without it still imports; ``unavailable_reason`` then says why the backend cannot run.
 """

@@ -1,7 +1,7 @@
 """The CUDA backend: the sm_90 kernels of ``csrc/cuda`` (extension ``rkd_engine._C_cuda``) behind the backend contract.
 
 One fused forward computes ``loss_i``, ``grad_scale * dloss_i/df_i`` (rounded once, in the student dtype)
-and the per-class ``mass``, ``risk`` and ``error`` of METHOD.md section 3, on the current CUDA stream and
+and the per-class ``mass``, ``risk`` and ``error`` of docs/loss.md, on the current CUDA stream and
 with no host synchronisation: rows of up to 4,096 classes are held in registers (a warp or a block per
 row; f and g read once), wider rows (up to ``MAX_CLASSES``) take an online-softmax pass and a second
 (column tile x row group) pass; per-class statistics are reduced per block and then column-summed in a

@@ -142,7 +142,7 @@ def fused_forward(
     ignore_index: int = -100,
     scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (METHOD.md 3).
+    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (docs/loss.md).
 
     The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
     the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,

@@ -1,4 +1,4 @@
-"""The training engine: teachers and students for every objective of METHOD.md, runs, evaluation, demo.
+"""The training engine: teachers and students for every objective of docs/objectives.md, runs, evaluation, demo.
 
 ``train_teacher(TeacherConfig(...))`` and ``train_student(StudentConfig(...))`` train one run into a
 run directory (``config.json``, ``log.jsonl``, ``checkpoint.pt``, ``model.pt``, ``metrics.json``);

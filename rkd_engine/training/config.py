@@ -45,7 +45,7 @@ def _opt(default: Any, kind: str, help: str, choices: tuple[str, ...] | None = N
 
 @dataclass
 class TrainConfig:
-    """Options shared by teacher and student training (METHOD.md sections 4 and 8)."""
+    """Options shared by teacher and student training (docs/dro.md and docs/protocol.md)."""
 
     out: str | None = _opt(None, "optstr", "run directory (default: runs/<command>-<objective>-seed<seed>)")
     data: str | None = _opt(
@@ -80,7 +80,7 @@ class TrainConfig:
     warmup_epochs: float = _opt(1.0, "float", "epochs of linear learning-rate warm-up")
     lr_decay_at: tuple = _opt((0.5, 0.75), "floats", "fractions of training where the learning rate decays")
     lr_decay: float = _opt(0.1, "float", "factor applied to the learning rate at each decay point")
-    objective: str = _opt("standard", "str", "training objective (METHOD.md 2)", OBJECTIVES)
+    objective: str = _opt("standard", "str", "training objective (docs/objectives.md)", OBJECTIVES)
     alpha: float | None = _opt(None, "optfloat", "trade-off alpha in [0, 1] (objective tradeoff only)")
     dro_step: float | None = _opt(
         None,

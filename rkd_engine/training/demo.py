@@ -1,7 +1,7 @@
 """``rkd demo``: the paper's Table 1 grid on long-tailed digits, in a few minutes on a laptop CPU.
 
 For each seed (which fixes the data split, the initialisations and the batch orders): standard,
-balanced and robust teachers on a long-tailed training set (METHOD.md section 8), then standard,
+balanced and robust teachers on a long-tailed training set (docs/protocol.md), then standard,
 balanced and robust students distilled from each (``a = 1``, teacher-labelled validation updates for
 the robust students). Reports average (= balanced, the test set being balanced) and worst-class test
 accuracy, averaged over the seeds, the teacher alone included, and checks the paper's claim: the

@@ -1,4 +1,4 @@
-"""Teacher and student training (METHOD.md sections 2 to 5 and 8).
+"""Teacher and student training (docs/objectives.md, docs/loss.md, docs/dro.md, docs/baselines.md, docs/protocol.md).
 
 Teacher: ``q = e_y`` (one-hot labels), class costs ``c`` of the objective with ``pi`` the training
 label prior. Student: ``q = (1 - a) e_y + a p`` with ``p = softmax(g / gamma)`` from a teacher run

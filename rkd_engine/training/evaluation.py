@@ -1,7 +1,7 @@
 """Model files and evaluation: ``model.pt`` of a run, batched prediction, ``rkd eval``.
 
 The reports are ``rkd_engine.metrics.classification_report`` (accuracy, balanced, worst-1 and worst-k
-accuracy, per-class recall, ECE; METHOD.md section 7) and, for a teacher's probabilities,
+accuracy, per-class recall, ECE; docs/metrics.md) and, for a teacher's probabilities,
 ``per_class_calibration_error`` (section 6).
 """
 

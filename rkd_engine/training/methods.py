@@ -1,4 +1,4 @@
-"""Student baselines of METHOD.md section 5 that need more than the loss: the teacher margin mappings
+"""Student baselines of docs/baselines.md that need more than the loss: the teacher margin mappings
 of AdaAlpha and AdaMargin, and post-shift.
 
 Teacher margin (Lukasik et al., TMLR 2022) of row ``i`` with label ``y``, from the teacher's
@@ -16,7 +16,7 @@ other classes. The mappings chosen here (the papers' exact ones are not public):
 
 Post-shift (Narasimhan & Menon 2021, Algorithm 3): the teacher itself with shifted scores
 ``f_y(x) = log(shift_y p_y(x))``, where ``shift = lambda / pi`` is found by the exponentiated-gradient
-search of METHOD.md section 4 run on the validation set with one-hot labels: ``lambda`` starts uniform
+search of docs/dro.md run on the validation set with one-hot labels: ``lambda`` starts uniform
 (so the first candidate is the balanced logit adjustment ``1 / pi``), each iteration multiplies
 ``lambda_y`` by ``exp(eta R_y)`` with ``R_y`` the validation error of class ``y`` under the current
 shift, and the iterate with the best worst-class validation accuracy is kept (ties: higher mean

@@ -12,7 +12,7 @@
   the selected robust student), ``calibration.png`` (teacher per-class calibration error against the
   student's worst-class accuracy).
 - ``report.md``, ``table1.csv``, ``table2.csv`` next to them, and a few checks of the paper's findings
-  (METHOD.md section 9) computed from the numbers.
+  (docs/paper-results.md) computed from the numbers.
 
 The standard error is the sample standard deviation over seeds (``ddof = 1``) over ``sqrt(n)``.
 """
@@ -334,7 +334,7 @@ def _csv_text(rows: list[list[str]]) -> bytes:
 
 # ---------------------------------------------------------------------------------------- findings
 def findings(rep: Report) -> list[str]:
-    """Checks of METHOD.md section 9 on this sweep, each a sentence with its numbers."""
+    """Checks of docs/paper-results.md on this sweep, each a sentence with its numbers."""
     out: list[str] = []
     std, sel = rep.standard, rep.selected
     if sel is not None:
@@ -664,7 +664,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
         markdown_table(t2),
     ]
     checks = findings(rep)
-    parts += ["", "## The paper's findings (METHOD.md section 9), checked here", ""] + [f"- {f}" for f in checks]
+    parts += ["", "## The paper's findings (docs/paper-results.md), checked here", ""] + [f"- {f}" for f in checks]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     text = "\n".join(parts) + "\n"

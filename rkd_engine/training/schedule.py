@@ -1,6 +1,6 @@
 """Learning-rate schedule and batch order: both pure functions of the step, so a resumed run repeats them.
 
-Learning rate (METHOD.md section 8): linear warm-up from ``lr / warmup_steps`` to ``lr`` over
+Learning rate (docs/protocol.md): linear warm-up from ``lr / warmup_steps`` to ``lr`` over
 ``warmup_steps`` steps, then multiplied by ``decay`` at each decay step. Batch order: epoch ``e`` visits
 the training set in the permutation drawn from ``derive_seed(seed, "order", e)``; the last batch is
 filled up from the start of the permutation, so every step sees exactly ``batch_size`` rows, and under

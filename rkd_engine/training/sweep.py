@@ -4,7 +4,7 @@ For each seed (which fixes the data split, initialisations and batch orders) the
 teachers once, a standard one and one trade-off teacher per ``alpha_t`` (``alpha = 0`` is the balanced
 objective, ``alpha = 1`` the robust one), then distils from each teacher, at each ``gamma``, a standard
 student and one trade-off student per ``alpha_s``; the standard teacher also feeds the baselines of
-METHOD.md section 5 (post-shift, AdaAlpha, AdaMargin, Hinton), and Group DRO runs without a teacher.
+docs/baselines.md (post-shift, AdaAlpha, AdaMargin, Hinton), and Group DRO runs without a teacher.
 Standard distillation, the balanced student and the robust student of NM'21 are grid points
 (standard teacher with the standard, ``alpha_s = 0`` and ``alpha_s = 1`` students).
 
