@@ -153,9 +153,12 @@ def fused_rows(
     m = f.shape[-1]
     a_ = a.detach().to(acc)
     keep = None
+    out_of_range = None
     if labels is not None:
-        keep = labels != ignore_index
-        # Ignored rows are computed as label 0 and then zeroed: their values never reach a result.
+        out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= m))
+        keep = (labels != ignore_index) & ~out_of_range
+        # Ignored rows are computed as label 0 and then zeroed: their values never reach a result. A label
+        # outside [0, m) makes its row's loss NaN (as in the kernels), which the call's status reports.
         labels = torch.where(keep, labels, torch.zeros_like(labels))
     z = _shift(f) if log_c is None else _shift(f) - log_c.detach().to(acc)
     p = None
@@ -179,6 +182,7 @@ def fused_rows(
     )
     if keep is not None:
         loss = torch.where(keep, loss, torch.zeros_like(loss))
+        loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
 
     nls = _neg_log_softmax_masked(z, q)
     mass = q.sum(0)

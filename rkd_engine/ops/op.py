@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rkd_engine.ops import checks
 from rkd_engine.ops.dispatch import backend_module
 
 REDUCTIONS = ("none", "sum", "mean")
-_N_ARGS = 15  # arguments of rkd::distill
+_N_ARGS = 16  # arguments of rkd::distill
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,8 +66,16 @@ def _forward(
     ignore_index=-100,
     normalizer=0.0,
     normalizer_t=None,
+    validate="off",
 ):
-    """The body of ``rkd::distill`` (shared by the op and its eager fast path ``call_distill``)."""
+    """The body of ``rkd::distill`` (shared by the op and its eager fast path ``call_distill``).
+
+    ``validate`` reads the call's status as ``rkd_engine.ops.checks.enforce`` says (``"off"``, ``"sync"``,
+    ``"async"``): inside the op, so the checks hold under ``torch.compile`` too.
+    """
+    if validate != "off" and labels is not None and labels.device.type == "cpu":
+        # On CPU reading B labels first is free, and the C++ kernel's memory guard would raise on a bad one.
+        checks.check_labels(labels, student.shape[-1], ignore_index)
     grad_scale, scale = 1.0, None
     if reduction == "mean":
         grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
@@ -85,6 +94,8 @@ def _forward(
         ignore_index=ignore_index,
         scale=scale,
     )
+    if validate != "off":
+        checks.enforce(validate, loss_rows, student, teacher, teacher_is_probs, labels, a, ignore_index)
     if reduction == "mean":
         loss = loss_rows.sum() * (grad_scale if scale is None else scale)
     elif reduction == "sum":
@@ -111,6 +122,7 @@ def distill(
     ignore_index: int = -100,
     normalizer: float = 0.0,
     normalizer_t: Tensor | None = None,
+    validate: str = "off",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused distillation loss (reduced), its saved gradient, and per-class ``mass``, ``risk``, ``error``.
 
@@ -133,6 +145,7 @@ def distill(
         ignore_index,
         normalizer,
         normalizer_t,
+        validate,
     )
 
 
@@ -153,6 +166,7 @@ def _distill_fake(
     ignore_index=-100,
     normalizer=0.0,
     normalizer_t=None,
+    validate="off",
 ):
     rows, m = student.shape
     acc = acc_dtype(student.dtype)
