@@ -403,7 +403,7 @@ def _key_values(flag_name: str, items: list[str]) -> dict[str, Any]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from rkd_engine.training.sweep import load_spec, run_sweep
+    from rkd_engine.training.sweep import SweepFailed, load_spec, run_sweep
 
     common = _key_values("set", args.set)
     for name in ("epochs", "model"):
@@ -438,7 +438,7 @@ def _sweep(args: argparse.Namespace) -> int:
             cpus_per_run=args.cpus_per_run,
             gpus_per_run=args.gpus_per_run,
         )
-    except RuntimeError as exc:
+    except SweepFailed as exc:
         sys.stderr.write(f"rkd sweep: {exc}\n")
         return 1
     if not args.quiet:

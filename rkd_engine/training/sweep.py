@@ -129,6 +129,10 @@ class SweepSpec:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others finished); the message names the first few and their logs."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One run of the sweep: its id (the directory under ``runs/``), command, options and labels."""
@@ -701,7 +705,7 @@ def run_sweep(
     (each run a Ray task asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs, on the cluster at
     ``address`` or a local one; ``out`` must be a directory every node sees at the same path) or an
     ``Executor`` object. Ctrl-C or SIGTERM stops every run within seconds and leaves the directory as a
-    kill would (the same command continues it). Raises ``RuntimeError`` at the end if any run failed
+    kill would (the same command continues it). Raises ``SweepFailed`` (a ``RuntimeError``) at the end if any run failed
     (the others still ran; their rows are in ``runs.csv``, each failure's traceback in ``errors/<run id>.log``)."""
     from rkd_engine.training.executors import make_executor
 
@@ -791,7 +795,7 @@ def _schedule(spec: SweepSpec, root: Path, ex: Any, *, quiet: bool) -> dict[str,
     log(f"sweep {root}: {len(rows)}/{len(jobs)} runs finished in {seconds:.0f} s; wrote {csv_path}")
     if failed:
         first = [o for o in failed.values() if o.log] or list(failed.values())
-        raise RuntimeError(
+        raise SweepFailed(
             f"{len(failed)} run(s) of the sweep failed (the rest are in {csv_path}); first: "
             + "; ".join(f"{o.id}: {o.error}" + (f" (log: {root / o.log})" if o.log else "") for o in first[:3])
         )
