@@ -316,18 +316,16 @@ class RunDir:
         return payload
 
 
-# Signs of a file that is damaged (as opposed to one that cannot be loaded here, e.g. on another device).
-_CORRUPT_SIGNS = (
-    "PytorchStreamReader",
-    "central directory",
-    "unexpected EOF",
-    "invalid header",
-    "archive",
-    "truncated",
-    "Ran out of input",
-    "file not found in archive",
-    "Unsupported operand",
-)
+def _is_damaged(path: Path) -> bool:
+    """Whether ``path`` is shown to be damaged: rkd writes zip archives (torch.save's format), so a file
+    that is not a readable zip archive, or whose members fail their CRC check, is corrupt."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return True
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return True
 
 
 def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) -> Any:
@@ -360,8 +358,7 @@ def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) 
                     f"{what} {path} holds Python objects that rkd never writes ({first}); it was refused without "
                     "running them: it is not an rkd file"
                 ) from None
-        corrupt = isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(sign in str(exc) for sign in _CORRUPT_SIGNS)
-        if corrupt:
+        if _is_damaged(path):
             raise CheckpointError(
                 f"{what} {path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {first}); "
                 "delete it to start over"
