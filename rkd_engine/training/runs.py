@@ -351,8 +351,9 @@ def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) 
         first = lines[0][:300]
         if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in first:
             # torch's long preamble; the reason is the line after "WeightsUnpickler error:".
-            marks = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
-            first = lines[marks[0] + 1][:300] if marks and marks[0] + 1 < len(lines) else first
+            _, _, after = str(exc).partition("WeightsUnpickler error:")
+            reason = [line.strip() for line in after.splitlines() if line.strip()]
+            first = reason[0].split(". Please use")[0][:300] if reason else first
             if "Unsupported global" in first:
                 raise CheckpointError(
                     f"{what} {path} holds Python objects that rkd never writes ({first}); it was refused without "
