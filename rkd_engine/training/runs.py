@@ -316,18 +316,16 @@ class RunDir:
         return payload
 
 
-# Signs of a file that is damaged (as opposed to one that cannot be loaded here, e.g. on another device).
-_CORRUPT_SIGNS = (
-    "PytorchStreamReader",
-    "central directory",
-    "unexpected EOF",
-    "invalid header",
-    "archive",
-    "truncated",
-    "Ran out of input",
-    "file not found in archive",
-    "Unsupported operand",
-)
+def _is_damaged(path: Path) -> bool:
+    """Whether ``path`` is shown to be damaged: rkd writes zip archives (torch.save's format), so a file
+    that is not a readable zip archive, or whose members fail their CRC check, is corrupt."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return True
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return True
 
 
 def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) -> Any:
@@ -353,15 +351,15 @@ def load_torch_file(path: Path, map_location: torch.device | str, *, what: str) 
         first = lines[0][:300]
         if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in first:
             # torch's long preamble; the reason is the line after "WeightsUnpickler error:".
-            marks = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
-            first = lines[marks[0] + 1][:300] if marks and marks[0] + 1 < len(lines) else first
+            _, _, after = str(exc).partition("WeightsUnpickler error:")
+            reason = [line.strip() for line in after.splitlines() if line.strip()]
+            first = reason[0].split(". Please use")[0][:300] if reason else first
             if "Unsupported global" in first:
                 raise CheckpointError(
                     f"{what} {path} holds Python objects that rkd never writes ({first}); it was refused without "
                     "running them: it is not an rkd file"
                 ) from None
-        corrupt = isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(sign in str(exc) for sign in _CORRUPT_SIGNS)
-        if corrupt:
+        if _is_damaged(path):
             raise CheckpointError(
                 f"{what} {path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {first}); "
                 "delete it to start over"
