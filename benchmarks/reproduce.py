@@ -7,7 +7,7 @@ tables and the plots; not the run directories) to ``benchmarks/results/reproduce
 
     python benchmarks/reproduce.py                       # both ratios, 5 seeds (minutes on 2 cores)
     python benchmarks/reproduce.py --imbalance 100 --seeds 3 --work /tmp/rkd-sweeps
-    python benchmarks/reproduce.py --alpha 0,0.5,1          # the 3 x 3 grid (the committed one: a busy machine)
+    python benchmarks/reproduce.py --alpha 0,0.5,1 --gamma 1   # the committed, smaller grid (a busy machine)
 
 The sweeps live in ``--work`` (default ``sweeps/``), so running the command again after an
 interruption continues where it stopped.
@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="number of seeds (default: the recipe's, 5)")
     parser.add_argument("--workers", default=None, help="parallel runs (default: the CPU count)")
     parser.add_argument("--alpha", default=None, help="alpha_t and alpha_s values (default: the recipe's 5)")
+    parser.add_argument("--gamma", default=None, help="teacher temperatures (default: the recipe's 1,3)")
     parser.add_argument("--work", type=Path, default=ROOT / "sweeps", help="where the sweeps run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reproduce")
     args = parser.parse_args(argv)
     for rho in [r.strip() for r in args.imbalance.split(",") if r.strip()]:
         tag = f"digits_rho{float(rho):g}"
         flags = {"imbalance": rho, "seeds": args.seeds, "workers": args.workers}
-        spec = load_spec(RECIPE, {**flags, "alpha_t": args.alpha, "alpha_s": args.alpha})
+        spec = load_spec(RECIPE, {**flags, "alpha_t": args.alpha, "alpha_s": args.alpha, "gamma": args.gamma})
         sweep_dir = args.work / tag
         started = time.perf_counter()
         run_sweep(spec, sweep_dir)
