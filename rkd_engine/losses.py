@@ -182,6 +182,8 @@ def distill_loss(
             reduction=reduction,
             backend=backend,
             validate=validate,
+            ignore_index=ignore_index,
+            normalizer=normalizer,
         )
     # --- end of the top-k teacher ---
     if not isinstance(student_logits, Tensor):

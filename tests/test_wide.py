@@ -219,18 +219,27 @@ def _layer(rows, hidden, m, dtype, gen, *, bias=True):
     return x.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
 
 
-def _linear_reference(x, weight, bias, **loss_args):
-    """Loss (mean), gradients in X, W, b and statistics from the materialised scores, in float64."""
+def _linear_reference(x, weight, bias, *, reduction="mean", divisor=None, ignore_index=-100, **loss_args):
+    """Loss, gradients in X, W, b and statistics from the materialised scores, in float64.
+
+    Rows labelled ``ignore_index`` are dropped; the mean divides by ``divisor`` (default: the rows kept).
+    """
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     b64 = None if bias is None else bias.detach().double().requires_grad_()
-    reduction = loss_args.pop("reduction", "mean")
-    rows = loss_args.pop("rows_total", x.shape[0])
-    per_row = reference.linear_loss_rows(x64, w64, b64, **loss_args)
-    loss = per_row.sum() / rows if reduction == "mean" else per_row.sum()
+    labels = loss_args.get("labels")
+    keep = torch.ones(x.shape[0], dtype=torch.bool) if labels is None else labels != ignore_index
+    row_args = dict(loss_args)
+    if labels is not None:
+        row_args["labels"] = torch.where(keep, labels, torch.zeros_like(labels))
+    per_row = reference.linear_loss_rows(x64, w64, b64, **row_args) * keep
+    if reduction == "mean":
+        loss = per_row.sum() / (int(keep.sum()) if divisor is None else divisor)
+    else:
+        loss = per_row.sum()
     grads = torch.autograd.grad(loss, [t for t in (x64, w64, b64) if t is not None])
     scores = torch.nn.functional.linear(x64, w64, b64).detach()
-    stats = reference.fused_rows(scores, **{k: v for k, v in loss_args.items()}, need_grad=False)
+    stats = reference.fused_rows(scores, **loss_args, need_grad=False, ignore_index=ignore_index)
     return loss.detach(), grads, stats
 
 
@@ -443,3 +452,104 @@ def test_fused_linear_bad_inputs_name_the_argument():
         call = {"student_input": x, "student_head_weight": weight, **kwargs}
         with pytest.raises((ValueError, TypeError), match=match):
             fused_linear_distill_loss(call.pop("student_input"), call.pop("student_head_weight"), **call)
+
+
+# ---------------------------------------------------------------------- ignored rows and the normaliser
+@pytest.mark.parametrize("tail", ["renormalize", "uniform"])
+@pytest.mark.parametrize("mix", [1.0, 0.6])
+def test_topk_ignored_rows_and_normalizer(tail, mix):
+    gen = torch.Generator().manual_seed(31)
+    rows, m, k = 14, 25, 4
+    idx, vals = _topk(rows, m, k, gen, spare=0.1 if tail == "uniform" else 0.0)
+    f = torch.randn(rows, m, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, m, (rows,), generator=gen)
+    labels[[0, 3, 4, 13]] = -100  # at the edges of chunks of 4 rows
+    target = reference.topk_target(idx, vals, m, tail)
+    a = torch.full((rows,), mix, dtype=torch.float64)
+    ref = reference.fused_rows(f.detach(), teacher=target, teacher_is_probs=True, labels=labels, a=a)
+    for normalizer, divisor in ((None, rows - 4), (7.0, 7.0), (torch.tensor(5.0), 5.0)):
+        out = distill_loss(
+            f, teacher_topk=(idx, vals), topk_tail=tail, labels=labels, teacher_weight=mix, normalizer=normalizer
+        )
+        (grad,) = torch.autograd.grad(out.loss, f)
+        _close(out.loss, ref.loss.sum() / divisor, torch.float64, "loss")
+        _close(grad, ref.grad / divisor, torch.float64, "grad")
+        assert grad[[0, 3, 4, 13]].abs().max() == 0
+        for name in ("mass", "risk", "error"):
+            _close(getattr(out, name), getattr(ref, name), torch.float64, name)
+
+
+@pytest.mark.parametrize("teacher", ["head", "topk-uniform", "logits"])
+def test_fused_linear_ignored_rows_at_chunk_edges(teacher):
+    gen = torch.Generator().manual_seed(41)
+    rows, hidden, hidden_t, m = 17, 10, 6, 23
+    x, weight, bias = _layer(rows, hidden, m, torch.float64, gen)
+    labels = torch.randint(0, m, (rows,), generator=gen)
+    labels[[0, 3, 4, 7, 8, 16]] = -1  # first and last rows of chunks of 4, and the last row
+    kwargs, ref_args = (
+        dict(labels=labels, ignore_index=-1),
+        dict(labels=labels, a=torch.ones(rows, dtype=torch.float64)),
+    )
+    if teacher == "head":
+        xt = torch.randn(rows, hidden_t, generator=gen, dtype=torch.float64)
+        wt = torch.randn(m, hidden_t, generator=gen, dtype=torch.float64)
+        kwargs.update(teacher_input=xt, teacher_head_weight=wt)
+        ref_args.update(teacher=xt @ wt.T)
+    elif teacher == "logits":
+        g = torch.randn(rows, m, generator=gen, dtype=torch.float64)
+        kwargs.update(teacher_logits=g, teacher_weight=0.5)
+        ref_args.update(teacher=g, a=torch.full((rows,), 0.5, dtype=torch.float64))
+    else:
+        idx, vals = _topk(rows, m, 3, gen, spare=0.2)
+        kwargs.update(teacher_topk=(idx, vals), topk_tail="uniform")
+        ref_args.update(teacher=reference.topk_target(idx, vals, m, "uniform"), teacher_is_probs=True)
+    x.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    out = fused_linear_distill_loss(x, weight, bias, chunk_size=4, **kwargs)
+    grads = torch.autograd.grad(out.loss, (x, weight, bias))
+    want, want_grads, stats = _linear_reference(x, weight, bias, ignore_index=-1, **ref_args)
+    _close(out.loss, want, torch.float64, "loss")
+    for name, got, ref in zip(("d input", "d weight", "d bias"), grads, want_grads, strict=True):
+        _close(got, ref, torch.float64, name)
+    assert grads[0][[0, 3, 4, 7, 8, 16]].abs().max() == 0
+    for name in ("mass", "risk", "error"):
+        _close(getattr(out, name), getattr(stats, name), torch.float64, name)
+
+
+def test_fused_linear_accumulation_with_normalizer_equals_the_big_batch():
+    """Micro-batches with ``normalizer`` = the kept rows of the whole batch accumulate the big batch's step."""
+    gen = torch.Generator().manual_seed(43)
+    rows, hidden, m = 21, 8, 19
+    x, w0, b0 = _layer(rows, hidden, m, torch.float64, gen)
+    idx, vals = _topk(rows, m, 5, gen)
+    labels = torch.randint(0, m, (rows,), generator=gen)
+    labels[[2, 9, 10, 20]] = -100
+    head = torch.nn.Linear(hidden, m, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w0)
+        head.bias.copy_(b0)
+    loss_fn = FusedLinearDistillationLoss(m, "balanced", prior=torch.full((m,), 1.0 / m), chunk_size=4)
+    big = loss_fn(x, head, labels=labels, teacher_topk=(idx, vals))
+    big.loss.backward()
+    want = big.loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()
+    head.zero_grad()
+    kept = (labels != -100).sum()  # a 0-d tensor, as a trainer's num_items_in_batch
+    total = 0.0
+    for part in (slice(0, 10), slice(10, rows)):
+        out = loss_fn(x[part], head, labels=labels[part], teacher_topk=(idx[part], vals[part]), normalizer=kept)
+        out.loss.backward()
+        total = total + out.loss.detach()
+    _close(total, want[0], torch.float64, "loss")
+    _close(head.weight.grad, want[1], torch.float64, "d weight")
+    _close(head.bias.grad, want[2], torch.float64, "d bias")
+
+
+def test_fused_linear_all_rows_ignored_gives_zeros():
+    gen = torch.Generator().manual_seed(47)
+    x, weight, bias = _layer(6, 4, 9, torch.float32, gen)
+    weight.requires_grad_()
+    labels = torch.full((6,), -100)
+    out = fused_linear_distill_loss(x, weight, bias, labels=labels, chunk_size=4)
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and weight.grad.abs().max() == 0 and out.mass.abs().max() == 0
