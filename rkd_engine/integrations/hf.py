@@ -39,6 +39,12 @@ from rkd_engine.integrations.common import (
 from rkd_engine.losses import RobustDistillationLoss
 from rkd_engine.training.dro_schedule import DROSchedule
 
+if not hasattr(Trainer, "loss_is_scaled_for_ga"):  # older Trainers rescale a custom loss for accumulation
+    raise ImportError(
+        "rkd_engine.integrations.hf needs a transformers whose Trainer has loss_is_scaled_for_ga "
+        "(pip install 'rkd-engine[hf]')"
+    )
+
 TASKS = ("auto", "sequence-classification", "causal-lm")
 DRO_TARGETS = ("onehot", "teacher")
 DRO_STATE_FILE = "rkd_dro.pt"
