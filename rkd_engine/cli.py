@@ -94,6 +94,7 @@ examples:
   rkd student --teacher runs/t-std --method hinton --teacher-weight 0.5 --tau 4 --out runs/s-hinton
   rkd student --teacher runs/t-std --method post-shift --out runs/s-post     the teacher, post-shifted
   rkd student --method group-dro --out runs/s-gdro                        Group DRO without a teacher
+  rkd student --teacher-checkpoint teacher.pt2 --data digits --out runs/s-ext   a torch.export/TorchScript teacher
   torchrun --nproc_per_node=2 -m rkd_engine.cli student --teacher runs/t-std --out runs/s-ddp
 
 methods: distill (the paper's student, q = p), hinton (q = (1-a) e_y + a p, student temperature tau),

@@ -212,3 +212,19 @@ def test_dro_schedule_updates_every_k_steps_and_round_trips():
         DROSchedule(loss, every=1)
     with pytest.raises(ValueError, match="every"):
         DROSchedule(loss, every=0, labels=labels)
+
+
+def test_importing_rkd_imports_no_trainer_framework():
+    code = (
+        "import sys, rkd_engine, rkd_engine.integrations, rkd_engine.training, rkd_engine.cli; "
+        "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'accelerate') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -1,9 +1,8 @@
 """Framework-free pieces of the trainer adapters: the batch loss of a distillation step and flat metrics.
 
-``batch_distill_loss`` is METHOD.md section 3 over the rows of a batch, summed (the caller divides by
-the normaliser ``N``): rows are examples for classification, and tokens for a causal language model
-(position ``t`` predicts the label at ``t + 1``; positions labelled ``ignore_index`` add nothing, section
-11). ``flat_classification_metrics`` turns ``classification_report`` into the flat ``name -> float``
+``batch_distill_loss`` is METHOD.md section 3 over the rows of a batch divided by a normaliser ``N``
+(section 11): rows are examples for classification, and tokens for a causal language model (position
+``t`` predicts the label at ``t + 1``; positions labelled ``ignore_index`` add nothing). ``flat_classification_metrics`` turns ``classification_report`` into the flat ``name -> float``
 mapping that trainers' loggers take.
 """
 
@@ -37,56 +36,50 @@ def batch_distill_loss(
     *,
     teacher_weight: float,
     causal: bool,
+    normalizer: float | Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> LossOutput:
-    """The summed loss of ``loss``'s objective and its per-class statistics on one batch.
+    """The loss of ``loss``'s objective on one batch, divided by ``normalizer``, and its per-class statistics.
 
     Classification: ``student_logits`` and ``teacher_logits`` (B, m), ``labels`` (B,) or ``None`` when
     ``teacher_weight == 1``. Causal LM: (B, T, V) scores and (B, T) labels; the rows are the positions
-    ``t < T - 1`` whose next label is not ``ignore_index`` (the others are masked, without reading
-    the mask on the host).
+    ``t < T - 1``, scored against the label at ``t + 1``. Rows labelled ``ignore_index`` add nothing to
+    the loss, its gradient or the statistics. ``normalizer`` (a number or a 0-d tensor, never read on
+    the host) divides the summed loss: the rows of the whole accumulated batch under gradient
+    accumulation; ``None`` gives the mean over the rows kept.
     """
     a = check_teacher_weight(teacher_weight)
-    costs = loss.costs
-    common = {
-        "temperature": loss.temperature,
-        "student_temperature": loss.student_temperature,
-        "class_costs": costs,
-        "class_weights": loss.class_weights,
-        "backend": loss.backend,
-        "validate": False,
-    }
     g = teacher_logits.detach().to(student_logits.dtype)
-    if not causal:
-        if labels is None and a < 1.0:
-            raise ValueError(f"teacher_weight={a} < 1 mixes in the labels, but the batch has no 'labels'")
-        y = None if a == 1.0 else labels
-        return distill_loss(student_logits, labels=y, teacher_logits=g, teacher_weight=a, reduction="sum", **common)
-    if labels is None:
-        raise ValueError("a causal LM batch needs 'labels' (B, T) to say which positions count (-100: ignored)")
-    if student_logits.dim() != 3 or labels.dim() != 2 or student_logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"causal LM scores must be (B, T, V) with labels (B, T), got {tuple(student_logits.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
-    vocab = student_logits.shape[-1]
-    f = student_logits[:, :-1].reshape(-1, vocab)
-    g = g[:, :-1].reshape(-1, vocab)
-    y = labels[:, 1:].reshape(-1)
-    keep = y != ignore_index
-    y_safe = torch.where(keep, y, torch.zeros_like(y))
-    out = distill_loss(
+    f, y = student_logits, labels
+    if causal:
+        if labels is None:
+            raise ValueError("a causal LM batch needs 'labels' (B, T) to say which positions count (-100: ignored)")
+        if student_logits.dim() != 3 or labels.dim() != 2 or student_logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"causal LM scores must be (B, T, V) with labels (B, T), got {tuple(student_logits.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        vocab = student_logits.shape[-1]
+        f = student_logits[:, :-1].reshape(-1, vocab)
+        g = g[:, :-1].reshape(-1, vocab)
+        y = labels[:, 1:].reshape(-1)
+    elif labels is None and a < 1.0:
+        raise ValueError(f"teacher_weight={a} < 1 mixes in the labels, but the batch has no 'labels'")
+    return distill_loss(
         f,
-        labels=None if a == 1.0 else y_safe,
+        labels=y,
         teacher_logits=g,
         teacher_weight=a,
-        reduction="none",
-        **common,
+        temperature=loss.temperature,
+        student_temperature=loss.student_temperature,
+        class_costs=loss.costs,
+        class_weights=loss.class_weights,
+        reduction="mean",
+        normalizer=normalizer,
+        ignore_index=ignore_index,
+        backend=loss.backend,
+        validate=False,
     )
-    weight = keep.to(out.loss.dtype)
-    # The loss and its gradient drop the ignored positions through the row weight; the per-class
-    # statistics returned here still count them (the adapters use statistics of classification only).
-    return LossOutput((out.loss * weight).sum(), out.mass, out.risk, out.error)
 
 
 def flat_classification_metrics(logits: Any, labels: Any, num_classes: int, prefix: str = "") -> dict[str, float]:

@@ -39,6 +39,12 @@ from rkd_engine.integrations.common import (
 from rkd_engine.losses import RobustDistillationLoss
 from rkd_engine.training.dro_schedule import DROSchedule
 
+if not hasattr(Trainer, "loss_is_scaled_for_ga"):  # older Trainers rescale a custom loss for accumulation
+    raise ImportError(
+        "rkd_engine.integrations.hf needs a transformers whose Trainer has loss_is_scaled_for_ga "
+        "(pip install 'rkd-engine[hf]')"
+    )
+
 TASKS = ("auto", "sequence-classification", "causal-lm")
 DRO_TARGETS = ("onehot", "teacher")
 DRO_STATE_FILE = "rkd_dro.pt"
@@ -189,7 +195,7 @@ class RobustDistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """rkd's distillation loss of the batch, divided by ``num_items_in_batch`` (or a mean without it)."""
+        """rkd's distillation loss of the batch divided by ``num_items_in_batch`` (the mean over kept rows without it)."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         outputs = model(**inputs)
@@ -206,16 +212,12 @@ class RobustDistillationTrainer(Trainer):
             labels,
             teacher_weight=self.teacher_weight,
             causal=causal,
+            normalizer=num_items_in_batch,
             ignore_index=self.ignore_index,
         )
-        if num_items_in_batch is None:
-            rows = self._count_rows({"labels": labels} if labels is not None else inputs)
-            normaliser = torch.as_tensor(rows, device=f.device).clamp_min(1)
-        else:
-            normaliser = num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                out = out._replace(loss=out.loss * self.args.world_size)
-        loss = out.loss / normaliser
+        loss = out.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages the gradients; the normaliser counted every process
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------- DRO

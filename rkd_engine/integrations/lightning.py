@@ -2,7 +2,7 @@
 
 A ``LightningModule`` that distils the user's ``student`` from a frozen ``teacher`` with rkd's fused
 loss: batches are ``(x, y)``, the target is ``q = (1 - a) e_y + a p`` with ``p = softmax(g / gamma)``
-and ``a = teacher_weight`` given explicitly, and the loss of a batch is its summed loss over its rows.
+and ``a = teacher_weight`` given explicitly, and the loss of a batch is its mean over the batch's rows.
 For the robust and trade-off objectives a ``DROSchedule`` moves ``lambda`` every ``dro_every``
 optimiser steps from a validation set ``dro_data = (x_val, y_val)`` (one-hot target, or the teacher's
 ``softmax(g / dro_val_gamma)`` with ``dro_target="teacher"``); the statistics are summed over processes
@@ -135,8 +135,7 @@ class RobustDistillationModule(pl.LightningModule):
         f = self.student(x)
         with torch.no_grad():
             g = self.teacher(x)
-        out = batch_distill_loss(self.loss, f, g, y, teacher_weight=self.teacher_weight, causal=False)
-        loss = out.loss / f.shape[0]
+        loss = batch_distill_loss(self.loss, f, g, y, teacher_weight=self.teacher_weight, causal=False).loss
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=f.shape[0])
         return loss
 
