@@ -226,6 +226,8 @@ class LocalPool:
                     Outcome(job.id, ok=False, error=f"its worker process died ({_exit_text(worker.proc.exitcode)})")
                 )
             self._dispatch()
+        elif not self.news:
+            time.sleep(min(timeout, 0.1))  # nothing running (the caller is about to learn why)
         news, self.news = self.news, []
         return news
 

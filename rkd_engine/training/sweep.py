@@ -672,6 +672,7 @@ def check_runnable(spec: SweepSpec) -> None:
             raise ConfigError(
                 f"the {which} model {name!r} with options {cfg.model_options or {}} cannot be built: {_one_line(exc)}"
             ) from None
+    _dataset.cache_clear()  # the workers load their own
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -740,7 +741,8 @@ def _schedule(spec: SweepSpec, root: Path, ex: Any, *, quiet: bool) -> dict[str,
         if row is not None:
             rows[j.id] = row
     todo = [j for j in jobs if j.id not in rows]
-    pending = {j.id for j in todo}
+    by_id = {j.id: j for j in todo}
+    pending = set(by_id)
     started = time.perf_counter()
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"sweep {root}: {len(jobs)} runs, {len(rows)} already finished, {len(todo)} to run on {ex.describe()}")
@@ -762,7 +764,7 @@ def _schedule(spec: SweepSpec, root: Path, ex: Any, *, quiet: bool) -> dict[str,
                     continue
                 pending.discard(outcome.id)
                 finished += 1
-                job = next(j for j in todo if j.id == outcome.id)
+                job = by_id[outcome.id]
                 if not outcome.ok:
                     failed[job.id] = outcome
                     where = f" (log: {root / outcome.log})" if outcome.log else ""
