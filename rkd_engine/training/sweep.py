@@ -388,10 +388,10 @@ def execute_job(job: Job, threads: int) -> dict[str, Any]:
     train = train_teacher if job.command == "teacher" else train_student
     cache = cfg.teacher_cache if job.command == "student" else None
     if cache is not None and not (Path(cache) / "manifest.json").exists():  # its teacher's caching was killed
-        cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, quiet=True)
+        cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, overwrite=True, quiet=True)
     train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
     if job.cache is not None:
-        cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, quiet=True)
+        cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, overwrite=True, quiet=True)
     wall = time.perf_counter() - started
     atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
     return {"id": job.id, "wall_seconds": wall, "skipped": False}
