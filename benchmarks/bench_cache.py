@@ -30,6 +30,7 @@ Writes ``benchmarks/results/bench_cache_cpu.csv`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import json
 import os
@@ -327,10 +328,10 @@ def main() -> None:
         "threads": args.threads,
     }
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{args.out}.csv", "w") as fh:
-        fh.write(",".join(columns) + "\n")
-        for r in rows:
-            fh.write(",".join(str(r.get(c, "")) for c in columns) + "\n")
+    with open(f"{args.out}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
     with open(f"{args.out}.json", "w") as fh:
         json.dump({**meta, "rows": rows}, fh, indent=1)
     print(f"wrote {args.out}.csv and .json")

@@ -20,7 +20,6 @@ from rkd_engine.training.teacher_cache import (
     TeacherCache,
     TeacherCacheDataset,
     cache_teacher,
-    topk_distill_loss,
 )
 
 DATA = "synthetic:m=5,d=6,n=40"
@@ -130,12 +129,11 @@ def test_topk_cache_gives_the_sparse_loss(topk2, teacher, dataset, tail):
     costs = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
     want = fused_rows(f, teacher=target, teacher_is_probs=True, a=torch.ones(16), log_c=costs.log(), need_grad=False)
     i, pk = topk2.topk("train", gamma).rows(torch.arange(16))
-    got = topk_distill_loss(f.float(), (i, pk), tail=tail, class_costs=costs.float())
+    got = distill_loss(f.float(), teacher_topk=(i, pk), topk_tail=tail, class_costs=costs.float())
     torch.testing.assert_close(got.loss.double(), want.loss.mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.mass.double(), want.mass, rtol=1e-5, atol=1e-5)
-    if tc._OP_HAS_TOPK:  # the sparse op itself, where it exists
-        op = distill_loss(f, teacher_topk=(i, pk.double()), topk_tail=tail, class_costs=costs)
-        torch.testing.assert_close(op.loss, want.loss.mean(), rtol=1e-6, atol=1e-7)  # float32 cached p
+    got64 = distill_loss(f, teacher_topk=(i, pk.double()), topk_tail=tail, class_costs=costs)
+    torch.testing.assert_close(got64.loss, want.loss.mean(), rtol=1e-6, atol=1e-7)  # float32 cached p
 
 
 # ------------------------------------------------------------------------ students from a cache

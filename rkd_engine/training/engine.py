@@ -83,7 +83,6 @@ from rkd_engine.training.teacher_cache import (
     TeacherCache,
     check_student_use,
     resolve_cache_config,
-    topk_distill_loss,
     topk_target_mass,
 )
 
@@ -550,16 +549,17 @@ class _Run:
         if self.method == "group-dro":
             return distill_loss(f, labels=y, class_weights=self.loss_fn.costs, backend=cfg.backend, validate=False)
         if self.topk_train is not None:  # a top-k teacher cache (METHOD.md 11): q = (1 - a) e_y + a p~
-            return topk_distill_loss(
+            return distill_loss(
                 f,
-                self.topk_train.rows(rows),
-                tail=cfg.topk_tail,
                 labels=None if self.method == "distill" else y,
+                teacher_topk=self.topk_train.rows(rows),
+                topk_tail=cfg.topk_tail,
                 teacher_weight=None if self.method == "distill" else self._weight(f, y),
                 class_costs=self.loss_fn.costs,
                 class_weights=self.loss_fn.class_weights,
                 student_temperature=self.loss_fn.student_temperature,
                 backend=cfg.backend,
+                validate=False,
             )
         if self.g_train is not None:
             g = self.g_train[rows]

@@ -524,10 +524,10 @@ def _execute_here(job: Job, threads: int) -> Outcome:
             train = train_teacher if job.command == "teacher" else train_student
             cache = cfg.teacher_cache if job.command == "student" else None
             if cache is not None and not (Path(cache) / "manifest.json").exists():  # its teacher's caching was killed
-                cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, quiet=True)
+                cache_teacher(cfg.teacher, cache, dataset=dataset, device=cfg.device, overwrite=True, quiet=True)
             train(cfg, resume=resume, overwrite=not resume, dataset=dataset, quiet=True)
             if job.cache is not None:
-                cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, quiet=True)
+                cache_teacher(run.path, job.cache, dataset=dataset, device=cfg.device, overwrite=True, quiet=True)
             wall = time.perf_counter() - started
             atomic_write_json(run.path / "sweep.json", {"wall_seconds": wall, "resumed": resume})
             error_log.unlink(missing_ok=True)

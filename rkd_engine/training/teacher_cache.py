@@ -34,7 +34,6 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -50,7 +49,6 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data import Dataset, Split, load_dataset
-from rkd_engine.losses import LossOutput, distill_loss
 from rkd_engine.training.config import INHERITED_DATA, ConfigError, flag
 from rkd_engine.training.evaluation import EVAL_BATCH, load_model_file
 from rkd_engine.training.runs import RunDir, atomic_write_json
@@ -498,9 +496,6 @@ class TeacherCache:
 
 
 # --------------------------------------------------------------------------------- top-k teachers
-_OP_HAS_TOPK = "teacher_topk" in inspect.signature(distill_loss).parameters
-
-
 @dataclass
 class TopkTeacher:
     """Top-k teacher rows of a cache at one temperature: ``p_ij = exp(g_ij / gamma - log_normalizer_i)``."""
@@ -529,46 +524,6 @@ def dense_target(indices: Tensor, probs: Tensor, num_classes: int, tail: str) ->
     rest = ((1.0 - kept) / (num_classes - k)).clamp_min(0.0)
     out = rest.expand(indices.shape[0], num_classes).clone()
     return out.scatter_(1, indices, probs)
-
-
-def topk_distill_loss(
-    student_logits: Tensor,
-    teacher_topk: tuple[Tensor, Tensor],
-    *,
-    tail: str,
-    labels: Tensor | None = None,
-    teacher_weight: float | Tensor | None = None,
-    class_costs: Tensor | None = None,
-    class_weights: Tensor | None = None,
-    student_temperature: float = 1.0,
-    backend: str = "auto",
-) -> LossOutput:
-    """``distill_loss`` with a top-k teacher: the sparse op where it exists, else its dense target ``p~``."""
-    if _OP_HAS_TOPK:
-        return distill_loss(
-            student_logits,
-            labels=labels,
-            teacher_topk=teacher_topk,
-            topk_tail=tail,
-            teacher_weight=teacher_weight,
-            class_costs=class_costs,
-            class_weights=class_weights,
-            student_temperature=student_temperature,
-            backend=backend,
-            validate=False,
-        )
-    target = dense_target(*teacher_topk, student_logits.shape[1], tail)
-    return distill_loss(
-        student_logits,
-        labels=labels,
-        teacher_probs=target.to(student_logits.dtype),
-        teacher_weight=teacher_weight,
-        class_costs=class_costs,
-        class_weights=class_weights,
-        student_temperature=student_temperature,
-        backend=backend,
-        validate=False,
-    )
 
 
 # ------------------------------------------------------------------------------------ Python API
