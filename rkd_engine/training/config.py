@@ -318,8 +318,8 @@ def _validate_student(cfg: StudentConfig) -> None:
         raise ConfigError(f"--method {cfg.method} takes no --teacher-checkpoint (post-shift needs a --teacher run)")
     if cfg.teacher is None and cfg.teacher_checkpoint is None and cfg.method != "group-dro":
         raise ConfigError(
-            f"--teacher RUN_DIR (or --teacher-checkpoint FILE) is required for --method {cfg.method} "
-            "(train one with `rkd teacher`)"
+            f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`, "
+            "or give a teacher trained elsewhere with --teacher-checkpoint FILE)"
         )
     if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
         raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")
