@@ -415,8 +415,8 @@ def _validate_student(cfg: StudentConfig) -> None:
         raise ConfigError(f"--method {cfg.method} takes no --teacher-checkpoint (post-shift needs a --teacher run)")
     if not given and cfg.method != "group-dro":
         raise ConfigError(
-            f"--teacher RUN_DIR (or --teacher-checkpoint FILE, or --teacher-cache CACHE) is required for "
-            f"--method {cfg.method} (train one with `rkd teacher`)"
+            f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`, "
+            "or give a teacher trained elsewhere with --teacher-checkpoint FILE, or its outputs with --teacher-cache CACHE)"
         )
     if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
         raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")
