@@ -8,14 +8,37 @@ update, so ``lambda`` is the same on every rank. Rank 0 writes the run directory
 
 from __future__ import annotations
 
+import atexit
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# Process groups that ``DistContext.close`` destroyed, kept until the interpreter exits. Gloo's process group
+# joins its worker threads in its destructor, and a worker may need the GIL at that moment: it frees each
+# finished work object itself, and a work that holds a tensor whose Python object is gone (the buffers of
+# ``all_gather_object``, an ``all_reduce`` of a temporary) must take the GIL to free it. Whatever drops the
+# last reference to the group therefore has to release the GIL while it waits. The group's Python wrapper
+# does (its destructor joins without the GIL); the DDP reducer, which also holds the group and is freed
+# with the run's model, does not, and when it held the last reference a worker waiting for the GIL and the
+# main thread joining it waited for each other forever (about one two-process run in 20; the stacks:
+# ``Reducer::~Reducer -> ProcessGroupGloo::~ProcessGroupGloo -> thread::join`` on the main thread,
+# ``AsyncAllreduceWork::~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> take_gil`` on the worker).
+# Holding the wrapper here until exit, after the runs and their models are gone, makes the wrapper's destructor
+# the one that joins, whatever the timing (a DDP model still referenced at exit would bring the old order
+# back). ``tests/test_ddp_teardown.py`` checks both destructors and the teardown.
+_RETIRED_GROUPS: list[Any] = []
+
+
+def _release_retired_groups() -> None:
+    """Drop the last references to the retired process groups, joining their threads without the GIL."""
+    _RETIRED_GROUPS.clear()
+
+
+atexit.register(_release_retired_groups)
 
 
 @dataclass
@@ -69,13 +92,9 @@ class DistContext:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def close(self) -> None:
+        """Leave the process group this context created (a no-op otherwise); see ``_RETIRED_GROUPS``."""
         if self.owns_group and dist.is_initialized():
-            # Gloo runs collectives on worker threads, which destroy a finished work object themselves and,
-            # when it holds tensors made in Python (all_gather_object, barrier), take the GIL to do so. The
-            # process group dies later, with the DDP reducer that holds it, in a destructor that joins those
-            # threads while holding the GIL: if a worker is still waiting for the GIL, both wait forever
-            # (seen about once in 20 two-process runs). Sleeping releases the GIL so pending work finishes.
-            time.sleep(0.05)
+            _RETIRED_GROUPS.append(dist.group.WORLD)
             dist.destroy_process_group()
             self.owns_group = False
 
