@@ -12,7 +12,7 @@ from bench_loss import CPU_SHAPES, CUDA_SHAPES, make_case, methods_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = CUDA_SHAPES if DEVICE == "cuda" else CPU_SHAPES
-METHODS = ["eager", "compile", "rkd-cpp", "rkd-triton", "rkd-cuda", "liger-kldiv"]
+METHODS = ["eager", "compile", "rkd-cpp-default", "rkd-cpp", "rkd-triton", "rkd-cuda", "liger-kldiv"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from rkd_engine.ops.constants import MAX_CLASSES as _MAX_CLASSES
+
 __all__ = [
     "MAX_CLASSES",
     "NARROW_MAX_CLASSES",
@@ -69,7 +71,7 @@ __all__ = [
     "scale_rows_config",
 ]
 
-MAX_CLASSES = 262_144
+MAX_CLASSES = _MAX_CLASSES  # rkd_engine.ops.constants
 """Widest rows the kernels accept (the issue's target; the argmax is carried exactly in fp32 far beyond)."""
 
 NARROW_MAX_CLASSES = 4096

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from rkd_engine.dro import ClassDRO
 from rkd_engine.ops import REDUCTIONS, acc_dtype, select_backend
 from rkd_engine.ops.checks import normalize_validate
+from rkd_engine.ops.constants import OBJECTIVES
 from rkd_engine.ops.op import call_distill
 
-OBJECTIVES: tuple[str, ...] = ("standard", "balanced", "robust", "tradeoff")
 Objective = Literal["standard", "balanced", "robust", "tradeoff"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -20,8 +20,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_CLASSES = 262_144  # rkd_cuda::kMaxClasses (rkd_engine._C_cuda.MAX_CLASSES); asking costs no import
 
 _extension: ModuleType | None = None
 _import_error: str | None = None
@@ -87,7 +88,7 @@ def _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, grad_out) -
         raise ValueError(f"student must have shape (B, m), got {tuple(student.shape)}")
     reason = unavailable_reason(student.device, student.dtype, student.shape[1])
     if reason is not None:
-        raise ValueError(f"student: {reason}")
+        raise BackendUnavailableError("cuda", student.device, student.dtype, student.shape[1], reason)
     if not student.is_contiguous():
         raise ValueError("student must be contiguous")
     rows, m = student.shape
@@ -141,8 +142,8 @@ def fused_forward(
     row's loss is NaN. A row labelled ``ignore_index`` contributes nothing; ``scale``, a 0-d float32 tensor
     on the device, multiplies the gradient (read by the kernel, never by the host).
     """
-    module = _require()
     _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, grad_out if need_grad else None)
+    module = _require()
     return tuple(
         module.fused_forward(
             student,

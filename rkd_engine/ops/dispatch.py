@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
+from rkd_engine.ops.constants import BACKENDS, BackendUnavailableError
 
 _log = logging.getLogger("rkd_engine.ops")
 
@@ -99,7 +99,7 @@ def _resolve_cached(requested: str, device: torch.device, dtype: torch.dtype, m:
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {requested!r}")
         reason = unavailable_reason(requested, device, dtype, m)
         if reason is not None:
-            raise RuntimeError(f"backend={requested!r} cannot run {dtype} inputs with m={m} on {device}: {reason}")
+            raise BackendUnavailableError(requested, device, dtype, m, reason)
         return requested
     passed_over = []
     if device.type == "cuda":

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from rkd_engine.ops import checks
+from rkd_engine.ops.constants import REDUCTIONS  # noqa: F401  (re-exported: rkd_engine.ops.REDUCTIONS)
 from rkd_engine.ops.dispatch import backend_module
 
-REDUCTIONS = ("none", "sum", "mean")
 _N_ARGS = 16  # arguments of rkd::distill
 
 
@@ -252,7 +252,7 @@ class _DistillFunction(torch.autograd.Function):
         return _backward(ctx, *grads)
 
 
-_FAST_PATH_BACKENDS = ("cpp",)
+_FAST_PATH_BACKENDS = ("cpp", "triton", "cuda", "reference")
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 

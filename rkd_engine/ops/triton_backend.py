@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
+
 if TYPE_CHECKING:
     from rkd_engine.kernels.distill import FusedConfig
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_CLASSES = 262_144  # kernels.distill.MAX_CLASSES, kept here so that asking costs no Triton import
+
 _INTERPRETER_SM_COUNT = 4  # few, large programs: the interpreter runs programs one after another
 
 
@@ -121,7 +123,7 @@ def _check_matrix(name: str, t: Tensor, student: Tensor) -> None:
 def _check_runnable(device: torch.device, dtype: torch.dtype, m: int) -> None:
     reason = unavailable_reason(device, dtype, m)
     if reason is not None:
-        raise RuntimeError(f"the Triton backend cannot run these inputs: {reason}")
+        raise BackendUnavailableError("triton", device, dtype, m, reason)
 
 
 def fused_forward(

@@ -20,13 +20,14 @@ import yaml
 
 from rkd_engine.data.defaults import DEFAULT_IMBALANCE, Protocol
 from rkd_engine.errors import UserError
+from rkd_engine.ops.constants import BACKENDS as _KERNEL_BACKENDS
+from rkd_engine.ops.constants import OBJECTIVES
 
-OBJECTIVES = ("standard", "balanced", "robust", "tradeoff")
 STUDENT_METHODS = ("distill", "hinton", "post-shift", "group-dro", "ada-alpha", "ada-margin")
 VAL_LABELS = ("teacher", "onehot")
 AUGMENT = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+BACKENDS = ("auto", *_KERNEL_BACKENDS)
 
 # Options that do not change what a run computes: a run may be resumed with different values.
 NON_SEMANTIC = frozenset({"out", "device", "backend", "checkpoint_every"})
