@@ -243,3 +243,29 @@ def test_everything_is_checked_before_anything_is_written(tmp_path, capsys, flag
     assert main([*args, "--quiet", "--set", "model=mlp", "--set", "epochs=1", *flags]) == 2
     assert named in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- executors
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--executor", "slurm"], "--executor must be local or ray, got 'slurm'"),
+        (["--cpus-per-run", "2"], "--cpus-per-run only apply to --executor ray"),
+        (["--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be a number >= 0"),
+        (["--executor", "ray", "--cpus-per-run", "0"], "--cpus-per-run must be a number > 0"),
+        (["--executor", "ray", "--device", "cuda", "--gpus-per-run", "0"], "--device cuda needs --gpus-per-run > 0"),
+    ],
+)
+def test_executor_options_are_checked_before_anything_is_written(tmp_path, capsys, flags, named):
+    if "ray" in flags:
+        pytest.importorskip("ray")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "--epochs", "1", *TINY, *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert main(["sweep", "--out", str(tmp_path / "sweep"), "--epochs", "1", *TINY, "--executor", "ray"]) == 2
+    assert "pip install 'rkd-engine[ray]'" in capsys.readouterr().err
