@@ -494,7 +494,10 @@ class _Run:
         }
 
     def _save_checkpoint(self) -> None:
-        self._check_finite(float(self.log_window["loss"]))  # never replace a good checkpoint with a diverged one
+        # Never replace a good checkpoint with a diverged one: the loss since the last check and the weights
+        # (an optimiser step can make them NaN after a finite loss) must be finite; one sync per checkpoint.
+        finite = torch.stack([torch.isfinite(p).all() for p in self.module.parameters()]).all()
+        self._check_finite(float(self.log_window["loss"]) if bool(finite) else math.nan)
         state = self._checkpoint_state()
         self.run.save_checkpoint(state, self.config_dict)
         self.last_checkpoint_step = self.step
