@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rkd_engine.data.defaults import DEFAULT_IMBALANCE
 from rkd_engine.data.folder import load_folder
 from rkd_engine.data.protocol import Dataset, Split, check_imbalance, check_seed, split_indices, standardise_
 from rkd_engine.errors import DataError, DataNotFoundError
@@ -56,7 +57,7 @@ _CIFAR = {
 def load_dataset(
     spec: str,
     *,
-    imbalance: float = 10.0,
+    imbalance: float = DEFAULT_IMBALANCE,
     seed: int = 0,
     val_per_class: int | None = None,
     test_per_class: int | None = None,

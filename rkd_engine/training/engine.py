@@ -288,7 +288,10 @@ class _Run:
     def _data_defaults(self, cfg: TrainConfig, data: Dataset) -> TrainConfig:
         """Fill the options left to the data source's protocol and the DRO schedule; print what was filled."""
         protocol = default_protocol(data)
+        given = cfg
         cfg, filled = resolve_data_defaults(cfg, data, protocol)
+        # Every option left to a default here (the DRO schedule is resolved for every objective).
+        self.filled = set(filled) | {k for k in ("dro_every", "dro_step") if getattr(given, k) is None}
         if filled and not self.quiet and self.ctx.is_main:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in filled.items())
             print(f"{cfg.command} {cfg.out}: defaults for {data.name} ({protocol.origin}): {shown}", file=sys.stderr)
@@ -303,6 +306,8 @@ class _Run:
             stored = run.read_config()
             differ = semantic_diff(stored, self.config_dict)
             if differ:
+                # Defaults derived from other options (the DRO step from the epochs) follow them: name the cause.
+                differ = [k for k in differ if k not in self.filled] or differ
                 detail = ", ".join(f"{flag(k)} {stored.get(k)!r} -> {self.config_dict.get(k)!r}" for k in differ[:5])
                 raise ConfigError(f"cannot resume {run.path} with different options ({detail})")
             self._check_same_data()
