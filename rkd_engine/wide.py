@@ -43,10 +43,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How far above 1 a row of top-k probabilities may sum, by dtype (rounding of probabilities that sum to 1).
 _PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-8}
 
-# Rows per chunk of the top-k expansion on CPU: the dense chunk of p~ (written, then read by the kernel)
-# should stay in the core's cache. Measured on a 2-core EPYC (1 MiB L2 per core, 32 MiB L3) at
-# (4096, 32000) fp32, k = 128 (benchmarks/bench_wide.py --topk-chunks): see the README's wide-heads section.
-_TOPK_CPU_CHUNK_BYTES = 32 << 20
+# Rows per chunk of the top-k expansion on CPU. Each chunk costs one call of the kernel (a parallel region,
+# per-call workspaces): on the shared 2-core EPYC, loaded, at (4096, 32000) fp32 and k = 128, chunks of
+# 32 / 128 / 512 rows took 10.3 / 5.6 / 5.0 s a step (dense teacher logits: 3.9 s), so chunks are large.
+_TOPK_CPU_CHUNK_BYTES = 64 << 20
 # Elsewhere (GPU) a chunk only bounds memory: 256 MiB of dense target at most.
 _TOPK_DEVICE_CHUNK_BYTES = 256 << 20
 # Rows per chunk of the fused output layer: the scores of a chunk (and the teacher's) take about this much.
