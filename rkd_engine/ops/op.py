@@ -287,7 +287,7 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
     Going through the custom op costs a dispatcher round trip, the generated autograd wrapper (which
     rebuilds the op's argument list on every call) and output alias checks: some 0.1-0.5 ms per training
-    step, several percent of a CPU step. For the C++ backend on plain tensors in eager mode (no
+    step, several percent of a CPU step. For every backend, on plain tensors in eager mode (no
     ``torch.compile`` tracing, no tensor subclass, torch function or dispatch mode, functorch transform)
     this runs the same forward and backward (``_forward``, ``_setup_context``, ``_backward``) as a plain
     ``torch.autograd.Function`` instead (or directly, when no gradient is needed); anything else calls the
