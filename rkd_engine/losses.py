@@ -38,8 +38,12 @@ class LossOutput(NamedTuple):
 
 
 def _check_positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile may trace the number symbolically (e.g. an annealed temperature): its value is not
+        # known while tracing; the kernels reject a non-positive one when they run.
+        return value
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -199,15 +199,35 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
         )
     if g_loss is None:
         return (None,) * _N_ARGS
+    if (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(g_loss)
+    ):
+        # create_graph=True (a gradient penalty, gradgradcheck, torch.func.hessian): the saved gradient is a
+        # constant of the graph, so a second derivative through it would be silently zero.
+        raise RuntimeError(
+            "rkd::distill does not support double backward (create_graph=True): its gradient is computed in "
+            "the forward pass and is not differentiable. Use distill_loss(..., backend='reference') for "
+            "higher-order derivatives."
+        )
     acc = acc_dtype(grad.dtype)
     go = g_loss if g_loss.dtype == acc else g_loss.to(acc)
     scalar = go.dim() == 0
     go = go.expand(ctx.rows) if scalar else go
     nones = (None,) * (_N_ARGS - 1)
-    if ctx.reduction == "none" or type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if (
+        ctx.reduction == "none"
+        or type(grad) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or wrapped(grad)
+        or wrapped(g_loss)
+    ):
         # Out of place: under tracing (torch.compile, AOTAutograd: functional or fake tensor subclasses)
         # a graph may not mutate a saved forward output, and the compiler fuses this multiply; with
-        # per-row losses, Jacobian-style use (gradcheck, vmap over upstream gradients) must stay exact.
+        # per-row losses, Jacobian-style use (gradcheck, vmap over upstream gradients) must stay exact;
+        # under torch.func transforms the tensors are wrappers with no storage of their own.
         return (grad * go.unsqueeze(-1).to(grad.dtype), *nones)
     if ctx.applied is None:
         # First backward: scale the saved gradient in place; rows whose upstream gradient is exactly 1
@@ -241,11 +261,16 @@ distill.register_autograd(_backward, setup_context=_setup_context)
 class _DistillFunction(torch.autograd.Function):
     """``rkd::distill``'s forward and backward as a plain autograd function: the eager fast path."""
 
+    # The setup_context form: functorch transforms (torch.func.grad, vmap of grad, jacrev) can run it.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
+    def forward(*inputs):
+        return _forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def backward(ctx, *grads):
@@ -262,14 +287,26 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
     Going through the custom op costs a dispatcher round trip, the generated autograd wrapper (which
     rebuilds the op's argument list on every call) and output alias checks: some 0.1-0.5 ms per training
-    step, several percent of a CPU step. For the C++ backend on plain tensors in eager mode (no
+    step, several percent of a CPU step. For every backend, on plain tensors in eager mode (no
     ``torch.compile`` tracing, no tensor subclass, torch function or dispatch mode, functorch transform)
     this runs the same forward and backward (``_forward``, ``_setup_context``, ``_backward``) as a plain
     ``torch.autograd.Function`` instead (or directly, when no gradient is needed); anything else calls the
-    op.
+    op, except under ``torch.func`` transforms, which take the autograd function (see ``_DistillFunction``).
     """
     student, teacher, labels, a, log_c, w, _gamma, _tau, _probs, _reduction, _need_grad, backend = args[:12]
     normalizer_t = args[14] if len(args) > 14 else None
+    if (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    ):
+        # Under torch.func transforms (grad, vmap of grad, jacrev): the autograd.Function in its setup_context
+        # form, which functorch can run (the custom op's generated autograd cannot), with the reference
+        # backend (PyTorch operations, which vmap can batch; the kernels take plain storage) and no status
+        # read (a host read of a batched value is not allowed under vmap).
+        args = list(args) + [-100, 0.0, None, "off"][len(args) - 12 :]
+        args[11], args[15] = "reference", "off"
+        return _DistillFunction.apply(*args)
     if (
         backend in _FAST_PATH_BACKENDS
         and type(student) in _PLAIN_TYPES
