@@ -269,3 +269,10 @@ def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, capsys, monke
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     assert main(["sweep", "--out", str(tmp_path / "sweep"), "--epochs", "1", *TINY, "--executor", "ray"]) == 2
     assert "pip install 'rkd-engine[ray]'" in capsys.readouterr().err
+
+
+def test_a_relative_data_path_is_resolved_where_the_sweep_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert make_spec({"data": "npz:data/x.npz"}).data == f"npz:{tmp_path / 'data' / 'x.npz'}"
+    assert make_spec({"data": "cifar10:c10"}).data == f"cifar10:{tmp_path / 'c10'}"
+    assert make_spec({"data": "synthetic:m=3"}).data == "synthetic:m=3"
