@@ -452,7 +452,7 @@ def _check_stored(root: Path, spec: SweepSpec) -> None:
         return
     try:
         stored = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); delete it or choose another --out") from None
     now = spec.to_dict()
     differ = [k for k in ("data", "imbalance", "common", "teacher", "student") if stored.get(k) != now.get(k)]
