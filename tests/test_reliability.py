@@ -326,3 +326,12 @@ def test_checkpoint_position_beyond_the_epoch_refused(tmp_path, npz_data):
     torch.save(ck, out / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a position of this run"):
         train_teacher(cfg, resume=True, quiet=True)
+
+
+def test_binary_sweep_json_names_the_file(tmp_path):
+    """Item 18: a binary sweep.json was an error that did not name the file."""
+    from rkd_engine.training.sweep import _check_stored, load_spec
+
+    (tmp_path / "sweep.json").write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"sweep\.json is not valid JSON"):
+        _check_stored(tmp_path, load_spec(None, {}))
