@@ -371,3 +371,12 @@ def test_sweep_with_cached_teachers_matches_online(tmp_path):
     assert student["teacher_cache"] == str(caches / "teacher-a1")
     post = json.loads((tmp_path / "cached" / "runs" / "seed0" / "baseline-post-shift" / "config.json").read_text())
     assert post["teacher_cache"] is None  # post-shift's model is the teacher itself
+
+
+def test_float16_cache(tmp_path, teacher, dataset):
+    cache = cache_teacher(teacher, tmp_path / "h", dtype="float16", top_k=2, dataset=dataset, quiet=True)
+    assert cache.dtype == "float16" and np.load(cache.path / "train.topk_logits.npy").dtype == np.float16
+    assert np.load(cache.path / "val.logits.npy").dtype == np.float16
+    g = predict(load_model_file(teacher)[0], dataset.val.x)
+    torch.testing.assert_close(cache.logits("val"), g, rtol=1e-3, atol=1e-3)  # read back as float32
+    assert cache.logits("val").dtype == torch.float32
