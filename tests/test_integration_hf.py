@@ -201,6 +201,15 @@ def _fit_teacher(rows, steps: int = 150):
 
 @pytest.mark.slow
 def test_robust_objective_lifts_the_worst_class_inside_the_trainer(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only contend (several times slower on a busy machine)
+    try:
+        _robust_vs_standard(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _robust_vs_standard(tmp_path):
     train, val, test = _cls_rows(TRAIN_COUNTS, 0), _cls_rows((30,) * M, 1), _cls_rows((100,) * M, 2)
     teacher = _fit_teacher(train)
     with torch.no_grad():
