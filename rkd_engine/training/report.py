@@ -190,15 +190,12 @@ class Report:
     planned_runs: int | None = None  # runs of the whole sweep (from sweep.json), None if unknown
     planned_seeds: int | None = None
     eligible: list[Cell] = field(default_factory=list)
+    finished_runs: int = 0  # rows of runs.csv
 
     @property
     def incomplete(self) -> bool:
         """Fewer runs finished than the sweep plans (cells may average over different numbers of seeds)."""
         return self.planned_runs is not None and self.finished_runs < self.planned_runs
-
-    @property
-    def finished_runs(self) -> int:
-        return sum(c.n for c in self.cells.values())
 
     def seeds_note(self, cell: Cell | None) -> str:
         """`` (n=2)`` when ``cell`` has fewer seeds than the sweep, else nothing."""
@@ -659,6 +656,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, quiet:
     rows, spec = read_runs(sweep_dir)
     rep = analyse(rows, spec)
     rep.planned_runs, rep.planned_seeds = planned(spec) or (None, None)
+    rep.finished_runs = len(rows)
     incomplete = completeness_note(rep)
     if incomplete:
         sys.stderr.write(f"rkd report: warning: {incomplete}\n")
