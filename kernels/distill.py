@@ -312,6 +312,8 @@ def _fused_narrow_kernel(
     tau,
     inv_tau,
     grad_scale,
+    scale_ptr,  # a 0-d fp32 tensor multiplying the gradient (read when HAS_SCALE)
+    ignore_index,  # rows labelled so contribute nothing (with HAS_LABELS)
     HAS_TEACHER: tl.constexpr,
     TEACHER_PROBS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -319,6 +321,7 @@ def _fused_narrow_kernel(
     HAS_W: tl.constexpr,
     HAS_TAU: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -327,6 +330,8 @@ def _fused_narrow_kernel(
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_M)
     col_ok = cols < m
+    if HAS_SCALE:
+        grad_scale = grad_scale * tl.load(scale_ptr)
     if HAS_LOGC:
         log_c = tl.load(logc_ptr + cols, mask=col_ok, other=0.0)
     if HAS_W:
@@ -367,8 +372,10 @@ def _fused_narrow_kernel(
         onehot = cols[None, :] < 0
         pick_z = e_z
         pick_w = e_z
+        keep = row_ok
         if HAS_LABELS:
             y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+            keep = row_ok & (y != ignore_index)
             onehot = cols[None, :] == y[:, None]
             pick_z = tl.where(onehot, z, 0.0)
             pick_w = tl.where(onehot, w[None, :], 0.0)
@@ -396,7 +403,7 @@ def _fused_narrow_kernel(
             inv_g = 1.0 / sum_g
         wp = sum_wg * inv_g
         loss = _row_loss(a, lse_z, lse_t, z_y, w_y, wp, sum_wgz * inv_g, tau, inv_tau, HAS_TEACHER, HAS_LABELS, HAS_TAU)
-        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
         p = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
         if HAS_TEACHER:
             p = e_g * inv_g[:, None]
@@ -404,11 +411,12 @@ def _fused_narrow_kernel(
 
         if NEED_GRAD:
             grad = _grad_rows(s, s_t, p, w, wp, a, w_y, onehot, tau, grad_scale, HAS_TEACHER, HAS_LABELS, HAS_TAU)
+            grad = tl.where(keep[:, None], grad, 0.0)
             tl.store(
                 grad_ptr + rows64[:, None] * stride_o + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask
             )
 
-        q = _target(p, a, onehot, mask, HAS_TEACHER, HAS_LABELS)
+        q = _target(p, a, onehot, mask & keep[:, None], HAS_TEACHER, HAS_LABELS)
         acc_mass += q
         acc_risk += tl.where(q > 0.0, q * nls, 0.0)
         acc_error += tl.where(cols[None, :] != pred[:, None], q, 0.0)
@@ -432,6 +440,7 @@ def _wide_rows_kernel(
     inv_gamma,
     tau,
     inv_tau,
+    ignore_index,
     HAS_TEACHER: tl.constexpr,
     TEACHER_PROBS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -520,8 +529,10 @@ def _wide_rows_kernel(
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     z_y = tl.zeros([BLOCK_R], tl.float32)
     w_y = tl.full([BLOCK_R], 1.0, tl.float32)
+    keep = row_ok
     if HAS_LABELS:
         y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        keep = row_ok & (y != ignore_index)
         y_ok = row_ok & (y >= 0) & (y < m)
         z_y = tl.load(f_row + y, mask=y_ok, other=0.0).to(tl.float32) - f_max
         if HAS_LOGC:
@@ -534,7 +545,7 @@ def _wide_rows_kernel(
     wp = sum_wg * inv_g
     wpz = (sum_wgv - shift * sum_wg) * inv_g  # sum_j w_j p_ij z_ij over p_ij > 0
     loss = _row_loss(a, lse_z, lse_t, z_y, w_y, wp, wpz, tau, inv_tau, HAS_TEACHER, HAS_LABELS, HAS_TAU)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
     out = stat_ptr + rows64 * 8
     tl.store(out, f_max, mask=row_ok)
     tl.store(out + 1, lse_z, mask=row_ok)
@@ -567,6 +578,8 @@ def _wide_grad_kernel(
     tau,
     inv_tau,
     grad_scale,
+    scale_ptr,
+    ignore_index,
     HAS_TEACHER: tl.constexpr,
     TEACHER_PROBS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -574,6 +587,7 @@ def _wide_grad_kernel(
     HAS_W: tl.constexpr,
     HAS_TAU: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -582,6 +596,8 @@ def _wide_grad_kernel(
     pid_r = tl.program_id(1)
     cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < m
+    if HAS_SCALE:
+        grad_scale = grad_scale * tl.load(scale_ptr)
     if HAS_LOGC:
         log_c = tl.load(logc_ptr + cols, mask=col_ok, other=0.0)
     if HAS_W:
@@ -611,8 +627,10 @@ def _wide_grad_kernel(
         s = tl.exp(z - lse_z[:, None])
         onehot = cols[None, :] < 0
         w_y = a
+        keep = row_ok
         if HAS_LABELS:
             y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+            keep = row_ok & (y != ignore_index)
             onehot = cols[None, :] == y[:, None]
             w_y = tl.load(st + 6, mask=row_ok, other=0.0)
         p = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -632,10 +650,11 @@ def _wide_grad_kernel(
                 s_t = tl.exp(z * inv_tau - lse_t[:, None])
         if NEED_GRAD:
             grad = _grad_rows(s, s_t, p, w, wp, a, w_y, onehot, tau, grad_scale, HAS_TEACHER, HAS_LABELS, HAS_TAU)
+            grad = tl.where(keep[:, None], grad, 0.0)
             tl.store(
                 grad_ptr + rows64[:, None] * stride_o + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask
             )
-        q = _target(p, a, onehot, mask, HAS_TEACHER, HAS_LABELS)
+        q = _target(p, a, onehot, mask & keep[:, None], HAS_TEACHER, HAS_LABELS)
         acc_mass += q
         acc_risk += tl.where(q > 0.0, q * nls, 0.0)
         acc_error += tl.where(cols[None, :] != pred[:, None], q, 0.0)

@@ -79,6 +79,24 @@ def _check_values(
         raise ValueError(f"{name} must be >= 0 everywhere")
 
 
+def _check_normalizer(normalizer: object, reduction: str, device: torch.device) -> tuple[float, Tensor | None]:
+    """``normalizer`` as the op takes it: ``(value, None)`` for a number (0.0: none given) or ``(0.0, t)``
+    for a one-element tensor ``t`` (moved to ``device``, never read on the host)."""
+    if normalizer is None:
+        return 0.0, None
+    if reduction != "mean":
+        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        if normalizer.requires_grad:
+            raise ValueError("normalizer requires grad: pass normalizer.detach()")
+        return 0.0, normalizer.reshape(()).to(device, non_blocking=True)
+    return _check_positive_number("normalizer", normalizer), None
+
+
 def distill_loss(
     student_logits: Tensor,
     *,
@@ -93,6 +111,8 @@ def distill_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = True,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
     topk_tail: str = "renormalize",
 ) -> LossOutput:
@@ -114,6 +134,12 @@ def distill_loss(
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
         validate: check values (NaN, label range, probability rows...). These checks read the
             tensors and so synchronise with the device; pass ``False`` in a training hot path.
+        ignore_index: a row whose label equals it contributes nothing: loss 0, a zero gradient row,
+            nothing in the statistics. Labels may be passed with ``teacher_weight=1`` only to mark
+            such rows.
+        normalizer: with ``reduction="mean"``, divide the summed loss by this (a number > 0 or a 0-d
+            tensor, e.g. the ``num_items_in_batch`` of a gradient-accumulation step) instead of by the
+            number of rows not ignored. Never read on the host; a tensor of value 0 gives loss 0.
         teacher_topk: a sparse teacher ``(indices, probs)`` instead of a dense one: (B, k) distinct
             classes per row and their (already tempered) probabilities, rows summing to at most 1.
         topk_tail: the target of a top-k teacher (METHOD.md section 11): ``"renormalize"`` (``probs``
@@ -143,6 +169,8 @@ def distill_loss(
             reduction=reduction,
             backend=backend,
             validate=validate,
+            ignore_index=ignore_index,
+            normalizer=normalizer,
         )
     # --- end of the top-k teacher ---
     if not isinstance(student_logits, Tensor):
@@ -210,8 +238,9 @@ def distill_loss(
             raise ValueError("teacher_weight < 1 needs labels (the one-hot part of the target)")
     if teacher is not None and a_const == 0.0:
         teacher, teacher_is_probs = None, False
-    if labels is not None and a_const == 1.0:
-        labels = None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
 
     log_c = None
     if class_costs is not None:
@@ -230,8 +259,14 @@ def distill_loss(
         _check_values("student_logits", student_logits, allow_neg_inf=True)
         if torch.isneginf(student_logits).all(-1).any():
             raise ValueError("student_logits has a row that is -inf everywhere (no class left)")
-        if labels is not None and ((labels < 0).any() or (labels >= m).any()):
-            raise ValueError(f"labels must lie in [0, {m}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        if labels is not None:
+            bad = ((labels < 0) | (labels >= m)) & (labels != ignore_index)
+            if bad.any():
+                shown = labels[labels != ignore_index]
+                raise ValueError(
+                    f"labels must lie in [0, {m}) (or equal ignore_index={ignore_index}), "
+                    f"got values in [{int(shown.min())}, {int(shown.max())}]"
+                )
         if teacher is not None and teacher_is_probs:
             _check_values("teacher_probs", teacher, nonneg=True)
             sums = teacher.to(acc).sum(-1)
@@ -257,6 +292,9 @@ def distill_loss(
         reduction,
         need_grad,
         name,
+        ignore_index,
+        norm_value,
+        norm_t,
     )
     return LossOutput(loss, mass, risk, error)
 

@@ -137,24 +137,34 @@ def fused_rows(
     tau: float = 1.0,
     grad_scale: float = 1.0,
     need_grad: bool = True,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
 ) -> FusedRows:
     """Loss, closed-form gradient and per-class statistics in one call (the kernels' contract).
 
     Arithmetic runs in float64 for float64 inputs and in float32 otherwise; ``grad`` is returned in
-    the dtype of ``student`` multiplied by ``grad_scale`` (``1/B`` for a mean), or as an empty tensor
-    when ``need_grad`` is false. ``loss``, ``mass``, ``risk`` and ``error`` are float32 (float64 for
-    float64 inputs).
+    the dtype of ``student`` multiplied by ``grad_scale`` (``1/B`` for a mean) and by the 0-d tensor
+    ``scale`` when given, or as an empty tensor when ``need_grad`` is false. A row whose label equals
+    ``ignore_index`` is skipped: loss 0, a zero gradient row, nothing added to the statistics.
+    ``loss``, ``mass``, ``risk`` and ``error`` are float32 (float64 for float64 inputs).
     """
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     f = student.detach().to(acc)
     m = f.shape[-1]
     a_ = a.detach().to(acc)
+    keep = None
+    if labels is not None:
+        keep = labels != ignore_index
+        # Ignored rows are computed as label 0 and then zeroed: their values never reach a result.
+        labels = torch.where(keep, labels, torch.zeros_like(labels))
     z = _shift(f) if log_c is None else _shift(f) - log_c.detach().to(acc)
     p = None
     if teacher is not None:
         t = teacher.detach().to(acc)
         p = t if teacher_is_probs else teacher_probs_from_logits(t, gamma)
     q = target_distribution(p, labels, a_, m)
+    if keep is not None:
+        q = torch.where(keep.unsqueeze(-1), q, torch.zeros_like(q))
     w_ = torch.ones(m, dtype=acc, device=f.device) if w is None else w.detach().to(acc)
 
     loss = loss_rows(
@@ -167,6 +177,8 @@ def fused_rows(
         w=w_,
         tau=tau,
     )
+    if keep is not None:
+        loss = torch.where(keep, loss, torch.zeros_like(loss))
 
     nls = _neg_log_softmax_masked(z, q)
     mass = q.sum(0)
@@ -187,7 +199,12 @@ def fused_rows(
             s_tau = torch.softmax(z / tau, dim=-1)
             w_p = (w_ * p).sum(-1, keepdim=True)
             grad = grad + a_.unsqueeze(-1) * tau * (s_tau * w_p - w_ * p)
-        grad = (grad * grad_scale).to(student.dtype)
+        grad = grad * grad_scale
+        if scale is not None:
+            grad = grad * scale.detach().to(acc)
+        if keep is not None:
+            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros_like(grad))
+        grad = grad.to(student.dtype)
     else:
         grad = student.new_empty(0)
     return FusedRows(loss, grad, mass, risk, error)

@@ -26,9 +26,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rkd_engine.losses import LossOutput, RobustDistillationLoss
+from rkd_engine.losses import LossOutput, RobustDistillationLoss, _check_normalizer
 from rkd_engine.ops import REDUCTIONS, acc_dtype, backend_module, select_backend
-from rkd_engine.ops.op import call_distill
+from rkd_engine.ops.op import _mean_scale, call_distill
 
 __all__ = [
     "TOPK_TAILS",
@@ -43,10 +43,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How far above 1 a row of top-k probabilities may sum, by dtype (rounding of probabilities that sum to 1).
 _PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-8}
 
-# Rows per chunk of the top-k expansion on CPU: the dense chunk of p~ (written, then read by the kernel)
-# should stay in the core's cache. Measured on a 2-core EPYC (1 MiB L2 per core, 32 MiB L3) at
-# (4096, 32000) fp32, k = 128 (benchmarks/bench_wide.py --topk-chunks): see the README's wide-heads section.
-_TOPK_CPU_CHUNK_BYTES = 32 << 20
+# Rows per chunk of the top-k expansion on CPU. Each chunk costs one call of the kernel (a parallel region,
+# per-call workspaces): on the shared 2-core EPYC, loaded, at (4096, 32000) fp32 and k = 128, chunks of
+# 32 / 128 / 512 rows took 10.3 / 5.6 / 5.0 s a step (dense teacher logits: 3.9 s), so chunks are large.
+_TOPK_CPU_CHUNK_BYTES = 64 << 20
 # Elsewhere (GPU) a chunk only bounds memory: 256 MiB of dense target at most.
 _TOPK_DEVICE_CHUNK_BYTES = 256 << 20
 # Rows per chunk of the fused output layer: the scores of a chunk (and the teacher's) take about this much.
@@ -106,16 +106,27 @@ def _loss_args(
     class_costs: Tensor | None,
     class_weights: Tensor | None,
     check_values: bool,
+    ignore_index: int,
 ) -> tuple[Tensor | None, Tensor, float | None, Tensor | None, Tensor | None]:
-    """``(labels, a, a_const, log_c, w)`` normalised as ``distill_loss`` does (``a_const``: ``a`` when constant)."""
+    """``(labels, a, a_const, log_c, w)`` normalised as ``distill_loss`` does (``a_const``: ``a`` when constant).
+
+    Labels are kept with ``a = 1`` too: there they only mark rows labelled ``ignore_index``.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if labels is not None:
         labels = _tensor("labels", labels)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         _check_like("labels", labels, (rows,), device, ref)
         labels = labels.to(torch.int64).contiguous()
-        if check_values and ((labels < 0).any() or (labels >= m).any()):
-            raise ValueError(f"labels must lie in [0, {m}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        if check_values:
+            kept = labels[labels != ignore_index]
+            if kept.numel() and ((kept < 0).any() or (kept >= m).any()):
+                raise ValueError(
+                    f"labels must lie in [0, {m}) (or equal ignore_index={ignore_index}), "
+                    f"got values in [{int(kept.min())}, {int(kept.max())}]"
+                )
     if teacher_weight is None:
         if not has_teacher and labels is None:
             raise ValueError("the loss needs labels, a teacher, or both")
@@ -143,8 +154,6 @@ def _loss_args(
         raise ValueError("teacher_weight > 0 needs a teacher")
     if labels is None and a_const != 1.0:
         raise ValueError("teacher_weight < 1 needs labels (the one-hot part of the target)")
-    if labels is not None and a_const == 1.0:
-        labels = None
     log_c = w = None
     if class_costs is not None:
         _check_like("class_costs", _tensor("class_costs", class_costs), (m,), device, ref)
@@ -222,12 +231,20 @@ def _topk_parts(probs: Tensor, uniform: bool, m: int, acc: torch.dtype) -> tuple
 
 
 def _expand_topk_(buf: Tensor, indices: Tensor, values: Tensor, tail: Tensor | None) -> Tensor:
-    """Write the dense target of a chunk of rows into ``buf`` (chunk, m): tail (or 0), then the top k."""
-    if tail is None:
-        buf.zero_()
-    else:
+    """Write the dense target of a chunk of rows into ``buf`` (chunk, m): the tail, then the top k.
+
+    Without a tail (``"renormalize"``) ``buf`` must be all zero on entry (``_clear_topk_`` restores that
+    after use), so only ``k`` entries a row are written, not ``m``.
+    """
+    if tail is not None:
         buf.copy_(tail.unsqueeze(-1).expand_as(buf))
     return buf.scatter_(1, indices, values)
+
+
+def _clear_topk_(buf: Tensor, indices: Tensor, tail: Tensor | None) -> None:
+    """Zero what ``_expand_topk_`` wrote into a zero buffer (nothing to do where a tail refills it)."""
+    if tail is None:
+        buf.scatter_(1, indices, 0.0)
 
 
 def _topk_chunk(device: torch.device, m: int, elem: int, rows: int) -> int:
@@ -235,7 +252,10 @@ def _topk_chunk(device: torch.device, m: int, elem: int, rows: int) -> int:
     return _rows_per_chunk(budget, m, elem, rows, minimum=1)
 
 
-def _topk_forward(student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, backend, chunk):
+def _topk_forward(
+    student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, backend, chunk,
+    ignore_index, normalizer, normalizer_t,
+):  # fmt: skip
     rows, m = student.shape
     acc = acc_dtype(student.dtype)
     module = backend_module(backend)
@@ -248,8 +268,10 @@ def _topk_forward(student, indices, probs, uniform, labels, a, log_c, w, tau, re
     risk = torch.zeros_like(mass)
     error = torch.zeros_like(mass)
     chunk = max(1, min(chunk, rows))
-    buf = student.new_empty(chunk, m)
-    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    buf = student.new_zeros(chunk, m) if tail is None else student.new_empty(chunk, m)
+    grad_scale, scale = 1.0, None
+    if reduction == "mean":
+        grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         target = _expand_topk_(
@@ -268,13 +290,16 @@ def _topk_forward(student, indices, probs, uniform, labels, a, log_c, w, tau, re
             grad_scale=grad_scale,
             need_grad=need_grad,
             grad_out=grad[start:end] if need_grad else None,
+            ignore_index=ignore_index,
+            scale=scale,
         )
+        _clear_topk_(target, indices[start:end], tail)
         loss_rows[start:end] = out[0]
         mass += out[2]
         risk += out[3]
         error += out[4]
     if reduction == "mean":
-        loss = loss_rows.sum() / rows
+        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -297,11 +322,18 @@ def distill_topk(
     need_grad: bool,
     backend: str,
     chunk_rows: int,
+    ignore_index: int = -100,
+    normalizer: float = 0.0,
+    normalizer_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fused loss with a top-k teacher (reduced), its saved gradient, and ``mass``, ``risk``, ``error``."""
+    """The fused loss with a top-k teacher (reduced), its saved gradient, and ``mass``, ``risk``, ``error``.
+
+    ``ignore_index``, ``normalizer`` and ``normalizer_t`` as in ``rkd::distill``.
+    """
     return _topk_forward(
-        student, indices, probs, uniform_tail, labels, a, log_c, w, tau, reduction, need_grad, backend, chunk_rows
-    )
+        student, indices, probs, uniform_tail, labels, a, log_c, w, tau, reduction, need_grad, backend, chunk_rows,
+        ignore_index, normalizer, normalizer_t,
+    )  # fmt: skip
 
 
 @distill_topk.register_fake
@@ -341,7 +373,7 @@ def _topk_setup(ctx, inputs, output):
 
 
 def _topk_backward(ctx, g_loss, *_):
-    nones = (None,) * 12
+    nones = (None,) * 15
     if g_loss is None:
         return (None, *nones)
     if not ctx.need_grad:
@@ -366,6 +398,8 @@ def topk_distill_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = True,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> LossOutput:
     """``distill_loss`` with a sparse top-k teacher: see ``distill_loss(..., teacher_topk=...)``.
@@ -400,22 +434,28 @@ def topk_distill_loss(
         class_costs=class_costs,
         class_weights=class_weights,
         check_values=check_values,
+        ignore_index=ignore_index,
     )
+    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
     if check_values:
         _check_finite("student_logits", student_logits, allow_neg_inf=True)
     name = select_backend(backend, device, student_logits.dtype, m)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
     student = student_logits.contiguous()
     if a_const == 0.0:  # labels only: the teacher plays no part
-        out = call_distill(student, None, labels, a, log_c, w, 1.0, tau, False, reduction, need_grad, name)
+        out = call_distill(
+            student, None, labels, a, log_c, w, 1.0, tau, False, reduction, need_grad, name, ignore_index,
+            norm_value, norm_t,
+        )  # fmt: skip
     else:
         if chunk_rows is None:
             chunk_rows = _topk_chunk(device, m, student.element_size(), rows)
         elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         out = distill_topk(
-            student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, name, chunk_rows
-        )
+            student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, name, chunk_rows,
+            ignore_index, norm_value, norm_t,
+        )  # fmt: skip
     loss, _grad, mass, risk, error = out
     return LossOutput(loss, mass, risk, error)
 
@@ -424,6 +464,7 @@ def topk_distill_loss(
 def _linear_forward(
     x, weight, bias, labels, a, log_c, w, teacher_logits, teacher_x, teacher_weight_, teacher_bias,
     indices, probs, uniform, gamma, tau, reduction, need_input_grad, need_param_grad, backend, chunk,
+    ignore_index, normalizer, normalizer_t,
 ):  # fmt: skip
     rows = x.shape[0]
     m = weight.shape[0]
@@ -431,7 +472,9 @@ def _linear_forward(
     acc = acc_dtype(dtype)
     module = backend_module(backend)
     need_grad = need_input_grad or need_param_grad
-    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    grad_scale, scale = 1.0, None
+    if reduction == "mean":
+        grad_scale, scale = _mean_scale(x, labels, ignore_index, normalizer, normalizer_t)
     chunk = max(1, min(chunk, rows))
     scores = x.new_empty(chunk, m)
     teacher_buf = None
@@ -440,7 +483,7 @@ def _linear_forward(
         values, tail = _topk_parts(probs, uniform, m, acc)
         values = values.to(dtype)
         tail = None if tail is None else tail.to(dtype)
-        teacher_buf = x.new_empty(chunk, m)
+        teacher_buf = x.new_zeros(chunk, m) if tail is None else x.new_empty(chunk, m)
     elif teacher_x is not None:
         teacher_buf = x.new_empty(chunk, m)
     grad_x = torch.empty_like(x) if need_input_grad else x.new_empty(0)
@@ -495,7 +538,11 @@ def _linear_forward(
             grad_scale=grad_scale,
             need_grad=need_grad,
             grad_out=f if need_grad else None,  # G = dloss/df overwrites the scores
+            ignore_index=ignore_index,
+            scale=scale,
         )
+        if indices is not None:
+            _clear_topk_(teacher, indices[start:end], tail)
         loss_rows[start:end] = out[0]
         mass += out[2]
         risk += out[3]
@@ -510,7 +557,7 @@ def _linear_forward(
             if grad_b is not None:
                 grad_b += f.sum(0, dtype=acc)
     if reduction == "mean":
-        loss = loss_rows.sum() / rows
+        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -547,12 +594,15 @@ def fused_linear_distill(
     need_param_grad: bool,
     backend: str,
     chunk_size: int,
+    ignore_index: int = -100,
+    normalizer: float = 0.0,
+    normalizer_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, mass, risk, error, dX, dW, db)`` of the linear output layer fused with the loss, by chunks of rows."""
     return _linear_forward(
         student_input, student_head_weight, student_head_bias, labels, a, log_c, w, teacher_logits, teacher_input,
         teacher_head_weight, teacher_head_bias, topk_indices, topk_probs, uniform_tail, gamma, tau, reduction,
-        need_input_grad, need_param_grad, backend, chunk_size,
+        need_input_grad, need_param_grad, backend, chunk_size, ignore_index, normalizer, normalizer_t,
     )  # fmt: skip
 
 
@@ -578,7 +628,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, g_loss, *_):
-    nones = (None,) * 18
+    nones = (None,) * 21
     if g_loss is None:
         return (None, None, None, *nones)
     if g_loss.dim() != 0:
@@ -643,6 +693,8 @@ def fused_linear_distill_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = True,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
 ) -> LossOutput:
     """The linear output layer ``f = X W^T + b`` fused with ``distill_loss`` (METHOD.md section 11).
@@ -657,8 +709,11 @@ def fused_linear_distill_loss(
         student_head_weight: ``W`` (m, H) in ``nn.Linear`` layout, dtype of ``X``.
         student_head_bias: ``b`` (m,) or ``None``.
         labels, temperature, teacher_weight, class_costs, class_weights, student_temperature, reduction,
-            backend, validate: as in ``distill_loss`` (``teacher_weight`` is the target mix ``a``, not a
-            head). ``reduction="none"`` gives per-row losses but cannot be differentiated.
+            backend, validate, ignore_index, normalizer: as in ``distill_loss`` (``teacher_weight`` is the
+            target mix ``a``, not a head). Rows labelled ``ignore_index`` add nothing to the loss, the
+            statistics or any gradient; ``normalizer`` (a number or 0-d tensor) replaces the count of kept
+            rows in the mean, e.g. for gradient accumulation. ``reduction="none"`` gives per-row losses
+            but cannot be differentiated.
         teacher_logits: a dense teacher ``g`` (B, m).
         teacher_input, teacher_head_weight, teacher_head_bias: a teacher head ``g = X_t W_t^T + b_t``
             applied chunk by chunk under no grad; ``X_t`` (B, H_t), ``W_t`` (m, H_t), ``H_t`` may differ from H.
@@ -731,7 +786,9 @@ def fused_linear_distill_loss(
         class_costs=class_costs,
         class_weights=class_weights,
         check_values=check_values,
+        ignore_index=ignore_index,
     )
+    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
     if a_const == 0.0:
         teacher_logits = teacher_input = teacher_head_weight = teacher_head_bias = indices = probs = None
     if check_values:
@@ -752,7 +809,7 @@ def fused_linear_distill_loss(
     out = fused_linear_distill(
         x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, a, log_c, w,
         teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform, gamma,
-        tau, reduction, need_input_grad, need_param_grad, name, chunk_size,
+        tau, reduction, need_input_grad, need_param_grad, name, chunk_size, ignore_index, norm_value, norm_t,
     )  # fmt: skip
     return LossOutput(out[0], out[1], out[2], out[3])
 
@@ -762,18 +819,20 @@ class FusedLinearDistillationLoss(RobustDistillationLoss):
     with the loss (``fused_linear_distill_loss``), so the (B, m) scores are never materialised.
 
     The objective, class costs, DRO state (``update_weights``) and prior work as in the parent; ``forward``
-    takes the head's input features and the head instead of the scores.
+    takes the head's input features and the head instead of the scores. ``chunk_size``, ``topk_tail`` and
+    ``ignore_index`` are those of ``fused_linear_distill_loss``.
     """
 
     def __init__(
         self, num_classes: int, objective: str = "standard", *, chunk_size: int | None = None,
-        topk_tail: str = "renormalize", **kwargs,
+        topk_tail: str = "renormalize", ignore_index: int = -100, **kwargs,
     ) -> None:  # fmt: skip
         super().__init__(num_classes, objective, **kwargs)
         if topk_tail not in TOPK_TAILS:
             raise ValueError(f"topk_tail must be one of {TOPK_TAILS}, got {topk_tail!r}")
         self.chunk_size = chunk_size
         self.topk_tail = topk_tail
+        self.ignore_index = ignore_index
 
     def forward(  # type: ignore[override]
         self,
@@ -785,6 +844,7 @@ class FusedLinearDistillationLoss(RobustDistillationLoss):
         teacher_head: nn.Linear | None = None,
         teacher_topk: tuple[Tensor, Tensor] | None = None,
         teacher_weight: float | Tensor | None = None,
+        normalizer: float | Tensor | None = None,
         validate: bool = False,
     ) -> LossOutput:
         """The objective's loss and statistics of ``head(student_input)`` (see ``fused_linear_distill_loss``)."""
@@ -813,5 +873,7 @@ class FusedLinearDistillationLoss(RobustDistillationLoss):
             reduction=self.reduction,
             backend=self.backend,
             validate=validate,
+            ignore_index=self.ignore_index,
+            normalizer=normalizer,
             chunk_size=self.chunk_size,
         )

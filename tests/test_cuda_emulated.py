@@ -84,6 +84,8 @@ class Emulated:
             p,
             ctypes.c_char_p,
             i32,
+            i64,
+            p,
         ]
         lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
@@ -95,7 +97,22 @@ class Emulated:
         self.lib.emu_configure(multiprocessors, blocks_per_multiprocessor)
 
     def fused_forward(
-        self, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad_scale=1.0, need_grad=True, grad_out=None
+        self,
+        f,
+        g,
+        y,
+        a,
+        log_c,
+        w,
+        *,
+        gamma=1.0,
+        tau=1.0,
+        probs=False,
+        grad_scale=1.0,
+        need_grad=True,
+        grad_out=None,
+        ignore_index=-100,
+        scale=None,
     ):
         rows, m = f.shape
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -124,6 +141,8 @@ class Emulated:
             ptr(error),
             message,
             512,
+            ignore_index,
+            ptr(scale),
         )
         if failed:
             raise ValueError(message.value.decode())
@@ -180,11 +199,12 @@ def _inputs(rows, m, dtype, *, regime="normal", seed=0, probs=False, gamma=1.0):
     return f.to(dtype), g.to(dtype), y, a, log_c, w
 
 
-def _compare(out, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad_scale=1.0, need_grad=True):
+def _compare(out, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad_scale=1.0, need_grad=True, scale=None):
     ref = reference.fused_rows(
         f.double(), teacher=None if g is None else g.double(), teacher_is_probs=probs, labels=y,
         a=a.double(), gamma=gamma, log_c=None if log_c is None else log_c.double(),
         w=None if w is None else w.double(), tau=tau, grad_scale=grad_scale, need_grad=need_grad,
+        scale=None if scale is None else scale.double(),
     )  # fmt: skip
     names = ("loss", "grad", "mass", "risk", "error")
     for name, got, want in zip(names, out, ref, strict=True):
@@ -285,3 +305,24 @@ def test_dro_update(emulated):
         emulated.lib.emu_dro_update(got.data_ptr(), risk.data_ptr(), mass.data_ptr(), m, 0.7, 0.5)
         assert torch.equal(got[mass == 0], weights[mass == 0])
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [37, 1000, 4104], ids=["warp", "block", "streaming"])
+def test_ignored_rows_and_device_scale(emulated, m):
+    """Rows labelled ignore_index give loss 0, a zero gradient row and no statistics; ``scale`` (a device
+    scalar) multiplies the gradient with grad_scale, on every code path."""
+    f, g, y, a, log_c, w = _inputs(7, m, torch.float32, seed=m)
+    y[[0, 3, 6]] = -100
+    scale = torch.tensor(0.25)
+    out = emulated.fused_forward(f, g, y, a, log_c, w, tau=1.5, grad_scale=0.5, scale=scale)
+    _compare(out, f, g, y, a, log_c, w, tau=1.5, grad_scale=0.5, scale=scale)
+    loss, grad = out[0], out[1]
+    assert torch.equal(loss[[0, 3, 6]], torch.zeros(3))
+    assert torch.equal(grad[[0, 3, 6]].abs(), torch.zeros(3, m))
+    kept = reference.fused_rows(f[[1, 2, 4, 5]].double(), teacher=g[[1, 2, 4, 5]].double(), labels=y[[1, 2, 4, 5]],
+                                a=a[[1, 2, 4, 5]].double(), log_c=log_c.double(), w=w.double(), tau=1.5)  # fmt: skip
+    torch.testing.assert_close(out[2].double(), kept.mass, rtol=5e-5, atol=1e-6)
+    everything = torch.full_like(y, 7)
+    loss, grad, mass, _, _ = emulated.fused_forward(f, g, everything, a, log_c, w, ignore_index=7)
+    assert torch.equal(loss, torch.zeros(7)) and torch.equal(grad.abs(), torch.zeros(7, m))
+    assert torch.equal(mass, torch.zeros(m))

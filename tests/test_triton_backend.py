@@ -362,3 +362,27 @@ def test_training_step_with_dro_updates_makes_no_host_sync():
 def test_large_shapes(rows, m, dtype):
     inp = _inputs(rows, m, dtype, "normal", seed=37, setup="mix")
     _check(inp, grad_scale=1.0 / rows, stat_tol={"rtol": 1e-4, "atol": 1e-4})
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ignored_rows_and_device_scale(path):
+    """Rows labelled ``ignore_index`` contribute nothing; ``scale`` (a 0-d device tensor) multiplies the gradient."""
+    rows, m = _shape(path)
+    inp = _inputs(rows, m, torch.float32, "normal", 11, "mix")
+    inp["labels"][[0, rows - 1]] = -100
+    config = _wide_config(rows, m) if path == "wide" else None
+    scale = torch.tensor(0.5, device=DEVICE)
+    args = (inp["student"], inp["teacher"], inp["labels"], inp["a"], inp["log_c"], inp["w"])
+    loss, grad, mass, risk, error = triton_backend.fused_forward(
+        *args, gamma=2.0, tau=1.5, teacher_is_probs=False, grad_scale=0.25, need_grad=True, config=config,
+        scale=scale,
+    )  # fmt: skip
+    ref = reference.fused_rows(
+        args[0].double(), teacher=args[1].double(), labels=args[2], a=args[3].double(), gamma=2.0,
+        log_c=args[4].double(), w=args[5].double(), tau=1.5, grad_scale=0.25, scale=scale.double(),
+    )  # fmt: skip
+    tol = TOLERANCES[torch.float32]
+    for got, want in ((loss, ref.loss), (grad, ref.grad), (mass, ref.mass), (risk, ref.risk), (error, ref.error)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol["rtol"], atol=tol["atol"])
+    assert torch.equal(loss[[0, rows - 1]], torch.zeros(2, device=DEVICE))
+    assert torch.equal(grad[[0, rows - 1]].abs(), torch.zeros(2, m, device=DEVICE))

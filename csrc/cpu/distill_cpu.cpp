@@ -224,7 +224,8 @@ void merge_blocks(const T* stats, int64_t blocks, int64_t m, int64_t m_pad, T* m
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& a, const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double gamma,
-    double tau, bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<at::Tensor>& grad_out) {
+    double tau, bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<at::Tensor>& grad_out,
+    int64_t ignore_index) {
   TORCH_CHECK(student.device().is_cpu(), "rkd_engine._C: student scores must be a CPU tensor, got ",
               student.device());
   TORCH_CHECK(student.dim() == 2, "rkd_engine._C: student scores must have shape (B, m), got ", student.sizes());
@@ -298,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   args.gamma = gamma;
   args.tau = tau;
   args.grad_scale = grad_scale;
+  args.ignore_index = ignore_index;
   args.teacher_is_probs = teacher_is_probs;
   args.need_grad = need_grad;
   args.has_log_c = log_c.has_value();
@@ -395,6 +397,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("fused_forward", &rkd::cpu::fused_forward, py::arg("student"), py::arg("teacher"), py::arg("labels"),
           py::arg("a"), py::arg("log_c"), py::arg("w"), py::kw_only(), py::arg("gamma"), py::arg("tau"),
           py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("grad_out") = py::none(),
+          py::arg("ignore_index") = -100,
           py::call_guard<py::gil_scoped_release>(),
           "(loss, grad, mass, risk, error) of METHOD.md section 3 for CPU tensors "
           "(see rkd_engine.reference.fused_rows).");

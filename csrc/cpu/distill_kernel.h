@@ -70,6 +70,7 @@ struct FusedArgs {
   double gamma;
   double tau;
   double grad_scale;
+  int64_t ignore_index;  // rows whose label equals it are skipped: loss 0, a zero gradient row, no statistics
   bool teacher_is_probs;
   bool need_grad;
   bool has_log_c;

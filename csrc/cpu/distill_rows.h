@@ -597,6 +597,13 @@ void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) 
     int64_t y = -1;
     if (args.labels != nullptr) {
       y = args.labels[i];
+      if (y == args.ignore_index) {
+        static_cast<T*>(args.loss)[i] = T(0);
+        if (args.need_grad) {
+          std::memset(static_cast<In*>(args.grad) + i * args.m, 0, static_cast<size_t>(args.m) * sizeof(In));
+        }
+        continue;
+      }
       if (y < 0 || y >= args.m) {
         if (out.bad_row < 0) out.bad_row = i;
         static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();

@@ -147,6 +147,8 @@ struct FusedParams {
   float* __restrict__ loss;
   int64_t rows, m;
   Ctx ctx;
+  const float* __restrict__ scale;  // nullptr, or a device scalar multiplying ctx.grad_scale
+  int64_t ignore_index;
   float* __restrict__ stats;  // [parts][3][m] partial statistics
   RowState* __restrict__ states;     // streaming: [rows][splits]
   RowScalars* __restrict__ scalars;  // streaming: [rows]
@@ -408,6 +410,8 @@ struct RowInputs {
   bool label_ok;  // false: a label outside [0, m) (the row's loss becomes NaN)
 };
 
+constexpr int kIgnoredRow = -2;  // RowInputs::y of a row labelled ignore_index: it contributes nothing
+
 template <typename T>
 __device__ __forceinline__ float row_reference(const T* frow) {
   const float r = to_float(frow[0]);
@@ -426,7 +430,9 @@ __device__ __forceinline__ RowInputs load_row_inputs(const FusedParams<T>& p, in
   r.w_y = 1.0f;
   if (p.ctx.has(kHasLabels)) {
     const int64_t y = p.labels[row];
-    if (y >= 0 && y < p.m) {
+    if (y == p.ignore_index) {
+      r.y = kIgnoredRow;
+    } else if (y >= 0 && y < p.m) {
       r.y = static_cast<int>(y);
       const float lc_y = p.log_c != nullptr ? __ldg(p.log_c + y) : 0.0f;
       r.u_y = (to_float(frow[y]) - r.R) - lc_y;
@@ -438,7 +444,15 @@ __device__ __forceinline__ RowInputs load_row_inputs(const FusedParams<T>& p, in
   return r;
 }
 
-__device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowInputs& ri, const Ctx& c, float& loss) {
+// The gradient's scale: grad_scale, times the device scalar when there is one (read where it is used, so
+// that it holds no register across the row).
+template <typename T>
+__device__ __forceinline__ float grad_scale_of(const FusedParams<T>& p) {
+  return p.scale != nullptr ? p.ctx.grad_scale * __ldg(p.scale) : p.ctx.grad_scale;
+}
+
+__device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowInputs& ri, const Ctx& c, float gs,
+                                                 float& loss) {
   RowScalars rs;
   rs.R = ri.R;
   rs.M = st.M;
@@ -451,9 +465,17 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   rs.a = ri.a;
   rs.pred = st.arg;
   rs.y = ri.y;
+  if (ri.y == kIgnoredRow) {  // q = 0 (a = 0, no label column), no gradient, no loss
+    rs.y = -1;
+    rs.a = 0.0f;
+    rs.ch = 0.0f;
+    rs.cs = 0.0f;
+    loss = 0.0f;
+    return rs;
+  }
   const bool hard = c.has(kHasLabels) && ri.label_ok;
-  rs.ch = hard ? c.grad_scale * (1.0f - ri.a) * ri.w_y : 0.0f;
-  rs.cs = c.has(kHasTeacher) ? c.grad_scale * ri.a * c.tau : 0.0f;
+  rs.ch = hard ? gs * (1.0f - ri.a) * ri.w_y : 0.0f;
+  rs.cs = c.has(kHasTeacher) ? gs * ri.a * c.tau : 0.0f;
   float l = 0.0f;
   if (c.has(kHasLabels) && !ri.label_ok) {
     l = __builtin_nanf("");
@@ -577,7 +599,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
     team_allreduce(st, scratch[buf], team, c);
     buf ^= 1;
     float loss;
-    const RowScalars rs = finish_row(st, cur.in, c, loss);
+    const RowScalars rs = finish_row(st, cur.in, c, grad_scale_of(p), loss);
     if (t == 0) p.loss[row] = loss;
 
     T* out = need_grad ? p.grad + row * p.grad_stride : nullptr;
@@ -755,7 +777,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_rows_kernel(const F
   for (int s = 1; s < p.splits; ++s) merge(st, p.states[row * p.splits + s], c);
   const RowInputs ri = load_row_inputs(p, row);
   float loss;
-  p.scalars[row] = finish_row(st, ri, c, loss);
+  p.scalars[row] = finish_row(st, ri, c, grad_scale_of(p), loss);
   p.loss[row] = loss;
 }
 
@@ -1165,6 +1187,8 @@ FusedParams<T> make_params(const FusedArgs& args, const Plan& plan, void* worksp
   p.ctx.tau = args.tau;
   p.ctx.inv_tau = 1.0f / args.tau;
   p.ctx.grad_scale = args.grad_scale;
+  p.scale = args.scale;
+  p.ignore_index = args.ignore_index;
   p.ctx.flags = flags;
   char* base = static_cast<char*>(workspace);
   p.stats = reinterpret_cast<float*>(base);

@@ -37,6 +37,8 @@ struct FusedArgs {
   float gamma = 1.0f;               // teacher temperature, > 0
   float tau = 1.0f;                 // student temperature, > 0
   float grad_scale = 1.0f;
+  const float* scale = nullptr;  // () device scalar multiplying the gradient too, or nullptr
+  int64_t ignore_index = -100;   // rows whose label equals it contribute nothing (loss 0, zero gradient row)
 
   void* grad = nullptr;  // (B, m) output in the student dtype, or nullptr (no gradient). May equal student.
   int64_t grad_stride = 0;

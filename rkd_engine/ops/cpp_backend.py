@@ -65,14 +65,20 @@ def fused_forward(
     grad_scale: float,
     need_grad: bool,
     grad_out: Tensor | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` for CPU tensors; the contract of ``rkd_engine.reference.fused_rows``.
 
     ``loss`` (B,), ``mass``/``risk``/``error`` (m,) are in the accumulation dtype (float64 for float64
     inputs, else float32); ``grad`` (B, m) is ``grad_scale * dloss_i/df_i`` in the student dtype, written
     into ``grad_out`` when given (it may be ``student`` itself), or an empty tensor when ``need_grad`` is
-    false. Invalid shapes, dtypes or labels raise ``RuntimeError`` from the extension.
+    false. Invalid shapes, dtypes or labels raise ``RuntimeError`` from the extension. A row labelled
+    ``ignore_index`` gets loss 0, a zero gradient row and adds nothing to the statistics; ``scale``, a
+    0-d CPU tensor, multiplies the gradient (read on the host: free on CPU).
     """
+    if scale is not None:
+        grad_scale = float(grad_scale) * float(scale)
     return tuple(
         _require().fused_forward(
             student,
@@ -87,6 +93,7 @@ def fused_forward(
             grad_scale=float(grad_scale),
             need_grad=bool(need_grad),
             grad_out=grad_out,
+            ignore_index=int(ignore_index),
         )
     )
 

@@ -126,6 +126,8 @@ def fused_forward(
     grad_scale: float,
     need_grad: bool,
     grad_out: Tensor | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` for CUDA tensors; the contract of ``rkd_engine.reference.fused_rows``.
 
@@ -136,7 +138,8 @@ def fused_forward(
     student dtype, written into ``grad_out`` when given (it may be ``student`` itself), or an empty tensor
     when ``need_grad`` is false. Wrong types, shapes, dtypes or devices raise ``TypeError``/``ValueError``
     naming the argument. A label outside [0, m) is not checked on the host (that would synchronise): its
-    row's loss is NaN.
+    row's loss is NaN. A row labelled ``ignore_index`` contributes nothing; ``scale``, a 0-d float32 tensor
+    on the device, multiplies the gradient (read by the kernel, never by the host).
     """
     module = _require()
     _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, grad_out if need_grad else None)
@@ -154,6 +157,8 @@ def fused_forward(
             grad_scale=float(grad_scale),
             need_grad=bool(need_grad),
             grad_out=grad_out if need_grad else None,
+            ignore_index=int(ignore_index),
+            scale=scale,
         )
     )
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from rkd_engine.ops.dispatch import backend_module
 
 REDUCTIONS = ("none", "sum", "mean")
+_N_ARGS = 15  # arguments of rkd::distill
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,10 +25,51 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend):
+def _mean_scale(student, labels, ignore_index, normalizer, normalizer_t):
+    """The divisor of ``reduction="mean"`` as ``(1 / divisor, None)`` (a number) or ``(1.0, 1 / divisor)`` (a 0-d
+    tensor on the student's device, never read on the host).
+
+    The divisor is ``normalizer_t`` or ``normalizer`` when given (``normalizer > 0``), else the number of
+    rows whose label is not ``ignore_index`` (all rows without labels). A divisor of 0 (every row ignored)
+    scales by 0: the loss and gradient are 0, not NaN. On CPU tensors the divisor is read on the host
+    (free there), so the kernels get a plain number.
+    """
+    acc = acc_dtype(student.dtype)
+    if normalizer_t is not None:
+        divisor = normalizer_t.to(acc)
+    elif normalizer > 0:
+        return 1.0 / normalizer, None
+    elif labels is None:
+        return 1.0 / student.shape[0], None
+    else:
+        divisor = (labels != ignore_index).sum().to(acc)
+    if divisor.device.type == "cpu":
+        value = float(divisor)
+        return (1.0 / value if value > 0 else 0.0), None
+    return 1.0, torch.where(divisor > 0, 1.0 / divisor, torch.zeros_like(divisor))
+
+
+def _forward(
+    student,
+    teacher,
+    labels,
+    a,
+    log_c,
+    w,
+    gamma,
+    tau,
+    teacher_is_probs,
+    reduction,
+    need_grad,
+    backend,
+    ignore_index=-100,
+    normalizer=0.0,
+    normalizer_t=None,
+):
     """The body of ``rkd::distill`` (shared by the op and its eager fast path ``call_distill``)."""
-    rows = student.shape[0]
-    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    grad_scale, scale = 1.0, None
+    if reduction == "mean":
+        grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
     loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
         student,
         teacher,
@@ -40,9 +82,11 @@ def _forward(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs
         teacher_is_probs=teacher_is_probs,
         grad_scale=grad_scale,
         need_grad=need_grad,
+        ignore_index=ignore_index,
+        scale=scale,
     )
     if reduction == "mean":
-        loss = loss_rows.sum() / rows
+        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -64,13 +108,52 @@ def distill(
     reduction: str,
     need_grad: bool,
     backend: str,
+    ignore_index: int = -100,
+    normalizer: float = 0.0,
+    normalizer_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused distillation loss (reduced), its saved gradient, and per-class ``mass``, ``risk``, ``error``."""
-    return _forward(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend)
+    """Fused distillation loss (reduced), its saved gradient, and per-class ``mass``, ``risk``, ``error``.
+
+    Rows labelled ``ignore_index`` contribute nothing; ``reduction="mean"`` divides by ``normalizer_t`` (a
+    0-d tensor) or ``normalizer`` when given (``> 0``), else by the number of rows not ignored.
+    """
+    return _forward(
+        student,
+        teacher,
+        labels,
+        a,
+        log_c,
+        w,
+        gamma,
+        tau,
+        teacher_is_probs,
+        reduction,
+        need_grad,
+        backend,
+        ignore_index,
+        normalizer,
+        normalizer_t,
+    )
 
 
 @distill.register_fake
-def _distill_fake(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, reduction, need_grad, backend):
+def _distill_fake(
+    student,
+    teacher,
+    labels,
+    a,
+    log_c,
+    w,
+    gamma,
+    tau,
+    teacher_is_probs,
+    reduction,
+    need_grad,
+    backend,
+    ignore_index=-100,
+    normalizer=0.0,
+    normalizer_t=None,
+):
     rows, m = student.shape
     acc = acc_dtype(student.dtype)
     loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc)
@@ -101,12 +184,12 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
             "call it with a student that requires grad under torch.enable_grad()"
         )
     if g_loss is None:
-        return (None,) * 12
+        return (None,) * _N_ARGS
     acc = acc_dtype(grad.dtype)
     go = g_loss if g_loss.dtype == acc else g_loss.to(acc)
     scalar = go.dim() == 0
     go = go.expand(ctx.rows) if scalar else go
-    nones = (None,) * 11
+    nones = (None,) * (_N_ARGS - 1)
     if ctx.reduction == "none" or type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         # Out of place: under tracing (torch.compile, AOTAutograd: functional or fake tensor subclasses)
         # a graph may not mutate a saved forward output, and the compiler fuses this multiply; with
@@ -160,7 +243,7 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``distill(*args)`` (the op's twelve arguments, in order): the same results and gradients, with less
+    """``distill(*args)`` (the op's arguments, in order): the same results and gradients, with less
     per-call overhead in plain eager use.
 
     Going through the custom op costs a dispatcher round trip, the generated autograd wrapper (which
@@ -171,7 +254,8 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ``torch.autograd.Function`` instead (or directly, when no gradient is needed); anything else calls the
     op.
     """
-    student, teacher, labels, a, log_c, w, _gamma, _tau, _probs, _reduction, _need_grad, backend = args
+    student, teacher, labels, a, log_c, w, _gamma, _tau, _probs, _reduction, _need_grad, backend = args[:12]
+    normalizer_t = args[14] if len(args) > 14 else None
     if (
         backend in _FAST_PATH_BACKENDS
         and type(student) in _PLAIN_TYPES
@@ -180,6 +264,7 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         and type(a) is Tensor
         and (log_c is None or type(log_c) is Tensor)
         and (w is None or type(w) is Tensor)
+        and (normalizer_t is None or type(normalizer_t) is Tensor)
         and not torch.compiler.is_compiling()
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0

@@ -27,8 +27,11 @@ def fused_forward(
     grad_scale: float,
     need_grad: bool,
     grad_out: Tensor | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error``."""
+    """Loss per row, ``grad_scale * scale * dloss/df`` and per-class ``mass``, ``risk``, ``error``; rows
+    labelled ``ignore_index`` contribute nothing."""
     out = reference.fused_rows(
         student,
         teacher=teacher,
@@ -41,6 +44,8 @@ def fused_forward(
         tau=tau,
         grad_scale=grad_scale,
         need_grad=need_grad,
+        ignore_index=ignore_index,
+        scale=scale,
     )
     grad = out.grad
     if need_grad and grad_out is not None:

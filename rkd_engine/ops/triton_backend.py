@@ -139,12 +139,16 @@ def fused_forward(
     need_grad: bool,
     grad_out: Tensor | None = None,
     config: FusedConfig | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (METHOD.md 3).
 
     The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
     the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,
-    overrides the default one, e.g. to force the two-pass path on small inputs (tests).
+    overrides the default one, e.g. to force the two-pass path on small inputs (tests). A row labelled
+    ``ignore_index`` contributes nothing; ``scale``, a 0-d fp32 tensor on the device, multiplies the
+    gradient (read by the kernels, not the host).
     """
     if not isinstance(student, Tensor) or student.dim() != 2:
         raise ValueError(f"student must be a (B, m) tensor, got {getattr(student, 'shape', type(student).__name__)}")
@@ -170,6 +174,8 @@ def fused_forward(
         raise ValueError(f"tau must be > 0, got {tau}")
     if need_grad and grad_out is not None:
         _check_matrix("grad_out", grad_out, student)
+    if scale is not None:
+        _check_vector("scale", scale.reshape(-1), 1, torch.float32, device, required=True)
 
     distill, _ = _kernels()
     acc = torch.float32
@@ -199,6 +205,7 @@ def fused_forward(
         "HAS_W": w is not None,
         "HAS_TAU": float(tau) != 1.0,
     }
+    extra = (scale if scale is not None else a, int(ignore_index))
     inv_gamma = 1.0 / float(gamma) if gamma > 0 else 1.0
     scalars = (inv_gamma, float(tau), 1.0 / float(tau), float(grad_scale))
     grad_arg = grad if need_grad else dummy
@@ -212,34 +219,39 @@ def fused_forward(
     )
     with _on(device):
         _launch_fused(
-            distill, cfg, student, common, grad_arg, need_grad, loss, parts, mass, risk, error, flags, scalars
+            distill, cfg, student, common, grad_arg, need_grad, loss, parts, mass, risk, error, flags, scalars, extra
         )
     return loss, grad, mass, risk, error
 
 
-def _launch_fused(distill, cfg, student, common, grad_arg, need_grad, loss, parts, mass, risk, error, flags, scalars):
+def _launch_fused(
+    distill, cfg, student, common, grad_arg, need_grad, loss, parts, mass, risk, error, flags, scalars, extra
+):
     """The kernels of one fused call: the narrow kernel or the two wide passes, then stage 2."""
     rows, m = student.shape
     inv_gamma, tau, inv_tau, grad_scale = scalars
+    scale_arg, ignore_index = extra
+    has_scale = scale_arg is not common[3]
     stride_o = grad_arg.stride(0) if need_grad else m
     if not cfg.wide:
         distill._fused_narrow_kernel[(cfg.programs,)](
             student, student.stride(0), *common, grad_arg, stride_o, loss, parts,
-            rows, m, inv_gamma, tau, inv_tau, grad_scale,
-            **flags, NEED_GRAD=bool(need_grad), BLOCK_R=cfg.block_r, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
+            rows, m, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index,
+            **flags, NEED_GRAD=bool(need_grad), HAS_SCALE=has_scale,
+            BLOCK_R=cfg.block_r, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
         )  # fmt: skip
     else:
         row_stats = torch.empty(rows, 8, dtype=torch.float32, device=student.device)
         distill._wide_rows_kernel[(_cdiv(rows, cfg.block_r1),)](
             student, student.stride(0), *common, loss, row_stats,
-            rows, m, inv_gamma, tau, inv_tau,
+            rows, m, inv_gamma, tau, inv_tau, ignore_index,
             **flags, BLOCK_R=cfg.block_r1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps1,
         )  # fmt: skip
         grid = (_cdiv(m, cfg.block_m), cfg.programs)
         distill._wide_grad_kernel[grid](
             student, student.stride(0), *common, row_stats, grad_arg, stride_o, parts,
-            rows, m, cfg.rows_per_group, inv_gamma, tau, inv_tau, grad_scale,
-            **flags, NEED_GRAD=bool(need_grad), BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_m, num_warps=cfg.num_warps,
+            rows, m, cfg.rows_per_group, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index,
+            **flags, NEED_GRAD=bool(need_grad), HAS_SCALE=has_scale, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_m, num_warps=cfg.num_warps,
         )  # fmt: skip
     block = min(256, max(16, 1 << (m - 1).bit_length()))
     distill._sum_partials_kernel[(_cdiv(m, block),)](
