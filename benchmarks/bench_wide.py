@@ -1,4 +1,4 @@
-"""Wide heads (METHOD.md section 11): the output layer fused with the loss, and top-k teachers.
+"""Wide heads (docs/wide_heads.md): the output layer fused with the loss, and top-k teachers.
 
 Two families of cases, forward+backward, every method computing the same gradients:
 

@@ -159,7 +159,7 @@ def distill_loss(
             number of rows not ignored. Never read on the host; a tensor of value 0 gives loss 0.
         teacher_topk: a sparse teacher ``(indices, probs)`` instead of a dense one: (B, k) distinct
             classes per row and their (already tempered) probabilities, rows summing to at most 1.
-        topk_tail: the target of a top-k teacher (METHOD.md section 11): ``"renormalize"`` (``probs``
+        topk_tail: the target of a top-k teacher (docs/wide_heads.md): ``"renormalize"`` (``probs``
             divided by their row sum on the top k, 0 elsewhere) or ``"uniform"`` (the missing mass
             ``1 - sum(probs)`` spread evenly over the other ``m - k`` classes).
 

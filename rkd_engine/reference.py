@@ -215,7 +215,7 @@ def fused_rows(
 
 
 def topk_target(indices: Tensor, probs: Tensor, m: int, tail: str = "renormalize") -> Tensor:
-    """The dense teacher target ``p~`` (B, m) of a top-k teacher (METHOD.md section 11).
+    """The dense teacher target ``p~`` (B, m) of a top-k teacher (docs/wide_heads.md).
 
     ``indices`` (B, k) are distinct classes per row and ``probs`` (B, k) their teacher probabilities
     (``sum_k <= 1``). ``tail="renormalize"``: ``p~_ij = p_ij / sum_{K_i} p_ik`` on ``K_i``, 0 elsewhere;
@@ -240,7 +240,7 @@ def linear_loss_rows(
     student_head_bias: Tensor | None = None,
     **loss_args,
 ) -> Tensor:
-    """``loss_rows`` of the scores ``f = X W^T + b`` of a linear output layer (METHOD.md section 11).
+    """``loss_rows`` of the scores ``f = X W^T + b`` of a linear output layer (docs/wide_heads.md).
 
     Differentiable in ``X``, ``W`` and ``b`` with autograd; ``loss_args`` are those of ``loss_rows``.
     This materialises the (B, m) scores: it is the oracle and the eager baseline of the fused layer.

@@ -1,6 +1,6 @@
-"""Wide heads: sparse top-k teachers and the output layer fused with the loss (METHOD.md section 11).
+"""Wide heads: sparse top-k teachers and the output layer fused with the loss (docs/wide_heads.md).
 
-Two ops on top of the fused per-row kernel of every backend (``fused_forward``, METHOD.md section 3):
+Two ops on top of the fused per-row kernel of every backend (``fused_forward``, docs/loss.md):
 
 - ``rkd::distill_topk``: the loss of ``distill_loss(..., teacher_topk=(indices, probs))``. Row ``i``
   gives ``k`` distinct classes ``K_i`` and their (already tempered) probabilities ``p_ij``; the target is
@@ -697,7 +697,7 @@ def fused_linear_distill_loss(
     normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
 ) -> LossOutput:
-    """The linear output layer ``f = X W^T + b`` fused with ``distill_loss`` (METHOD.md section 11).
+    """The linear output layer ``f = X W^T + b`` fused with ``distill_loss`` (docs/wide_heads.md).
 
     Chunk of rows by chunk, the student's scores, the teacher's, the fused loss, gradient and statistics,
     and the gradients with respect to ``student_input``, ``student_head_weight`` and ``student_head_bias``

@@ -114,7 +114,7 @@ def test_topk_at_k_equal_m_is_the_dense_teacher(tmp_path, teacher, dataset):
 
 @pytest.mark.parametrize("tail", tc.TOPK_TAILS)
 def test_topk_cache_gives_the_sparse_loss(topk2, teacher, dataset, tail):
-    """The loss from a k = 2 cache is METHOD.md 11's: p~ built here from the dense teacher, independently."""
+    """The loss from a k = 2 cache is docs/wide_heads.md's: p~ built here from the dense teacher, independently."""
     g = predict(load_model_file(teacher)[0], dataset.train.x[:16]).double()
     gen = torch.Generator().manual_seed(0)
     f = torch.randn(16, 5, generator=gen, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Wide heads (METHOD.md section 11): the top-k teacher and the fused output layer against the float64 reference.
+"""Wide heads (docs/wide_heads.md): the top-k teacher and the fused output layer against the float64 reference.
 
 The oracle is ``rkd_engine.reference``: ``topk_target`` forms the dense target of a top-k teacher and
 ``fused_rows`` / ``linear_loss_rows`` give loss, gradients and statistics of the materialised scores.

@@ -6,7 +6,7 @@ class-folder names. Options after a comma: ``folder:DIR,size=32,channels=3`` (``
 size every image is resized to; ``channels`` 3 for RGB or 1 for grey).
 
 Scanning reads only file names; ``ImageFolder[rows]`` decodes just the rows asked for, so the
-protocol of METHOD.md section 8 (which needs only the labels to choose its rows) decodes the chosen
+protocol of docs/protocol.md (which needs only the labels to choose its rows) decodes the chosen
 training, validation and test images once and never the whole folder. An unreadable or corrupt image
 is reported with its path.
 """

@@ -1,6 +1,6 @@
 """Framework-free pieces of the trainer adapters: the batch loss of a distillation step and flat metrics.
 
-``batch_distill_loss`` is METHOD.md section 3 over the rows of a batch divided by a normaliser ``N``
+``batch_distill_loss`` is docs/loss.md over the rows of a batch divided by a normaliser ``N``
 (section 11): rows are examples for classification, and tokens for a causal language model (position
 ``t`` predicts the label at ``t + 1``; positions labelled ``ignore_index`` add nothing). ``flat_classification_metrics`` turns ``classification_report`` into the flat ``name -> float``
 mapping that trainers' loggers take.

@@ -14,7 +14,7 @@ BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
 """Every backend, in the order ``explain_backends`` lists them; ``"auto"`` chooses among them."""
 
 OBJECTIVES: tuple[str, ...] = ("standard", "balanced", "robust", "tradeoff")
-"""The objectives of ``RobustDistillationLoss`` and the CLI (METHOD.md section 2)."""
+"""The objectives of ``RobustDistillationLoss`` and the CLI (docs/objectives.md)."""
 
 REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
 """``reduction`` of ``distill_loss``."""

@@ -150,7 +150,10 @@ class StudentConfig(TrainConfig):
         "teacher-output cache (written by `rkd cache-teacher`): train without loading or running the teacher",
     )
     topk_tail: str = _opt(
-        "renormalize", "str", "top-k cache: the target off the top k classes (METHOD.md 11)", ("renormalize", "uniform")
+        "renormalize",
+        "str",
+        "top-k cache: the target off the top k classes (docs/wide_heads.md)",
+        ("renormalize", "uniform"),
     )
     cache_augmented: bool = _opt(
         False,

@@ -1,4 +1,4 @@
-"""``DROSchedule``: the validation DRO step of METHOD.md section 4, independent of any training loop.
+"""``DROSchedule``: the validation DRO step of docs/dro.md, independent of any training loop.
 
 Every ``K`` optimiser steps the schedule draws a validation batch (all ``N`` rows, or ``val_batch`` of
 them chosen by ``derive_seed(seed, "val", step)``), asks the caller for the student's scores on this

@@ -556,7 +556,7 @@ class _Run:
             return self.loss_fn(f, labels=y)
         if self.method == "group-dro":
             return distill_loss(f, labels=y, class_weights=self.loss_fn.costs, backend=cfg.backend, validate=False)
-        if self.topk_train is not None:  # a top-k teacher cache (METHOD.md 11): q = (1 - a) e_y + a p~
+        if self.topk_train is not None:  # a top-k teacher cache (docs/wide_heads.md): q = (1 - a) e_y + a p~
             return distill_loss(
                 f,
                 labels=None if self.method == "distill" else y,

@@ -63,7 +63,7 @@ def shard(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return rows[rank::world_size]
 
 
-# The DRO schedule (METHOD.md section 4). The paper's bound (Thm. 4) takes eta = (1 / (2 B Z))
+# The DRO schedule (docs/dro.md). The paper's bound (Thm. 4) takes eta = (1 / (2 B Z))
 # sqrt(log m / K) for K updates; the constant 1 / (2 B Z) is fixed here so that the paper's setting,
 # m = 10 classes and about 100 updates, keeps its eta = 0.1.
 DRO_REFERENCE_STEP = 0.1

@@ -10,7 +10,7 @@ a directory that numpy alone can read:
 - ``val.logits.npy``, ``test.logits.npy``: the dense teacher scores ``g`` (N x m) of the held-out
   sets (the DRO validation labels ``softmax(g / val_gamma)`` and the teacher-calibration metrics);
 - the training set, either *dense*: ``train.logits.npy`` (N x m), which serves any temperature, or
-  *top-k* (METHOD.md section 11): ``train.topk_indices.npy`` (N x k, int32, the ``k`` largest
+  *top-k* (docs/wide_heads.md): ``train.topk_indices.npy`` (N x k, int32, the ``k`` largest
   scores of each row, in decreasing order), ``train.topk_logits.npy`` (N x k) and
   ``train.log_normalizer.npy`` (N x T, float32): ``log sum_j exp(g_j / gamma_t)`` over all ``m``
   classes for each temperature ``gamma_t`` of the cache. A student at ``gamma_t`` takes
@@ -513,7 +513,7 @@ class TopkTeacher:
 
 
 def dense_target(indices: Tensor, probs: Tensor, num_classes: int, tail: str) -> Tensor:
-    """The dense ``p~`` (B x m) of a top-k teacher (METHOD.md section 11): renormalised, or a uniform tail."""
+    """The dense ``p~`` (B x m) of a top-k teacher (docs/wide_heads.md): renormalised, or a uniform tail."""
     if tail not in TOPK_TAILS:
         raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}")
     kept = probs.sum(dim=1, keepdim=True)
