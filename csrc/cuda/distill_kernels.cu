@@ -444,8 +444,7 @@ __device__ __forceinline__ RowInputs load_row_inputs(const FusedParams<T>& p, in
   return r;
 }
 
-// The gradient's scale: grad_scale, times the device scalar when there is one (read where it is used, so
-// that it holds no register across the row).
+// The gradient's scale: grad_scale, times the device scalar when there is one.
 template <typename T>
 __device__ __forceinline__ float grad_scale_of(const FusedParams<T>& p) {
   return p.scale != nullptr ? p.ctx.grad_scale * __ldg(p.scale) : p.ctx.grad_scale;
@@ -576,6 +575,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
   const int slots = kStatCount * V * VEC * team;
   float* mine = stats_smem + team_id * slots + t;
   for (int i = 0; i < kStatCount * V * VEC; ++i) mine[i * team] = 0.0f;
+  // The gradient's scale, read once per block into shared memory: a per-row read of the device scalar kept a
+  // register live across the row loop and made resident_kernel<float, 4, 1> spill.
+  __shared__ float grad_scale;
+  if (threadIdx.x == 0) grad_scale = grad_scale_of(p);
+  __syncthreads();
   const bool teacher = c.has(kHasTeacher);
   const bool need_grad = c.has(kNeedGrad);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * teams + team_id;
@@ -599,7 +603,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
     team_allreduce(st, scratch[buf], team, c);
     buf ^= 1;
     float loss;
-    const RowScalars rs = finish_row(st, cur.in, c, grad_scale_of(p), loss);
+    const RowScalars rs = finish_row(st, cur.in, c, grad_scale, loss);
     if (t == 0) p.loss[row] = loss;
 
     T* out = need_grad ? p.grad + row * p.grad_stride : nullptr;
