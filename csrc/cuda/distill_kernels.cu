@@ -129,7 +129,7 @@ struct alignas(16) RowScalars {
   float R, M, log_s1, log_st;
   float G, log_sg, wp, a;
   float ch, cs;  // gradient coefficients grad_scale (1 - a) w_y and grad_scale a tau
-  int pred, y;
+  int pred, y;  // y: the label, -1 without one, kIgnoredRow for a row labelled ignore_index
 };
 
 template <typename T>
@@ -455,6 +455,8 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   RowScalars rs;
   rs.R = ri.R;
   rs.M = st.M;
+  // A student row that is -inf everywhere keeps M = -inf, so every d = M - u of accumulate() is NaN and so is
+  // S1: its loss and gradient row are NaN, as on every backend.
   rs.log_s1 = logf(st.S1);
   rs.log_st = c.has(kTauIsOne) ? rs.log_s1 : logf(st.St);
   rs.G = st.G;
@@ -465,8 +467,7 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   rs.pred = st.arg;
   rs.y = ri.y;
   if (ri.y == kIgnoredRow) {  // q = 0 (a = 0, no label column), no gradient, no loss
-    rs.y = -1;
-    rs.a = 0.0f;
+    rs.a = 0.0f;  // rs.y stays kIgnoredRow: element() writes 0 there, also over non-finite scores
     rs.ch = 0.0f;
     rs.cs = 0.0f;
     loss = 0.0f;
@@ -512,7 +513,7 @@ __device__ __forceinline__ ElementOut element(const RowScalars& rs, const Ctx& c
   float q = rs.a * p;
   if (is_y) q += 1.0f - rs.a;
   ElementOut o;
-  o.grad = rs.ch * (is_y ? s - 1.0f : s) + rs.cs * (st * rs.wp - w * p);
+  o.grad = rs.y == kIgnoredRow ? 0.0f : rs.ch * (is_y ? s - 1.0f : s) + rs.cs * (st * rs.wp - w * p);
   o.q = q;
   o.risk = q > 0.0f ? q * nls : 0.0f;
   o.error = col != rs.pred ? q : 0.0f;
