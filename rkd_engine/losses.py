@@ -151,6 +151,9 @@ def distill_loss(
             are the inputs examined to name it. ``"async"``: a device-side assertion, no host
             synchronisation (CUDA; the error names no argument). ``False``: nothing is read.
             ``teacher_probs`` are checked in a separate pass (sum and sign) unless ``False``.
+            Unchecked, a student row that is ``-inf`` everywhere (it has no softmax) gets a NaN loss
+            and a NaN gradient row on every backend (unless labelled ``ignore_index``); the other rows
+            are unaffected; ``risk`` is NaN in the classes of its target ``q``.
         ignore_index: a row whose label equals it contributes nothing: loss 0, a zero gradient row,
             nothing in the statistics. Labels may be passed with ``teacher_weight=1`` only to mark
             such rows.

@@ -326,3 +326,21 @@ def test_ignored_rows_and_device_scale(emulated, m):
     loss, grad, mass, _, _ = emulated.fused_forward(f, g, everything, a, log_c, w, ignore_index=7)
     assert torch.equal(loss, torch.zeros(7)) and torch.equal(grad.abs(), torch.zeros(7, m))
     assert torch.equal(mass, torch.zeros(m))
+
+
+@pytest.mark.parametrize("m", [37, 1000, 4104], ids=["warp", "block", "streaming"])
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+def test_all_inf_student_row_is_nan(emulated, m, tau):
+    """A student row that is -inf everywhere has NaN loss and a NaN gradient row, as on every backend (issue 10,
+    item 26); labelled ignore_index it stays at loss 0 and a zero gradient row; the other rows are unaffected."""
+    f, g, y, a, log_c, w = _inputs(5, m, torch.float32, seed=m)
+    f[[1, 3]] = float("-inf")
+    y[3] = -100
+    loss, grad, *_ = emulated.fused_forward(f, g, y, a, log_c, w, tau=tau)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert loss[3] == 0 and torch.equal(grad[3].abs(), torch.zeros(m))
+    want = reference.fused_rows(f.double(), teacher=g.double(), labels=y, a=a.double(), log_c=log_c.double(),
+                                w=w.double(), tau=tau)  # fmt: skip
+    ok = [0, 2, 4]
+    torch.testing.assert_close(loss[ok].double(), want.loss[ok], rtol=5e-5, atol=1e-5)
+    torch.testing.assert_close(grad[ok].double(), want.grad[ok], rtol=5e-4, atol=1e-5)

@@ -417,6 +417,12 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   }
 
   // ---- per-row scalars
+  // A student row that is -inf everywhere (after log c) has no softmax: its loss and gradient row are NaN,
+  // as on every backend (without this, the padding lanes' exponentials would make a finite sz).
+  if (r == ninf) {
+    s.sz = std::numeric_limits<T>::quiet_NaN();
+    s.szt = s.sz;
+  }
   const T L = std::log(s.sz);  // -log s_j = L - u_j
   const T Lt = Tau1 ? L : std::log(s.szt);
   const T isz = T(1) / s.sz;

@@ -129,7 +129,7 @@ struct alignas(16) RowScalars {
   float R, M, log_s1, log_st;
   float G, log_sg, wp, a;
   float ch, cs;  // gradient coefficients grad_scale (1 - a) w_y and grad_scale a tau
-  int pred, y;
+  int pred, y;  // y: the label, -1 without one, kIgnoredRow for a row labelled ignore_index
 };
 
 template <typename T>
@@ -444,8 +444,7 @@ __device__ __forceinline__ RowInputs load_row_inputs(const FusedParams<T>& p, in
   return r;
 }
 
-// The gradient's scale: grad_scale, times the device scalar when there is one (read where it is used, so
-// that it holds no register across the row).
+// The gradient's scale: grad_scale, times the device scalar when there is one.
 template <typename T>
 __device__ __forceinline__ float grad_scale_of(const FusedParams<T>& p) {
   return p.scale != nullptr ? p.ctx.grad_scale * __ldg(p.scale) : p.ctx.grad_scale;
@@ -456,6 +455,8 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   RowScalars rs;
   rs.R = ri.R;
   rs.M = st.M;
+  // A student row that is -inf everywhere keeps M = -inf, so every d = M - u of accumulate() is NaN and so is
+  // S1: its loss and gradient row are NaN, as on every backend.
   rs.log_s1 = logf(st.S1);
   rs.log_st = c.has(kTauIsOne) ? rs.log_s1 : logf(st.St);
   rs.G = st.G;
@@ -466,8 +467,7 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   rs.pred = st.arg;
   rs.y = ri.y;
   if (ri.y == kIgnoredRow) {  // q = 0 (a = 0, no label column), no gradient, no loss
-    rs.y = -1;
-    rs.a = 0.0f;
+    rs.a = 0.0f;  // rs.y stays kIgnoredRow: element() writes 0 there, also over non-finite scores
     rs.ch = 0.0f;
     rs.cs = 0.0f;
     loss = 0.0f;
@@ -513,7 +513,7 @@ __device__ __forceinline__ ElementOut element(const RowScalars& rs, const Ctx& c
   float q = rs.a * p;
   if (is_y) q += 1.0f - rs.a;
   ElementOut o;
-  o.grad = rs.ch * (is_y ? s - 1.0f : s) + rs.cs * (st * rs.wp - w * p);
+  o.grad = rs.y == kIgnoredRow ? 0.0f : rs.ch * (is_y ? s - 1.0f : s) + rs.cs * (st * rs.wp - w * p);
   o.q = q;
   o.risk = q > 0.0f ? q * nls : 0.0f;
   o.error = col != rs.pred ? q : 0.0f;
@@ -576,6 +576,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
   const int slots = kStatCount * V * VEC * team;
   float* mine = stats_smem + team_id * slots + t;
   for (int i = 0; i < kStatCount * V * VEC; ++i) mine[i * team] = 0.0f;
+  // The gradient's scale, read once per block into shared memory: a per-row read of the device scalar kept a
+  // register live across the row loop and made resident_kernel<float, 4, 1> spill.
+  __shared__ float grad_scale;
+  if (threadIdx.x == 0) grad_scale = grad_scale_of(p);
+  __syncthreads();
   const bool teacher = c.has(kHasTeacher);
   const bool need_grad = c.has(kNeedGrad);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * teams + team_id;
@@ -599,7 +604,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
     team_allreduce(st, scratch[buf], team, c);
     buf ^= 1;
     float loss;
-    const RowScalars rs = finish_row(st, cur.in, c, grad_scale_of(p), loss);
+    const RowScalars rs = finish_row(st, cur.in, c, grad_scale, loss);
     if (t == 0) p.loss[row] = loss;
 
     T* out = need_grad ? p.grad + row * p.grad_stride : nullptr;
