@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: build rkd (C++ and CUDA extensions) against the machine's torch, run the GPU tests and
-# the CUDA benchmark. Usage: bash benchmarks/gpu_run.sh [build] [tests] [bench] [bench-quick]
+# the CUDA benchmarks. Usage: bash benchmarks/gpu_run.sh [build] [tests] [bench] [bench-quick] [wide] [train] [sweep]
+# Everything a CPU can check (interpreter, g++ emulation of the .cu, nvcc compile) is checked by `make test` first.
 # Results go to $OUT (or benchmarks/results) so they can be committed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -21,7 +22,8 @@ for stage in "$@"; do
       python3 -c "import torch, rkd_engine; print(rkd_engine.explain_backends('cuda', torch.bfloat16, 131072))"
       ;;
     tests)
-      files=$(ls tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_dro.py 2>/dev/null)
+      files=$(ls tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_dro.py \
+        tests/test_ignore_index.py tests/test_validate.py tests/test_autograd_edges.py tests/test_wide.py 2>/dev/null)
       RKD_TEST_LARGE=1 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider $files 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -25
       ;;
@@ -31,6 +33,17 @@ for stage in "$@"; do
     bench-quick)
       timeout 300 python3 benchmarks/bench_loss.py --device cuda --out "$OUT" --tag quick \
         --methods eager,compile,rkd-triton,rkd-cuda,liger-kldiv 2>&1 | tee "$OUT/gpu_bench_quick.log"
+      ;;
+    wide)
+      timeout ${WIDE_TIMEOUT:-420} python3 benchmarks/bench_wide.py --device cuda --dtype bfloat16 --out "$OUT" 2>&1 \
+        | tee "$OUT/gpu_bench_wide.log" | grep -v "^W1\|warn"
+      ;;
+    train)
+      timeout ${TRAIN_TIMEOUT:-240} python3 benchmarks/bench_train.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/gpu_bench_train.log"
+      ;;
+    sweep)
+      timeout ${SWEEP_TIMEOUT:-240} rkd sweep --out /tmp/gpu_sweep --alpha-t 0,1 --alpha-s 0,1 --seeds 1 --baselines post-shift \
+        --device cuda --set epochs=3 2>&1 | tee "$OUT/gpu_sweep.log" | tail -20
       ;;
   esac
 done

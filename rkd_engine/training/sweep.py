@@ -645,8 +645,8 @@ def check_runnable(spec: SweepSpec) -> None:
     loads, and every model of the sweep builds on it with its options. ``ConfigError`` names the culprit."""
     import torch
 
+    from rkd_engine.data.defaults import DEFAULT_IMBALANCE, default_protocol
     from rkd_engine.models import build_model
-    from rkd_engine.training.engine import _auto_model
 
     seen: set[str] = set()
     for job in plan(dataclasses.replace(spec, seeds=spec.seeds[:1])):
@@ -655,22 +655,29 @@ def check_runnable(spec: SweepSpec) -> None:
             continue  # post-shift wraps its teacher's model
         try:
             data = _dataset(
-                cfg.data or "digits", cfg.imbalance or 10.0, cfg.data_seed or 0, cfg.val_per_class, cfg.test_per_class
+                cfg.data or "digits",
+                cfg.imbalance or DEFAULT_IMBALANCE,
+                cfg.data_seed or 0,
+                cfg.val_per_class,
+                cfg.test_per_class,
             )
         except (ValueError, TypeError, OSError) as exc:
             raise ConfigError(f"--data {cfg.data}: {_one_line(exc)}") from None
-        name = _auto_model(data) if cfg.model == "auto" else cfg.model
-        key = _canonical([job.command, name, cfg.model_options])
+        name, options = cfg.model, cfg.model_options
+        if name == "auto":  # the data source's default protocol, as the run will resolve it
+            protocol = default_protocol(data)
+            name, options = protocol.model, options or protocol.model_options
+        key = _canonical([job.command, name, options])
         if key in seen:
             continue
         seen.add(key)
         try:
             with torch.device("meta"):
-                build_model(name, data.input_shape, data.num_classes, **cfg.model_options)
+                build_model(name, data.input_shape, data.num_classes, **options)
         except (ValueError, TypeError) as exc:
             which = "teachers'" if job.command == "teacher" else "students'"
             raise ConfigError(
-                f"the {which} model {name!r} with options {cfg.model_options or {}} cannot be built: {_one_line(exc)}"
+                f"the {which} model {name!r} with options {options or {}} cannot be built: {_one_line(exc)}"
             ) from None
     _dataset.cache_clear()  # the workers load their own
 
