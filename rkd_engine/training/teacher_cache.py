@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data import Dataset, Split, load_dataset
+from rkd_engine.errors import UserError
 from rkd_engine.training.config import INHERITED_DATA, ConfigError, flag
 from rkd_engine.training.evaluation import EVAL_BATCH, load_model_file
 from rkd_engine.training.runs import RunDir, atomic_write_json
@@ -61,7 +62,7 @@ TOPK_TAILS = ("renormalize", "uniform")
 _HASH_CHUNK = 1 << 24  # bytes hashed at a time
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A teacher cache that cannot be used as asked: missing, incomplete, corrupt, or made for other data."""
 
 
