@@ -242,6 +242,12 @@ def distill_loss(
         _check_companion("teacher_weight", teacher_weight, student_logits, (rows,), False)
         a = teacher_weight.to(acc).contiguous()
         a_const = None
+        needed = 0.0 if teacher is None else (1.0 if labels is None else None)
+        if needed is not None and not torch.compiler.is_compiling() and a.device.type != "meta":
+            # One side of the target is missing, so every row must use only the other: a tensor of all
+            # ``needed`` is accepted (one read of B values: this call pattern is not a training hot path).
+            if bool((a == needed).all()):
+                a_const = needed
     else:
         if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
             raise TypeError(

@@ -335,3 +335,23 @@ def test_binary_sweep_json_names_the_file(tmp_path):
     (tmp_path / "sweep.json").write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match=r"sweep\.json is not valid JSON"):
         _check_stored(tmp_path, load_spec(None, {}))
+
+
+def test_teacher_weight_tensor_of_one_kind_needs_only_that_side():
+    """A (B,) ``teacher_weight`` of all ones needs no labels, all zeros no teacher (issue: refused before)."""
+    from rkd_engine import distill_loss
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    ones, zeros = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    want = distill_loss(f, teacher_logits=g, backend="reference").loss
+    assert torch.allclose(distill_loss(f, teacher_logits=g, teacher_weight=ones, backend="reference").loss, want)
+    want = distill_loss(f, labels=y, backend="reference").loss
+    assert torch.allclose(distill_loss(f, labels=y, teacher_weight=zeros, backend="reference").loss, want)
+    half = torch.full((6,), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="teacher_weight < 1 needs labels"):
+        distill_loss(f, teacher_logits=g, teacher_weight=half, backend="reference")
+    with pytest.raises(ValueError, match="teacher_weight > 0 needs teacher_logits"):
+        distill_loss(f, labels=y, teacher_weight=half, backend="reference")
