@@ -1,9 +1,18 @@
-"""Shared test helpers: the (backend, device) pairs present here, input regimes and tolerances."""
+"""Shared test helpers: the (backend, device) pairs present here, input regimes, the tolerance table, tiny
+training runs (options, command-line flags, teachers trained once per session) and ``rkd`` subprocesses."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,13 +24,42 @@ if not torch.cuda.is_available():
 
 from rkd_engine.ops import explain_backends
 
-# Absolute tolerance per dtype for values of order 1 (loss, gradient, statistics per row).
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-9, atol=1e-10),
-    torch.float32: dict(rtol=2e-5, atol=2e-5),
-    torch.float16: dict(rtol=4e-3, atol=4e-3),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------- tolerances
+class Tolerance(NamedTuple):
+    """How close a result in one input dtype must come to the float64 reference (``rkd_engine.reference``).
+
+    ``value``: (rtol, atol) for values of order 1 (loss, gradient, statistics per row) from any backend;
+    callers scale ``atol`` by the largest magnitude where values are larger.
+    ``cpu``: the C++ kernels' relative tolerances (accumulated values: loss and statistics, gradient);
+    ``atol`` is the same fraction of the tensor's largest magnitude.
+    ``gpu_grad``: the CUDA kernels' gradient (rtol, atol as a fraction of the largest magnitude); one
+    rounding to the dtype costs 2^-24, 2^-9, 2^-11 relative (float32, bfloat16, float16). None where the
+    CUDA kernels take no such input.
+    """
+
+    value: tuple[float, float]
+    cpu: tuple[float, float]
+    gpu_grad: tuple[float, float] | None
+
+
+# The one tolerance table of the tests, per input dtype.
+TOLERANCE_TABLE = {
+    torch.float64: Tolerance(value=(1e-9, 1e-10), cpu=(1e-10, 1e-10), gpu_grad=None),
+    torch.float32: Tolerance(value=(2e-5, 2e-5), cpu=(2e-5, 2e-5), gpu_grad=(3e-5, 3e-6)),
+    torch.float16: Tolerance(value=(4e-3, 4e-3), cpu=(2e-5, 1e-3), gpu_grad=(2e-3, 1e-4)),
+    torch.bfloat16: Tolerance(value=(2e-2, 2e-2), cpu=(2e-5, 8e-3), gpu_grad=(8e-3, 2e-4)),
 }
+# The CUDA kernels' loss, mass, risk and error (rtol, atol as a fraction of the largest magnitude): fp32
+# math whatever the input dtype.
+GPU_STAT_TOL = (5e-5, 5e-6)
+
+# Views of the table in the forms the tests use.
+TOLERANCES = {dtype: dict(rtol=row.value[0], atol=row.value[1]) for dtype, row in TOLERANCE_TABLE.items()}
+CPU_TOL = {dtype: row.cpu for dtype, row in TOLERANCE_TABLE.items()}
+GPU_GRAD_TOL = {dtype: row.gpu_grad for dtype, row in TOLERANCE_TABLE.items() if row.gpu_grad is not None}
 
 
 def backend_devices() -> list:
@@ -58,3 +96,190 @@ def make_inputs(rows: int, m: int, dtype: torch.dtype, device: str, regime: str,
         g[:, masked] = float("-inf")
         y = torch.where(masked[y], torch.zeros_like(y), y)
     return f.to(dtype).to(device), g.to(dtype).to(device), y.to(device)
+
+
+# ------------------------------------------------------------------------------------- tiny training runs
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine.
+
+    Modules that train use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(data: str | None = None, *, hidden: int = 16, **options: Any) -> dict[str, Any]:
+    """Options of a tiny MLP run on the CPU (the point is the bookkeeping, not the accuracy): batch 16,
+    one hidden layer of ``hidden`` units, ``options`` added or replacing these."""
+    run = {} if data is None else {"data": data}
+    run.update(model="mlp", model_options={"hidden_sizes": [hidden]}, batch_size=16, device="cpu")
+    return {**run, **options}
+
+
+def cli_flags(options: dict[str, Any]) -> list[str]:
+    """``rkd teacher``/``student`` flags for run options: ``{"batch_size": 16}`` -> ``--batch-size 16``,
+    ``{"model_options": {"hidden_sizes": [8]}}`` -> ``--model-option hidden_sizes=[8]``."""
+    flags = []
+    for name, value in options.items():
+        if name == "model_options":
+            for key, option in value.items():
+                flags += ["--model-option", f"{key}={json.dumps(option)}"]
+        else:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+# ``rkd sweep`` options for tiny runs.
+SWEEP_FAST = ["--set", "model=mlp", "--set", "model_options={hidden_sizes: [16]}", "--set", "dro_every=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    """``tiny_dataset(spec, **options)``: ``load_dataset(spec, **options)``, loaded once per session.
+
+    Tests must not change the dataset they get."""
+    from rkd_engine.data import load_dataset
+
+    loaded = {}
+
+    def get(spec: str, **options: Any):
+        key = (spec, json.dumps(options, sort_keys=True))
+        if key not in loaded:
+            loaded[key] = load_dataset(spec, **options)
+        return loaded[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """``tiny_teacher(dataset=None, **config)``: the directory of a teacher run with this ``TeacherConfig``
+    (``out`` excepted), trained once per session with one thread. Tests must not write into it."""
+    from rkd_engine.training import TeacherConfig, train_teacher
+
+    trained = {}
+
+    def get(dataset=None, **config: Any) -> Path:
+        key = json.dumps(config, sort_keys=True)
+        if key not in trained:
+            out = tmp_path_factory.mktemp("teacher") / "t"
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train_teacher(TeacherConfig(out=str(out), **config), dataset=dataset, quiet=True)
+            finally:
+                torch.set_num_threads(threads)
+            trained[key] = out
+        return trained[key]
+
+    return get
+
+
+# A tiny digits teacher (one epoch, batch 64): the options of its run.
+DIGITS_TEACHER = tiny_run("digits", imbalance=10.0, epochs=1, batch_size=64, dro_every=2, checkpoint_every=0)
+
+
+@pytest.fixture(scope="session")
+def digits(tiny_dataset):
+    """Long-tailed digits (rho = 10, seed 0), loaded once per session."""
+    return tiny_dataset("digits", imbalance=10.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tiny_teacher, digits) -> Path:
+    """The directory of a tiny teacher run on ``digits`` (``DIGITS_TEACHER``), trained once per session."""
+    return tiny_teacher(digits, **DIGITS_TEACHER)
+
+
+def fake_sweep_row(kind, teacher, student, gamma, seed, val_avg, val_worst, test_avg, test_worst) -> dict:
+    """A runs.csv row of a finished run with these accuracies (the rest of its columns empty)."""
+    from rkd_engine.training.sweep import CSV_COLUMNS
+
+    row = {c: "" for c in CSV_COLUMNS}
+    row.update(
+        run=f"{seed}/{teacher}/{student}/{gamma}",
+        kind=kind,
+        seed=seed,
+        teacher=teacher,
+        student=student,
+        gamma="" if gamma is None else gamma,
+        method="distill",
+        val_average=val_avg,
+        val_balanced=val_avg,
+        val_worst=val_worst,
+        val_worst_k=val_worst,
+        test_average=test_avg,
+        test_balanced=test_avg,
+        test_worst=test_worst,
+        test_worst_k=test_worst,
+        test_recall=json.dumps([test_worst, test_avg]),
+    )
+    return row
+
+
+# ------------------------------------------------------------------------------------------ data files
+def write_cifar_batch(path: Path, labels, *, label_key: bytes = b"labels", marker: int = 0, protocol: int = 2) -> None:
+    """One batch in the format of the official python-pickle CIFAR files (bytes keys, uint8 rows)."""
+    rng = np.random.default_rng(len(labels))
+    data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    data[:, 0] = marker  # red channel, pixel (0, 0): tells the test batch from the training batches
+    batch = {
+        b"batch_label": b"batch",
+        label_key: list(labels),
+        b"data": data,
+        b"filenames": [b"x.png"] * len(labels),
+    }
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=protocol)
+
+
+def write_cifar10(folder: Path, per_class_per_batch: int = 4) -> None:
+    """A CIFAR-10 folder of five training batches and a test batch (3 images a class), random pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", np.repeat(np.arange(10), per_class_per_batch))
+    write_cifar_batch(folder / "test_batch", np.repeat(np.arange(10), 3), marker=255)
+
+
+# ---------------------------------------------------------------------------------------- benchmarks
+def load_benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` as a module, imported as Python imports it when the script runs:
+    with ``benchmarks/`` on the import path, so that it finds ``_common`` and the other scripts."""
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ rkd subprocesses
+def rkd_env(**extra: str) -> dict[str, str]:
+    """The environment of an ``rkd`` subprocess: this checkout first on the path, one thread, no RKD_DEBUG,
+    RKD_BACKEND or TRITON_INTERPRET inherited from the test run; ``extra`` added."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for name in ("RKD_DEBUG", "RKD_BACKEND", "TRITON_INTERPRET"):
+        env.pop(name, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def rkd_command(*args: str) -> list[str]:
+    """The command line of ``rkd ARGS`` run by this interpreter."""
+    return [sys.executable, "-m", "rkd_engine.cli", *args]
+
+
+def run_rkd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``rkd ARGS`` in a subprocess, to its end; its output captured as text."""
+    return subprocess.run(
+        rkd_command(*args), check=False, env=env or rkd_env(), capture_output=True, text=True, timeout=timeout
+    )

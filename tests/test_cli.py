@@ -7,42 +7,15 @@ import os
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cli_flags, tiny_run
 
 from rkd_engine.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data",
-    "synthetic:m=4,d=6,n=40",
-    "--imbalance",
-    "5",
-    "--model",
-    "mlp",
-    "--model-option",
-    "hidden_sizes=[16]",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--checkpoint-every",
-    "0",
-    "--device",
-    "cpu",
-    "--quiet",
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = [*cli_flags(tiny_run("synthetic:m=4,d=6,n=40", imbalance=5, epochs=2, checkpoint_every=0)), "--quiet"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -12,71 +12,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli_flags, rkd_command, rkd_env, run_rkd, tiny_run
 
 from rkd_engine.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data",
-    "synthetic:m=3,d=4,n=30",
-    "--imbalance",
-    "2",
-    "--model",
-    "mlp",
-    "--model-option",
-    "hidden_sizes=[8]",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--eval-every",
-    "0",
-    "--device",
-    "cpu",
-    "--quiet",
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = [*cli_flags(tiny_run("synthetic:m=3,d=4,n=30", imbalance=2, hidden=8, epochs=1, eval_every=0)), "--quiet"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
     monkeypatch.delenv("RKD_DEBUG", raising=False)
     monkeypatch.delenv("RKD_BACKEND", raising=False)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for name in ("RKD_DEBUG", "RKD_BACKEND", "TRITON_INTERPRET"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
-def _rkd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rkd_engine.cli", *args],
-        check=False,
-        env=env or _env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _one_line(proc: subprocess.CompletedProcess, status: int) -> str:
@@ -121,7 +74,7 @@ def test_bad_npz_files_are_one_line(tmp_path, capsys):
     for case, path in files.items():
         argv = ["teacher", *TINY, "--data", f"npz:{path}", "--out", str(tmp_path / "t")]
         if case in ("truncated", "huge"):
-            err = _one_line(_rkd(*argv), 2)
+            err = _one_line(run_rkd(*argv), 2)
         else:
             err = _main_one_line(capsys, argv, 2)
         assert path.name in err and len(err) < 600, (case, err)
@@ -144,7 +97,7 @@ def test_bad_options_are_one_line_and_leave_no_run(tmp_path, monkeypatch, capsys
     out = tmp_path / "t"
     argv = ["teacher", *TINY, *args, "--out", str(out)]
     if args[:1] == ["--backend"] or env:  # these two in real processes
-        err = _one_line(_rkd(*argv, env=_env(**env)), 2)
+        err = _one_line(run_rkd(*argv, env=rkd_env(**env)), 2)
     else:
         err = _main_one_line(capsys, argv, 2)
     assert needle in err
@@ -153,7 +106,7 @@ def test_bad_options_are_one_line_and_leave_no_run(tmp_path, monkeypatch, capsys
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_backend_cuda_without_gpu(tmp_path):
-    err = _one_line(_rkd("teacher", *TINY, "--backend", "cuda", "--out", str(tmp_path / "t")), 2)
+    err = _one_line(run_rkd("teacher", *TINY, "--backend", "cuda", "--out", str(tmp_path / "t")), 2)
     assert "--backend cuda" in err
 
 
@@ -162,7 +115,7 @@ def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     assert "not a directory" in _main_one_line(capsys, ["teacher", *TINY, "--out", str(afile)], 2)
-    err = _one_line(_rkd("teacher", *TINY, "--out", str(afile / "run")), 1)
+    err = _one_line(run_rkd("teacher", *TINY, "--out", str(afile / "run")), 1)
     assert "afile" in err
     assert afile.read_text() == "mine"
 
@@ -177,29 +130,29 @@ def test_damaged_run_config_and_wrong_command(tmp_path, capsys):
     """Items 13, 18: a config.json that is a list or lacks keys was a traceback; resuming a student run with
     `rkd teacher` gave an unrelated error."""
     listed = _fake_run(tmp_path / "listed", [1, 2])
-    assert "must hold a JSON object" in _one_line(_rkd("eval", str(listed)), 2)
+    assert "must hold a JSON object" in _one_line(run_rkd("eval", str(listed)), 2)
     assert "must hold a JSON object" in _main_one_line(capsys, ["teacher", "--out", str(listed), "--resume"], 2)
     partial = _fake_run(tmp_path / "partial", {"model": "mlp"})
     assert "lacks the option(s) data" in _main_one_line(capsys, ["eval", str(partial)], 2)
     student = _fake_run(tmp_path / "student", {"teacher": "t", "method": "distill", "data": "digits"})
-    assert "rkd student --out" in _one_line(_rkd("teacher", "--out", str(student), "--resume"), 2)
+    assert "rkd student --out" in _one_line(run_rkd("teacher", "--out", str(student), "--resume"), 2)
 
 
 def test_config_report_and_sweep_files(tmp_path, capsys):
     """Items 13, 18, 25: binary config, runs.csv without columns, `baselines: 5`, duplicate keys."""
     binary = tmp_path / "c.yaml"
     binary.write_bytes(bytes(range(256)))
-    assert "c.yaml" in _one_line(_rkd("teacher", "--config", str(binary), "--out", str(tmp_path / "t")), 2)
+    assert "c.yaml" in _one_line(run_rkd("teacher", "--config", str(binary), "--out", str(tmp_path / "t")), 2)
     dup = tmp_path / "d.yaml"
     dup.write_text("epochs: 1\nepochs: 2\n")
     assert "given twice" in _main_one_line(capsys, ["teacher", "--config", str(dup), "--out", str(tmp_path / "t")], 2)
     sweep = tmp_path / "s.yaml"
     sweep.write_text("baselines: 5\n")
-    assert "baselines must be" in _one_line(_rkd("sweep", "--config", str(sweep), "--out", str(tmp_path / "sw")), 2)
+    assert "baselines must be" in _one_line(run_rkd("sweep", "--config", str(sweep), "--out", str(tmp_path / "sw")), 2)
     rep = tmp_path / "rep"
     rep.mkdir()
     (rep / "runs.csv").write_text("seed,alpha_t\n0,0.5\n")
-    assert "lacks the column(s)" in _one_line(_rkd("report", str(rep)), 2)
+    assert "lacks the column(s)" in _one_line(run_rkd("report", str(rep)), 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -207,7 +160,7 @@ def test_eval_on_cuda_without_gpu_is_not_called_corrupt(tmp_path):
     """Item 1: `rkd eval RUN --device cuda` without a GPU said the good model.pt was corrupt."""
     out = tmp_path / "t"
     assert main(["teacher", *TINY, "--out", str(out)]) == 0
-    err = _one_line(_rkd("eval", str(out), "--device", "cuda"), 2)
+    err = _one_line(run_rkd("eval", str(out), "--device", "cuda"), 2)
     assert "no CUDA GPU" in err and "corrupt" not in err
     assert (out / "model.pt").exists()
 
@@ -219,7 +172,7 @@ def test_overwrite_refuses_a_foreign_directory(tmp_path):
     (out / "plots").mkdir(parents=True)
     (out / "plots" / "a.png").write_bytes(b"png")
     (out / "config.json").write_text("{}")
-    err = _one_line(_rkd("teacher", *TINY, "--out", str(out), "--overwrite"), 2)
+    err = _one_line(run_rkd("teacher", *TINY, "--out", str(out), "--overwrite"), 2)
     assert "did not create" in err
     assert (out / "plots" / "a.png").exists() and (out / "config.json").read_text() == "{}"
 
@@ -230,8 +183,8 @@ def test_killed_before_its_first_checkpoint_the_corrected_command_runs(tmp_path)
     out = tmp_path / "t"
     args = [*TINY, "--epochs", "400", "--checkpoint-every", "0", "--out", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rkd_engine.cli", "teacher", *args],
-        env=_env(),
+        rkd_command("teacher", *args),
+        env=rkd_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -244,7 +197,7 @@ def test_killed_before_its_first_checkpoint_the_corrected_command_runs(tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     assert not (out / "checkpoint.pt").exists()
-    fixed = _rkd("teacher", *TINY, "--epochs", "1", "--out", str(out))
+    fixed = run_rkd("teacher", *TINY, "--epochs", "1", "--out", str(out))
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
 
@@ -256,7 +209,7 @@ def test_resume_of_a_finished_run_without_checkpoint(tmp_path):
     assert main(["eval", str(out)]) == 0
     (out / "checkpoint.pt").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    proc = _rkd("teacher", "--out", str(out), "--resume")
+    proc = run_rkd("teacher", "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "has finished; nothing to resume" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -266,7 +219,7 @@ def test_divergence_is_one_line_with_advice(tmp_path):
     """Item 14: a NaN loss trained on and ended with 'logits_or_preds contains NaN' and exit status 2."""
     out = tmp_path / "t"
     args = [*TINY, "--epochs", "3", "--lr", "1e30", "--momentum", "0", "--warmup-epochs", "0", "--out", str(out)]
-    err = _one_line(_rkd("teacher", *args), 1)
+    err = _one_line(run_rkd("teacher", *args), 1)
     assert "training diverged at step" in err and "lower --lr" in err
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import CPU_TOL, make_inputs
 
 from rkd_engine import reference
 from rkd_engine.ops import cpp_backend
@@ -39,14 +39,6 @@ if _REASON is None:
     WIDE = DEFAULT_TILING[0] + 2 * DEFAULT_TILING[1] + 5  # wider than a whole row: several tiles, one partial
 else:
     ALL_ISAS, ISAS, DEFAULT_TILING, WIDE = ["generic"], ["generic"], (0, 0), 0
-
-# (accumulated values: loss and statistics, gradient) relative tolerances per input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (2e-5, 8e-3),
-    torch.float16: (2e-5, 1e-3),
-}
 
 
 @pytest.fixture(params=ALL_ISAS)
@@ -152,7 +144,7 @@ def _check(inputs, dtype, *, gamma=2.0, tau=1.0, probs=False, grad_scale=0.25):
     f, t, y, a, log_c, w = inputs
     out = _run(f, t, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=grad_scale)
     ref = _reference(f, t, y, a, log_c, w, gamma=gamma, tau=tau, probs=probs, grad_scale=grad_scale)
-    acc_tol, grad_tol = TOL[dtype]
+    acc_tol, grad_tol = CPU_TOL[dtype]
     acc = _acc(dtype)
     loss, grad, mass, risk, error = out
     assert loss.dtype == mass.dtype == risk.dtype == error.dtype == acc

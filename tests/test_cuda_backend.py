@@ -17,15 +17,11 @@ import zlib
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import GPU_GRAD_TOL, GPU_STAT_TOL, make_inputs
 
 from rkd_engine import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (rtol, atol as a fraction of the largest |value| of the tensor) of the gradient; one rounding to the
-# dtype costs 2^-24, 2^-9, 2^-11 relative.
-GRAD_TOL = {torch.float32: (3e-5, 3e-6), torch.bfloat16: (8e-3, 2e-4), torch.float16: (2e-3, 1e-4)}
-STAT_TOL = (5e-5, 5e-6)  # loss, mass, risk, error: fp32 whatever the input dtype
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +80,10 @@ def _check(out, ref, dtype, need_grad=True):
         ("error", error, ref.error),
     ):
         assert got.dtype == torch.float32 and got.is_cuda, name
-        _close(got, want, *STAT_TOL, name)
+        _close(got, want, *GPU_STAT_TOL, name)
     if need_grad:
         assert grad.dtype == dtype and grad.is_cuda
-        _close(grad, ref.grad, *GRAD_TOL[dtype], "grad")
+        _close(grad, ref.grad, *GPU_GRAD_TOL[dtype], "grad")
     else:
         assert grad.numel() == 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GPU_GRAD_TOL, GPU_STAT_TOL
 
 from rkd_engine import reference
 
@@ -24,9 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "cuda" / "distill_kernels.cu"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# fp32 math for the loss and statistics; one rounding of the gradient to the dtype.
-GRAD_TOL = {torch.float32: (3e-5, 3e-6), torch.bfloat16: (8e-3, 2e-4), torch.float16: (2e-3, 1e-4)}
-STAT_TOL = (5e-5, 5e-6)
 
 
 def _cuda_include() -> Path | None:
@@ -213,9 +211,9 @@ def _compare(out, f, g, y, a, log_c, w, *, gamma=1.0, tau=1.0, probs=False, grad
                 assert got.numel() == 0
                 continue
             assert got.dtype == f.dtype
-            rtol, atol = GRAD_TOL[f.dtype]
+            rtol, atol = GPU_GRAD_TOL[f.dtype]
         else:
-            rtol, atol = STAT_TOL
+            rtol, atol = GPU_STAT_TOL
         got = got.double()
         finite = torch.isfinite(want)
         assert torch.equal(finite, torch.isfinite(got)), f"{name}: non-finite entries differ"

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import write_cifar10, write_cifar_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -225,32 +226,10 @@ def test_bad_specs(spec, match):
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
-def _write_batch(path, labels, *, label_key=b"labels", marker=0, protocol=2):
-    """One batch in the format of the official python-pickle CIFAR files (bytes keys, uint8 rows)."""
-    rng = np.random.default_rng(len(labels))
-    data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-    data[:, 0] = marker  # red channel, pixel (0, 0): tells the test batch from the training batches
-    batch = {
-        b"batch_label": b"batch",
-        label_key: list(labels),
-        b"data": data,
-        b"filenames": [b"x.png"] * len(labels),
-    }
-    with open(path, "wb") as f:
-        pickle.dump(batch, f, protocol=protocol)
-
-
-def _write_cifar10(folder, per_class_per_batch=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 6):
-        _write_batch(folder / f"data_batch_{i}", np.repeat(np.arange(10), per_class_per_batch))
-    _write_batch(folder / "test_batch", np.repeat(np.arange(10), 3), marker=255)
-
-
 @pytest.mark.parametrize("nested", [False, True])
 def test_cifar10_loader(tmp_path, nested):
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
-    _write_cifar10(folder)
+    write_cifar10(folder)
     data = load_dataset(f"cifar10:{tmp_path}", imbalance=5.0, seed=0, val_per_class=2)
     assert data.name == "cifar10" and data.is_image and data.num_classes == 10
     assert data.input_shape == (3, 32, 32) and data.train.x.shape[1:] == (3, 32, 32)
@@ -266,15 +245,15 @@ def test_cifar10_loader(tmp_path, nested):
 def test_cifar100_loader(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    _write_batch(folder / "train", np.repeat(np.arange(100), 3), label_key=b"fine_labels")
-    _write_batch(folder / "test", np.arange(100), label_key=b"fine_labels", marker=255)
+    write_cifar_batch(folder / "train", np.repeat(np.arange(100), 3), label_key=b"fine_labels")
+    write_cifar_batch(folder / "test", np.arange(100), label_key=b"fine_labels", marker=255)
     data = load_dataset(f"cifar100:{tmp_path}", imbalance=2.0, val_per_class=1)
     assert data.num_classes == 100 and len(data.test) == 100 and len(data.val) == 100
     assert data.train.class_counts(100).tolist() == long_tail_counts(2, 100, 2.0)
 
 
 def test_cifar_missing_files_are_named(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
         load_dataset(f"cifar10:{tmp_path}")
@@ -285,7 +264,7 @@ def test_cifar_missing_files_are_named(tmp_path):
 
 
 def test_cifar_bad_batches(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     with open(tmp_path / "data_batch_2", "wb") as f:
         pickle.dump(
             {b"data": np.zeros((2, 100), dtype=np.uint8), b"labels": [0, 1]},
@@ -294,10 +273,10 @@ def test_cifar_bad_batches(tmp_path):
         )
     with pytest.raises(ValueError, match=r"data_batch_2.*\(N, 3072\)"):
         load_dataset(f"cifar10:{tmp_path}")
-    _write_batch(tmp_path / "data_batch_2", [0, 1, 10])
+    write_cifar_batch(tmp_path / "data_batch_2", [0, 1, 10])
     with pytest.raises(ValueError, match=r"0\.\.9"):
         load_dataset(f"cifar10:{tmp_path}")
-    _write_batch(tmp_path / "data_batch_2", [0, 1], label_key=b"fine_labels")
+    write_cifar_batch(tmp_path / "data_batch_2", [0, 1], label_key=b"fine_labels")
     with pytest.raises(ValueError, match="labels"):
         load_dataset(f"cifar10:{tmp_path}")
 
@@ -308,7 +287,7 @@ class _Exploit:
 
 
 def test_cifar_loader_runs_no_code_from_the_pickle(tmp_path, capsys):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     with open(tmp_path / "test_batch", "wb") as f:
         pickle.dump({b"data": _Exploit(), b"labels": []}, f, protocol=2)
     with pytest.raises(ValueError, match=r"refusing to load .*print"):

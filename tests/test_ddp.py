@@ -5,35 +5,21 @@ the full batch)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import rkd_env
 
-from rkd_engine.training import StudentConfig, TeacherConfig, train_student, train_teacher
+from rkd_engine.training import StudentConfig, train_student
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = {"data": "synthetic:m=4,d=6,n=80", "imbalance": 5.0, "model": "mlp", "model_options": {"hidden_sizes": [16]}}
 
 
 def _torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("RKD_DEBUG", None)
+    env = rkd_env()
     cmd = [
         sys.executable,
         "-m",
@@ -48,10 +34,8 @@ def _torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "teacher"
-    train_teacher(TeacherConfig(out=str(out), epochs=2, checkpoint_every=0, device="cpu", **DATA), quiet=True)
-    return out
+def teacher(tiny_teacher):
+    return tiny_teacher(epochs=2, checkpoint_every=0, device="cpu", **DATA)
 
 
 @pytest.mark.parametrize(

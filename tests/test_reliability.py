@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run
 
 from rkd_engine.dro import LAMBDA_FLOOR, ClassDRO
 from rkd_engine.errors import DataError, TrainingDiverged, UserError
@@ -24,24 +25,10 @@ from rkd_engine.training.config import ConfigError, load_config_file
 from rkd_engine.training.evaluation import evaluate_run, write_eval
 from rkd_engine.training.runs import RUN_MARKER, CheckpointError, RunDir, RunDirError, load_torch_file
 
-TINY = {
-    "imbalance": 3.0,
-    "model": "mlp",
-    "model_options": {"hidden_sizes": [8]},
-    "epochs": 2,
-    "batch_size": 16,
-    "checkpoint_every": 4,
-    "eval_every": 0,
-    "device": "cpu",
-}
+TINY = tiny_run(imbalance=3.0, hidden=8, epochs=2, checkpoint_every=4, eval_every=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

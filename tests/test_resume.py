@@ -7,53 +7,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import rkd_command, rkd_env, run_rkd
 
 from rkd_engine.training import TeacherConfig, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("RKD_DEBUG", None)
-    env["OMP_NUM_THREADS"] = "1"  # tiny models: one thread, and no spinning against a busy machine
-    return env
-
-
-def _rkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rkd_engine.cli", *args],
-        check=False,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "rkd_engine.cli", *args],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        rkd_command(*args), env=rkd_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -63,9 +34,7 @@ def _wait(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def _kill_after_first_checkpoint(args: list[str], run_dir: Path, timeout: float = 120) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rkd_engine.cli", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(rkd_command(*args), env=rkd_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     try:
         while not (run_dir / "checkpoint.pt").exists():
@@ -102,6 +71,20 @@ def _mid_epoch_checkpoint(run_dir: Path) -> dict:
     return ck
 
 
+def _kill_resume_and_compare(args: list[str], tmp_path: Path) -> dict:
+    """``rkd ARGS`` killed after its first checkpoint (inside an epoch) and resumed ends like the same run
+    never stopped; returns that mid-epoch checkpoint."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    uninterrupted = _start(*args, "--out", str(clean))
+    _kill_after_first_checkpoint([*args, "--out", str(killed)], killed)
+    ck = _mid_epoch_checkpoint(killed)
+    resumed = run_rkd(*args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _wait(uninterrupted)
+    _compare(killed, clean)
+    return ck
+
+
 def test_teacher_killed_mid_epoch_resumes_exactly(tmp_path):
     # 312 training rows, batch 16: 20 steps an epoch, 300 in all; checkpoints every 37 steps fall inside epochs.
     args = [
@@ -128,31 +111,14 @@ def test_teacher_killed_mid_epoch_resumes_exactly(tmp_path):
         "cpu",
         "--quiet",
     ]
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    uninterrupted = _start(*args, "--out", str(clean))
-    _kill_after_first_checkpoint([*args, "--out", str(killed)], killed)
-    ck = _mid_epoch_checkpoint(killed)
+    ck = _kill_resume_and_compare(args, tmp_path)
     assert ck["step"] < 300
-    resumed = _rkd(*args, "--out", str(killed), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    _wait(uninterrupted)
-    _compare(killed, clean)
 
 
-def test_student_with_augmentation_killed_mid_epoch_resumes_exactly(tmp_path):
+def test_student_with_augmentation_killed_mid_epoch_resumes_exactly(tmp_path, tiny_teacher):
     """Teacher outputs on the fly under augmentation, the augmentation generator restored mid-epoch."""
-    teacher = tmp_path / "teacher"
-    train_teacher(
-        TeacherConfig(
-            out=str(teacher),
-            data="digits",
-            model="mlp",
-            model_options={"hidden_sizes": [32]},
-            epochs=2,
-            checkpoint_every=0,
-            device="cpu",
-        ),
-        quiet=True,
+    teacher = tiny_teacher(
+        data="digits", model="mlp", model_options={"hidden_sizes": [32]}, epochs=2, checkpoint_every=0, device="cpu"
     )
     # digits, rho = 10: 461 training rows, batch 32: 15 steps an epoch, 300 in all; checkpoints every 23 steps.
     args = [
@@ -177,15 +143,8 @@ def test_student_with_augmentation_killed_mid_epoch_resumes_exactly(tmp_path):
         "cpu",
         "--quiet",
     ]
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    uninterrupted = _start(*args, "--out", str(clean))
-    _kill_after_first_checkpoint([*args, "--out", str(killed)], killed)
-    ck = _mid_epoch_checkpoint(killed)
+    ck = _kill_resume_and_compare(args, tmp_path)
     assert ck["augment_generator"] is not None
-    resumed = _rkd(*args, "--out", str(killed), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    _wait(uninterrupted)
-    _compare(killed, clean)
 
 
 class _Interrupted(Exception):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_data import _write_cifar10
+from conftest import SWEEP_FAST, fake_sweep_row, write_cifar10
 
 from rkd_engine.cli import main
 from rkd_engine.training.config import ConfigError
@@ -22,16 +22,7 @@ from rkd_engine.training.sweep import CSV_COLUMNS, load_spec, make_spec, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny runs: the point is the bookkeeping, not the accuracy.
-FAST = [
-    "--set",
-    "epochs=2",
-    "--set",
-    "model=mlp",
-    "--set",
-    "model_options={hidden_sizes: [16]}",
-    "--set",
-    "dro_every=2",
-]
+FAST = ["--set", "epochs=2", *SWEEP_FAST]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -113,39 +104,16 @@ def test_sweep_resume_and_report(tmp_path, capsys):
     assert t1[0][:3] == ["gamma", "teacher \\ student", "teacher alone"] and len(t1) == 1 + 3
 
 
-def _fake_row(kind, teacher, student, gamma, seed, val_avg, val_worst, test_avg, test_worst):
-    row = {c: "" for c in CSV_COLUMNS}
-    row.update(
-        run=f"{seed}/{teacher}/{student}/{gamma}",
-        kind=kind,
-        seed=seed,
-        teacher=teacher,
-        student=student,
-        gamma="" if gamma is None else gamma,
-        method="distill",
-        val_average=val_avg,
-        val_balanced=val_avg,
-        val_worst=val_worst,
-        val_worst_k=val_worst,
-        test_average=test_avg,
-        test_balanced=test_avg,
-        test_worst=test_worst,
-        test_worst_k=test_worst,
-        test_recall=json.dumps([test_worst, test_avg]),
-    )
-    return row
-
-
 def test_selection_rule_and_standard_errors(tmp_path):
     rows = []
     for seed, noise in enumerate((-0.01, 0.01)):
-        rows.append(_fake_row("teacher", "standard", "", None, seed, 0.8, 0.2, 0.8, 0.2))
-        rows.append(_fake_row("student", "standard", "standard", 1.0, seed, 0.80 + noise, 0.2, 0.80 + noise, 0.2))
+        rows.append(fake_sweep_row("teacher", "standard", "", None, seed, 0.8, 0.2, 0.8, 0.2))
+        rows.append(fake_sweep_row("student", "standard", "standard", 1.0, seed, 0.80 + noise, 0.2, 0.80 + noise, 0.2))
         # Best validation worst-class accuracy, but an average too low: not eligible.
-        rows.append(_fake_row("student", "standard", "a1", 1.0, seed, 0.70, 0.6, 0.70, 0.6))
+        rows.append(fake_sweep_row("student", "standard", "a1", 1.0, seed, 0.70, 0.6, 0.70, 0.6))
         # Eligible: average within standard distillation's standard error (0.8 - 0.01).
-        rows.append(_fake_row("student", "a0", "a0.5", 1.0, seed, 0.795, 0.4, 0.79, 0.45))
-        rows.append(_fake_row("student", "a0", "a0", 1.0, seed, 0.81, 0.3, 0.81, 0.3))
+        rows.append(fake_sweep_row("student", "a0", "a0.5", 1.0, seed, 0.795, 0.4, 0.79, 0.45))
+        rows.append(fake_sweep_row("student", "a0", "a0", 1.0, seed, 0.81, 0.3, 0.81, 0.3))
     (tmp_path / "runs.csv").write_text("")
     with open(tmp_path / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
@@ -170,7 +138,7 @@ def test_cifar_recipe_smoke(tmp_path):
     # The CIFAR-10-LT recipe as documented, on small generated files in the official format, with the
     # schedule cut down; every option of the recipe is parsed and used.
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar10(folder, per_class_per_batch=2)
+    write_cifar10(folder, per_class_per_batch=2)
     recipe = ROOT / "benchmarks" / "recipes" / "cifar10_lt.yaml"
     spec = load_spec(recipe, {})
     assert spec.teacher["model"] == "resnet56" and spec.student["model"] == "resnet32" and len(spec.gamma) == 3

@@ -15,19 +15,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rkd-engine[ray]')")
 
+from conftest import SWEEP_FAST  # noqa: E402
+
 from rkd_engine.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [
-    "--set",
-    "epochs=2",
-    "--set",
-    "model=mlp",
-    "--set",
-    "model_options={hidden_sizes: [16]}",
-    "--set",
-    "dro_every=2",
-]
+FAST = ["--set", "epochs=2", *SWEEP_FAST]
 SMALL = ["--alpha-t", "1", "--alpha-s", "1", "--seeds", "1", "--baselines", "hinton", "--quiet", *FAST]
 METRICS = [f"{split}_{m}" for split in ("val", "test") for m in ("average", "balanced", "worst", "worst_k")]
 METRICS += [

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sweep import _fake_row
+from conftest import SWEEP_FAST, fake_sweep_row
 
 from rkd_engine.cli import main
 from rkd_engine.training import sweep as sweep_mod
@@ -24,7 +24,7 @@ from rkd_engine.training.report import write_report
 from rkd_engine.training.sweep import CSV_COLUMNS, make_spec, plan
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--set", "model=mlp", "--set", "model_options={hidden_sizes: [16]}", "--set", "dro_every=2"]
+FAST = SWEEP_FAST
 TINY = ["--alpha-t", "1", "--alpha-s", "1", "--seeds", "1", "--baselines", "none", "--quiet", *FAST]
 # Twelve runs long enough (a few seconds each) for a signal to land in the middle of some.
 SLOW = ["--alpha-t", "0,1", "--alpha-s", "0,1", "--seeds", "1", "--baselines", "none", "--workers", "2", "--quiet"]
@@ -182,9 +182,9 @@ def test_report_of_a_partial_sweep_says_so_and_shows_seed_counts(tmp_path, capsy
     (tmp_path / "sweep.json").write_text(json.dumps(spec.to_dict()))
     rows = []
     for seed in (0, 1):
-        rows.append(_fake_row("teacher", "standard", "", None, seed, 0.8, 0.2, 0.8, 0.2))
-        rows.append(_fake_row("student", "standard", "standard", 1.0, seed, 0.8, 0.2, 0.8, 0.2))
-    rows.append(_fake_row("student", "standard", "a0", 1.0, 0, 0.7, 0.5, 0.7, 0.5))  # seed 1 not finished
+        rows.append(fake_sweep_row("teacher", "standard", "", None, seed, 0.8, 0.2, 0.8, 0.2))
+        rows.append(fake_sweep_row("student", "standard", "standard", 1.0, seed, 0.8, 0.2, 0.8, 0.2))
+    rows.append(fake_sweep_row("student", "standard", "a0", 1.0, 0, 0.7, 0.5, 0.7, 0.5))  # seed 1 not finished
     with open(tmp_path / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()

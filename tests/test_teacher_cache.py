@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run
 
 from rkd_engine import distill_loss
 from rkd_engine.cli import main
@@ -24,38 +25,21 @@ from rkd_engine.training.teacher_cache import (
 )
 
 DATA = "synthetic:m=5,d=6,n=40"
-TINY = {
-    "data": DATA,
-    "imbalance": 5.0,
-    "model": "mlp",
-    "model_options": {"hidden_sizes": [16]},
-    "epochs": 2,
-    "batch_size": 16,
-    "dro_every": 2,
-    "checkpoint_every": 0,
-    "device": "cpu",
-}
+TINY = tiny_run(DATA, imbalance=5.0, epochs=2, dro_every=2, checkpoint_every=0)
 STUDENT = {k: v for k, v in TINY.items() if k not in ("data", "imbalance", "model", "model_options")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset():
-    return load_dataset(DATA, imbalance=5.0, seed=0)
+def dataset(tiny_dataset):
+    return tiny_dataset(DATA, imbalance=5.0, seed=0)
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, dataset):
-    out = tmp_path_factory.mktemp("teacher") / "t"
-    train_teacher(TeacherConfig(**TINY, out=str(out)), dataset=dataset, quiet=True)
-    return out
+def teacher(tiny_teacher, dataset):
+    return tiny_teacher(dataset, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -214,11 +198,8 @@ def test_cache_of_another_teacher_is_refused(tmp_path, dense, dataset):
         _student(tmp_path, "x", dataset, teacher=str(other), teacher_cache=str(dense.path))
 
 
-def test_augmentation_needs_the_opt_in(tmp_path):
-    digits = load_dataset("digits", imbalance=10.0, seed=0)
-    opts = {**TINY, "data": "digits", "imbalance": 10.0, "epochs": 1, "batch_size": 64}
-    train_teacher(TeacherConfig(**opts, out=str(tmp_path / "t")), dataset=digits, quiet=True)
-    cache = cache_teacher(tmp_path / "t", tmp_path / "c", dataset=digits, quiet=True)
+def test_augmentation_needs_the_opt_in(tmp_path, digits, digits_teacher):
+    cache = cache_teacher(digits_teacher, tmp_path / "c", dataset=digits, quiet=True)
     student = {**STUDENT, "epochs": 1, "batch_size": 64, "augment": "on", "teacher_cache": str(cache.path)}
     with pytest.raises(ConfigError, match="augmentation is on") as err:
         train_student(StudentConfig(**student, out=str(tmp_path / "s")), dataset=digits, quiet=True)

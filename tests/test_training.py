@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_run
 
 from rkd_engine.data import load_dataset
 from rkd_engine.training import (
@@ -31,38 +32,20 @@ from rkd_engine.training.runs import RunDir, atomic_write, derive_seed
 from rkd_engine.training.schedule import WarmupStepDecay, epoch_order, shard, steps_per_epoch
 
 DATA = "synthetic:m=4,d=6,n=40"
-TINY = {
-    "data": DATA,
-    "imbalance": 5.0,
-    "model": "mlp",
-    "model_options": {"hidden_sizes": [16]},
-    "epochs": 3,
-    "batch_size": 16,
-    "dro_every": 2,
-    "checkpoint_every": 0,
-    "device": "cpu",
-}
+TINY = tiny_run(DATA, imbalance=5.0, epochs=3, dro_every=2, checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and does not spin against other work on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset():
-    return load_dataset(DATA, imbalance=5.0, seed=0)
+def dataset(tiny_dataset):
+    return tiny_dataset(DATA, imbalance=5.0, seed=0)
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, dataset):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    train_teacher(TeacherConfig(out=str(out), objective="balanced", **TINY), dataset=dataset, quiet=True)
-    return out
+def teacher_dir(tiny_teacher, dataset):
+    return tiny_teacher(dataset, objective="balanced", **TINY)
 
 
 def _check_run(path, dataset):
@@ -162,12 +145,10 @@ def test_student_inherits_teacher_data(tmp_path, teacher_dir):
         engine.resolve_config(StudentConfig(out=str(tmp_path / "s"), teacher=str(teacher_dir), imbalance=20.0))
 
 
-def test_teacher_cached_only_without_augmentation(tmp_path, teacher_dir, monkeypatch):
+def test_teacher_cached_only_without_augmentation(tmp_path, digits, digits_teacher, monkeypatch):
     """Teacher outputs are cached when the inputs never change, computed per batch under augmentation."""
-    digits = load_dataset("digits", imbalance=10.0, seed=0)
-    tdir = tmp_path / "t"
+    tdir = digits_teacher
     base = dict(TINY, data="digits", imbalance=10.0, epochs=1)
-    train_teacher(TeacherConfig(out=str(tdir), **base), dataset=digits, quiet=True)
     seen = {}
     original = engine._Run._train
 
