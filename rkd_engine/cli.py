@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    for add in (_add_teacher, _add_student, _add_cache_teacher, _add_eval, _add_demo, _add_sweep, _add_report):
+        add(sub, fmt)
+    return parser
+
+
+def _add_teacher(sub: Any, fmt: type) -> None:
     teacher = sub.add_parser(
         "teacher",
         help="train a teacher on labels",
@@ -182,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOGS["teacher"],
     )
     _add_train_options(teacher, CONFIG_CLASSES["teacher"])
+
+
+def _add_student(sub: Any, fmt: type) -> None:
     student = sub.add_parser(
         "student",
         help="distil a student from a teacher run",
@@ -191,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_options(student, StudentConfig)
 
-    _add_cache_teacher(sub, fmt)
 
+def _add_eval(sub: Any, fmt: type) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate a finished run",
@@ -208,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="device (default: cpu)")
 
+
+def _add_demo(sub: Any, fmt: type) -> None:
     demo = sub.add_parser(
         "demo",
         help="the paper's teacher x student grid on long-tailed digits",
@@ -227,6 +238,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", metavar="NAME", help="loss backend (default: auto)")
     demo.add_argument("--quiet", action="store_true", help="print only the table")
 
+
+# ``rkd sweep``'s plain options (flag, metavar, help), in the order of its help, before and after the
+# repeatable --set options.
+_SWEEP_GRID_OPTIONS = (
+    ("--config", "FILE", "YAML or JSON file of sweep options (keys as the flags)"),
+    ("--data", "SPEC", "data source (default: digits)"),
+    ("--imbalance", "RHO", "imbalance ratio of the training set (default: 100)"),
+    ("--seeds", "N|S,S,..", "number of seeds, or a list of seeds (default: 3)"),
+    ("--alpha-t", "A,A,..", "teacher trade-offs (default: 0,0.25,0.5,0.75,1)"),
+    ("--alpha-s", "A,A,..", "student trade-offs (default: 0,0.25,0.5,0.75,1)"),
+    ("--gamma", "G,G,..", "teacher temperatures (default: 1)"),
+    (
+        "--val-gamma",
+        "G,G,..",
+        "validation temperatures of the DRO students (default: gamma; 'default' drops a config file's list)",
+    ),
+    (
+        "--dro-step",
+        "E,E,..",
+        "DRO step sizes of the DRO students (default: the DRO schedule's; 'default' drops a file's list)",
+    ),
+    ("--baselines", "LIST", None),  # help: the baselines known, filled in by _add_sweep
+    ("--epochs", "N", "epochs of every run (shortcut for --set epochs=N)"),
+    ("--model", "NAME", "model of every run (shortcut for --set model=NAME)"),
+)
+_SWEEP_RUN_OPTIONS = (
+    ("--workers", "N", "parallel runs (default: the CPU count; 1 on cuda)"),
+    ("--device", "{cpu,cuda}", "device of every run (default: cpu)"),
+    ("--backend", "NAME", "loss backend (default: auto)"),
+)
+_SWEEP_RAY_OPTIONS = (
+    ("--address", "ADDR", "Ray cluster to use (default: RAY_ADDRESS, else a local one)"),
+    ("--cpus-per-run", "N", "Ray: CPUs each run asks for (default: 1)"),
+    ("--gpus-per-run", "N", "Ray: GPUs each run asks for (default: 1 on cuda, else 0)"),
+)
+
+
+def _add_sweep(sub: Any, fmt: type) -> None:
     sweep = sub.add_parser(
         "sweep",
         help="the paper's grid over alpha_t, alpha_s, gamma and seeds, with the baselines",
@@ -239,28 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_SWEEP_EPILOG,
     )
     sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory")
-    sweep.add_argument("--config", metavar="FILE", help="YAML or JSON file of sweep options (keys as the flags)")
-    sweep.add_argument("--data", metavar="SPEC", help="data source (default: digits)")
-    sweep.add_argument("--imbalance", metavar="RHO", help="imbalance ratio of the training set (default: 100)")
-    sweep.add_argument("--seeds", metavar="N|S,S,..", help="number of seeds, or a list of seeds (default: 3)")
-    sweep.add_argument("--alpha-t", metavar="A,A,..", help="teacher trade-offs (default: 0,0.25,0.5,0.75,1)")
-    sweep.add_argument("--alpha-s", metavar="A,A,..", help="student trade-offs (default: 0,0.25,0.5,0.75,1)")
-    sweep.add_argument("--gamma", metavar="G,G,..", help="teacher temperatures (default: 1)")
-    sweep.add_argument(
-        "--val-gamma",
-        metavar="G,G,..",
-        help="validation temperatures of the DRO students (default: gamma; 'default' drops a config file's list)",
-    )
-    sweep.add_argument(
-        "--dro-step",
-        metavar="E,E,..",
-        help="DRO step sizes of the DRO students (default: the DRO schedule's; 'default' drops a file's list)",
-    )
-    sweep.add_argument(
-        "--baselines", metavar="LIST", help="all (default), none, or some of: " + ", ".join(_baselines())
-    )
-    sweep.add_argument("--epochs", metavar="N", help="epochs of every run (shortcut for --set epochs=N)")
-    sweep.add_argument("--model", metavar="NAME", help="model of every run (shortcut for --set model=NAME)")
+    baselines = "all (default), none, or some of: " + ", ".join(_baselines())
+    for name, metavar, help_text in _SWEEP_GRID_OPTIONS:
+        sweep.add_argument(name, metavar=metavar, help=help_text or baselines)
     for name, what in (("set", "every run"), ("teacher-set", "the teachers"), ("student-set", "the students")):
         sweep.add_argument(
             f"--{name}",
@@ -269,18 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help=f"a training option (as in rkd teacher/student) for {what}, e.g. lr=0.05 (repeatable)",
         )
-    sweep.add_argument("--workers", metavar="N", help="parallel runs (default: the CPU count; 1 on cuda)")
-    sweep.add_argument("--device", metavar="{cpu,cuda}", help="device of every run (default: cpu)")
-    sweep.add_argument("--backend", metavar="NAME", help="loss backend (default: auto)")
+    for name, metavar, help_text in _SWEEP_RUN_OPTIONS:
+        sweep.add_argument(name, metavar=metavar, help=help_text)
     sweep.add_argument(
         "--executor",
         default="local",
         metavar="{local,ray}",
         help="local: a process pool on this machine (default); ray: each run a Ray task (pip install 'rkd-engine[ray]')",
     )
-    sweep.add_argument("--address", metavar="ADDR", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
-    sweep.add_argument("--cpus-per-run", metavar="N", help="Ray: CPUs each run asks for (default: 1)")
-    sweep.add_argument("--gpus-per-run", metavar="N", help="Ray: GPUs each run asks for (default: 1 on cuda, else 0)")
+    for name, metavar, help_text in _SWEEP_RAY_OPTIONS:
+        sweep.add_argument(name, metavar=metavar, help=help_text)
     sweep.add_argument("--quiet", action="store_true", help="no progress lines")
     sweep.add_argument(
         "--cache-teachers",
@@ -290,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of loading and running the teacher (identical results; see rkd cache-teacher)",
     )
 
+
+def _add_report(sub: Any, fmt: type) -> None:
     rep = sub.add_parser(
         "report",
         help="the paper's tables and plots from a sweep",
@@ -302,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a directory written by rkd sweep")
     rep.add_argument("--out", metavar="DIR", help="where to write the report (default: SWEEP_DIR)")
     rep.add_argument("--quiet", action="store_true", help="do not print the report")
-    return parser
 
 
 _SWEEP_EPILOG = """\
