@@ -45,16 +45,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from rkd_engine import distill_loss  # noqa: E402
-from rkd_engine.data import load_dataset  # noqa: E402
-from rkd_engine.models import build_model  # noqa: E402
-from rkd_engine.training import StudentConfig, TeacherConfig, train_student, train_teacher  # noqa: E402
-from rkd_engine.training.evaluation import load_model_file  # noqa: E402
-from rkd_engine.training.teacher_cache import cache_teacher  # noqa: E402
+from rkd_engine import distill_loss
+from rkd_engine.data import load_dataset
+from rkd_engine.models import build_model
+from rkd_engine.training import StudentConfig, TeacherConfig, train_student, train_teacher
+from rkd_engine.training.evaluation import load_model_file
+from rkd_engine.training.teacher_cache import cache_teacher
 
 GAMMA = 3.0
 

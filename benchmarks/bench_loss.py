@@ -16,11 +16,8 @@ Writes ``benchmarks/results/bench_loss_<device>.csv`` and ``.json`` and a plot `
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,13 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import ROOT, PeakMemory, environment, time_fn, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import rkd_engine  # noqa: E402
-from rkd_engine import distill_loss, reference  # noqa: E402
+import rkd_engine
+from rkd_engine import distill_loss, reference
 
 CPU_SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (1024, 32000), (256, 131072)]
 CUDA_SHAPES = [(8192, 1000), (8192, 32000), (8192, 131072)]
@@ -43,30 +37,6 @@ GAMMA = 2.0
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn: Callable[[], None], device: str, *, min_reps: int = 10, min_seconds: float = 1.0) -> list[float]:
-    """Per-call times in milliseconds: ``triton.testing.do_bench`` on GPU, a repeated timer on CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return [float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all")]
-    for _ in range(3):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 2000:
-            break
-    return times
-
-
 def time_interleaved(
     methods: dict[str, Callable[[], None]], device: str, *, min_reps: int = 15, min_seconds: float = 3.0
 ) -> dict[str, list[float]]:
@@ -98,48 +68,6 @@ def copy_bandwidth(device: str) -> float:
     dst = torch.empty_like(src)
     times = time_fn(lambda: dst.copy_(src), device, min_reps=20)
     return 2 * n / (statistics.median(times) * 1e-3)
-
-
-# -------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory above the starting point while the block runs (CUDA allocator, or the process's
-    resident set on CPU via ``/proc/self/clear_refs``). On CPU this is only meaningful in a process
-    started with ``MALLOC_MMAP_THRESHOLD_`` set, so that large buffers go back to the system when freed:
-    the timings run without it (that setting makes every large allocation fault its pages in afresh,
-    which no training loop pays), and :func:`cpu_peaks` measures peak memory in a child process."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak_bytes: int | None = None
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-                self._base = self._status("VmRSS:")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
-        elif self._base is not None:
-            self.peak_bytes = self._status("VmHWM:") - self._base
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -220,33 +148,6 @@ def check_agreement(methods: dict[str, Callable[[], None]], f) -> dict[str, floa
 
 
 # ------------------------------------------------------------------------------------------------ main
-def environment(device: str) -> dict[str, str]:
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "rkd": rkd_engine.__version__,
-        "threads": str(torch.get_num_threads()),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "absent"
-    if device == "cuda":
-        env["device_name"] = torch.cuda.get_device_name()
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as fh:
-                names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-            env["device_name"] = f"{names[0]} x{len(names)}" if names else env["device_name"]
-        except OSError:
-            pass
-    return env
-
-
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
 
@@ -338,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cpu_peaks(rows: int, m: int, dtype: torch.dtype, names: list[str]) -> dict[str, int | None]:
     """Peak resident memory of one call of each method, measured in a child process that returns large
-    buffers to the system when they are freed (see :class:`PeakMemory`)."""
+    buffers to the system when they are freed (see ``_common.PeakMemory``)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, __file__, "--peak-child", "--device", "cpu", "--shapes", f"{rows}x{m}"]
     cmd += ["--dtypes", str(dtype).replace("torch.", ""), "--methods", ",".join(names)]
@@ -362,16 +263,6 @@ def _peak_child(args) -> int:
         peaks[name] = mem.peak_bytes
     print(json.dumps(peaks))
     return 0
-
-
-def write_results(rows_out: list[dict], meta: dict, stem: Path) -> None:
-    """``stem.csv`` (one line per row) and ``stem.json`` (``meta`` and the rows)."""
-    with open(f"{stem}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
-    with open(f"{stem}.json", "w") as fh:
-        json.dump({**meta, "rows": rows_out}, fh, indent=1)
 
 
 def plot(rows: list[dict], path: str) -> None:

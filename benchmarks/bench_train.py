@@ -20,7 +20,7 @@ parts) runs interleaved, round by round (the order reversed every other round), 
 the load of a shared machine hits all of them alike. ``speedup_vs_reference`` is the ratio of median step
 times; ``speedup_paired_median``, ``speedup_p10`` and ``speedup_p90`` are the median and quantiles of the
 per-round ratio reference step / fused step (paired, so less moved by drift in the load). GPU:
-``triton.testing.do_bench`` per function (``bench_loss.time_fn``). Step times are medians with 10th and
+``triton.testing.do_bench`` per function (``_common.time_fn``). Step times are medians with 10th and
 90th percentiles.
 
 Threads. By default on CPU every configuration runs twice: at torch's default thread count (all cores) and
@@ -58,20 +58,18 @@ import dataclasses
 import datetime as _dt
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import ROOT, environment, sync, time_fn, write_results
+from bench_loss import GAMMA, reference_step
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import GAMMA, ROOT, _sync, environment, reference_step, time_fn, write_results  # noqa: E402
-
-from rkd_engine import RobustDistillationLoss, distill_loss  # noqa: E402
-from rkd_engine.models import build_model  # noqa: E402
-from rkd_engine.ops import select_backend  # noqa: E402
+from rkd_engine import RobustDistillationLoss, distill_loss
+from rkd_engine.models import build_model
+from rkd_engine.ops import select_backend
 
 K = 32  # steps between DRO updates (docs/dro.md, the reference code's value)
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
@@ -193,7 +191,7 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Per-call times in ms of each function. CPU: after a warm-up, round-robin rounds (the order reversed
     every other round) until ``min_reps`` rounds and ``min_seconds`` in all have passed (or, on a slow host,
-    3 rounds and ``4 x min_seconds``), so every function is timed under the same load. GPU: ``bench_loss.time_fn`` (``triton.testing.do_bench``) per function."""
+    3 rounds and ``4 x min_seconds``), so every function is timed under the same load. GPU: ``_common.time_fn`` (``triton.testing.do_bench``) per function."""
     if device == "cuda":
         return {name: time_fn(fn, device) for name, fn in fns.items()}
     for fn in fns.values():
@@ -417,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {env['device_name']} | torch {env['torch']} | {args.env['threads']} threads", flush=True)
         for name in names:
             rows += run_config(name, CONFIGS[name], device, methods, args)
-            _sync(device)
+            sync(device)
             write_results(rows, run_meta(env, {n: CONFIGS[n] for n in names}), stem)  # a cut-off run keeps what it has
     torch.set_num_threads(default_threads)
     print(f"wrote {stem}.csv, .json")

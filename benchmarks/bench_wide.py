@@ -39,34 +39,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import ROOT, PeakMemory, environment, load_average, sync, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT), str(ROOT / "benchmarks")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from bench_loss import PeakMemory, environment, write_results  # noqa: E402
-
-from rkd_engine import distill_loss, reference  # noqa: E402
-from rkd_engine.wide import fused_linear_distill_loss  # noqa: E402
+from rkd_engine import distill_loss, reference
+from rkd_engine.wide import fused_linear_distill_loss
 
 GAMMA = 2.0
 LAYER_SHAPES = [(4096, 1024, 32000), (1024, 512, 131072)]
 LOSS_SHAPES = [(4096, 32000)]
 LAYER_TEACHERS = ["logits", "head", "topk16", "topk128"]
 LOSS_TEACHERS = ["dense-logits", "dense-probs", "topk16", "topk128"]
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -253,10 +235,10 @@ def interleaved(methods: dict[str, Callable[[], None]], device: str, rounds: int
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -314,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     env = environment(device)
-    print(f"# {env['device_name']} | torch {env['torch']} | threads {env['threads']} | load {_load():.1f}")
+    print(f"# {env['device_name']} | torch {env['torch']} | threads {env['threads']} | load {load_average():.1f}")
     stem = args.out / f"bench_wide_{device}{'_' + args.tag if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     wanted = None if args.teachers is None else set(args.teachers.split(","))
@@ -328,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods:
             keep = set(args.methods.split(",")) | {"eager"}
             methods = {k: v for k, v in methods.items() if k in keep}
-        load_before = _load()
+        load_before = load_average()
         errors = check_agreement(methods, params)
         times = interleaved(methods, device, args.rounds)
-        load_after = _load()
+        load_after = load_average()
         shape_text = "x".join(str(v) for v in shape)
         peaks: dict = {}
         if device == "cpu" and not args.no_peak:

@@ -6,14 +6,11 @@ python benchmarks/profile_step.py 8192x131072 bfloat16
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
+from bench_loss import GAMMA, make_case
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import GAMMA, make_case  # noqa: E402
-
-from rkd_engine import distill_loss  # noqa: E402
+from rkd_engine import distill_loss
 
 shape, dtype_name = sys.argv[1], sys.argv[2]
 rows, m = (int(v) for v in shape.split("x"))

@@ -21,11 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT
 
-from rkd_engine.training.report import write_report  # noqa: E402
-from rkd_engine.training.sweep import load_spec, run_sweep  # noqa: E402
+from rkd_engine.training.report import write_report
+from rkd_engine.training.sweep import load_spec, run_sweep
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "digits_lt.yaml"
 KEEP = (

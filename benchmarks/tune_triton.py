@@ -11,21 +11,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.testing
+from _common import ROOT
+from bench_loss import GAMMA, make_case
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_loss import GAMMA, make_case  # noqa: E402
-
-from rkd_engine.kernels import distill  # noqa: E402
-from rkd_engine.ops import triton_backend  # noqa: E402
+from rkd_engine.kernels import distill
+from rkd_engine.ops import triton_backend
 
 
 def wide_variant(base, rows, m, sms, bn1, w1, bn, w):

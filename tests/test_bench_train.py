@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_train = _load_bench_train()
+bench_train = load_benchmark("bench_train")
 
 COLUMNS = {
     "device_name",

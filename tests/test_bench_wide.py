@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench_wide():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_wide", ROOT / "benchmarks" / "bench_wide.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_bench_wide_runs_and_agrees_with_eager(tmp_path):
-    bench = _load_bench_wide()
+    bench = load_benchmark("bench_wide")
     rc = bench.main(
         [
             "--device", "cpu", "--layer", "64x16x300", "--loss", "32x200", "--teachers", "head,topk16,dense-logits",
