@@ -8,6 +8,7 @@ import pickle
 import zipfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,59 +91,76 @@ def load_dataset(
         raise TypeError(f"spec must be a string such as 'digits', got {type(spec).__name__}")
     check_imbalance(imbalance)
     check_seed(seed)
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    scale = 1.0  # multiplies the stored inputs (CIFAR: uint8 pixels to [0, 1])
-    if kind == "digits":
-        if arg:
-            raise DataError(f"the digits source takes no argument, got {spec!r}")
-        x, y, m = _digits()
-        name, is_image, default = "digits", True, (30, 30)
-        official_test = None
-    elif kind == "synthetic":
-        x, y, m, n = _synthetic(arg, seed)
-        name, is_image, default = "synthetic", False, (max(1, n // 5), max(1, n // 5))
-        official_test = None
-    elif kind == "npz":
-        if not arg:
-            raise DataError("the npz source needs a path: 'npz:PATH'")
-        x, y, m, official_test = _npz(Path(arg).expanduser())
-        name, is_image = "npz", x.ndim == 4
-        tenth = max(1, int(torch.bincount(y, minlength=m).min()) // 10)
-        default = (tenth, None if official_test is not None else tenth)
-    elif kind in _CIFAR:
-        if not arg:
-            raise DataError(f"the {kind} source needs a folder: '{kind}:DIR'")
-        x, y, official_test = _cifar(kind, Path(arg).expanduser())
-        m = _CIFAR[kind]["num_classes"]
-        name, is_image, scale = kind, True, 1.0 / 255.0
-        default = (max(1, int(torch.bincount(y, minlength=m).min()) // 10), None)
-    elif kind == "folder":
-        if not arg:
-            raise ValueError("the folder source needs a folder: 'folder:DIR'")
-        x, y, m, official_test = load_folder(arg)  # x decodes only the rows chosen below
-        name, is_image, scale = "folder", True, 1.0 / 255.0
-        tenth = max(1, int(torch.bincount(y, minlength=m).min()) // 10)
-        default = (tenth, None if official_test is not None else tenth)
-    else:
-        raise DataError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
+    raw = _read_source(spec, seed)
+    x, y, m, official_test = raw.x, raw.y, raw.m, raw.official_test
     x_test, y_test = official_test if official_test is not None else (x, y)
     train_idx, val_idx, test_idx = split_indices(
         y,
         m,
         imbalance=imbalance,
         seed=seed,
-        val_per_class=default[0] if val_per_class is None else val_per_class,
-        test_per_class=default[1] if test_per_class is None else test_per_class,
+        val_per_class=raw.default[0] if val_per_class is None else val_per_class,
+        test_per_class=raw.default[1] if test_per_class is None else test_per_class,
         y_test=None if official_test is None else y_test,
     )
     # Inputs stay in their stored dtype (uint8 for CIFAR) until the rows are chosen.
     train, val, test = (
-        Split(_to_float(xs[idx], scale), ys[idx])
+        Split(_to_float(xs[idx], raw.scale), ys[idx])
         for xs, ys, idx in ((x, y, train_idx), (x, y, val_idx), (x_test, y_test, test_idx))
     )
-    standardise_(train, val, test, is_image=is_image)
-    return Dataset(name, m, tuple(x.shape[1:]), train, val, test, is_image)
+    standardise_(train, val, test, is_image=raw.is_image)
+    return Dataset(raw.name, m, tuple(x.shape[1:]), train, val, test, raw.is_image)
+
+
+class _Raw(NamedTuple):
+    """A source's examples before the protocol splits them."""
+
+    name: str
+    x: Tensor  # in its stored dtype (uint8 for CIFAR); a folder source decodes only the rows taken from it
+    y: Tensor
+    m: int
+    official_test: tuple[Tensor, Tensor] | None  # (x, y) of an official test set, else None
+    is_image: bool
+    default: tuple[int, int | None]  # validation and test examples per class (None: the official test set)
+    scale: float = 1.0  # multiplies the stored inputs (CIFAR: uint8 pixels to [0, 1])
+
+
+def _tenth(y: Tensor, m: int) -> int:
+    """10% of the smallest class (at least 1): the default validation and test size of a file source."""
+    return max(1, int(torch.bincount(y, minlength=m).min()) // 10)
+
+
+def _read_source(spec: str, seed: int) -> _Raw:
+    """The examples of the source ``spec`` names (see ``load_dataset``); ``seed`` draws synthetic data."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits":
+        if arg:
+            raise DataError(f"the digits source takes no argument, got {spec!r}")
+        x, y, m = _digits()
+        return _Raw("digits", x, y, m, None, True, (30, 30))
+    if kind == "synthetic":
+        x, y, m, n = _synthetic(arg, seed)
+        return _Raw("synthetic", x, y, m, None, False, (max(1, n // 5), max(1, n // 5)))
+    if kind == "npz":
+        if not arg:
+            raise DataError("the npz source needs a path: 'npz:PATH'")
+        x, y, m, official_test = _npz(Path(arg).expanduser())
+        default = (_tenth(y, m), None if official_test is not None else _tenth(y, m))
+        return _Raw("npz", x, y, m, official_test, x.ndim == 4, default)
+    if kind in _CIFAR:
+        if not arg:
+            raise DataError(f"the {kind} source needs a folder: '{kind}:DIR'")
+        x, y, official_test = _cifar(kind, Path(arg).expanduser())
+        m = _CIFAR[kind]["num_classes"]
+        return _Raw(kind, x, y, m, official_test, True, (_tenth(y, m), None), scale=1.0 / 255.0)
+    if kind == "folder":
+        if not arg:
+            raise ValueError("the folder source needs a folder: 'folder:DIR'")
+        x, y, m, official_test = load_folder(arg)  # x decodes only the rows chosen by the split
+        default = (_tenth(y, m), None if official_test is not None else _tenth(y, m))
+        return _Raw("folder", x, y, m, official_test, True, default, scale=1.0 / 255.0)
+    raise DataError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
 
 
 def _to_float(x: Tensor, scale: float) -> Tensor:
