@@ -152,66 +152,69 @@ def fused_rows(
     f = student.detach().to(acc)
     m = f.shape[-1]
     a_ = a.detach().to(acc)
-    keep = None
-    out_of_range = None
+    keep = out_of_range = None
     if labels is not None:
-        out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= m))
-        keep = (labels != ignore_index) & ~out_of_range
-        # Ignored rows are computed as label 0 and then zeroed: their values never reach a result. A label
-        # outside [0, m) makes its row's loss NaN (as in the kernels), which the call's status reports.
-        labels = torch.where(keep, labels, torch.zeros_like(labels))
-    z = _shift(f) if log_c is None else _shift(f) - log_c.detach().to(acc)
+        labels, keep, out_of_range = _kept_rows(labels, m, ignore_index)
+    log_c_ = None if log_c is None else log_c.detach().to(acc)
+    z = _shift(f) if log_c_ is None else _shift(f) - log_c_
     p = None
     if teacher is not None:
         t = teacher.detach().to(acc)
         p = t if teacher_is_probs else teacher_probs_from_logits(t, gamma)
     q = target_distribution(p, labels, a_, m)
-    if keep is not None:
-        q = torch.where(keep.unsqueeze(-1), q, torch.zeros_like(q))
     w_ = torch.ones(m, dtype=acc, device=f.device) if w is None else w.detach().to(acc)
 
-    loss = loss_rows(
-        f,
-        teacher=p,
-        teacher_is_probs=True,
-        labels=labels,
-        a=a_,
-        log_c=None if log_c is None else log_c.detach().to(acc),
-        w=w_,
-        tau=tau,
-    )
+    loss = loss_rows(f, teacher=p, teacher_is_probs=True, labels=labels, a=a_, log_c=log_c_, w=w_, tau=tau)
     if keep is not None:
+        q = torch.where(keep.unsqueeze(-1), q, torch.zeros_like(q))
         loss = torch.where(keep, loss, torch.zeros_like(loss))
         loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
+    mass, risk, error = _class_statistics(f, z, q)
+    if not need_grad:
+        return FusedRows(loss, student.new_empty(0), mass, risk, error)
 
+    grad = _grad_rows(z, p, labels, a_, w_, tau) * grad_scale
+    if scale is not None:
+        grad = grad * scale.detach().to(acc)
+    if keep is not None:
+        grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros_like(grad))
+    return FusedRows(loss, grad.to(student.dtype), mass, risk, error)
+
+
+def _kept_rows(labels: Tensor, m: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(labels, keep, out_of_range)``: the rows whose label is neither ``ignore_index`` nor outside
+    ``[0, m)``, the rows whose label is outside ``[0, m)``, and the labels with every row not kept read as
+    label 0. Those rows' values are zeroed afterwards and never reach a result; a label outside ``[0, m)``
+    makes its row's loss NaN (as in the kernels), which the call's status reports."""
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= m))
+    keep = (labels != ignore_index) & ~out_of_range
+    return torch.where(keep, labels, torch.zeros_like(labels)), keep, out_of_range
+
+
+def _class_statistics(f: Tensor, z: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``mass_j = sum_i q_ij``, ``risk_j = sum_i q_ij (-log s_ij)`` and ``error_j = sum_i q_ij
+    [argmax_k f_ik != j]`` with ``s_i = softmax(z_i)`` (the module docstring)."""
     nls = _neg_log_softmax_masked(z, q)
     mass = q.sum(0)
     risk = (q * nls).sum(0)
-    pred = f.argmax(-1)
     wrong = torch.ones_like(q)
-    wrong.scatter_(1, pred.unsqueeze(1), 0.0)
-    error = (q * wrong).sum(0)
+    wrong.scatter_(1, f.argmax(-1).unsqueeze(1), 0.0)
+    return mass, risk, (q * wrong).sum(0)
 
-    if need_grad:
-        s = torch.softmax(z, dim=-1)
-        grad = torch.zeros_like(f)
-        if labels is not None:
-            one_hot = torch.nn.functional.one_hot(labels.long(), m).to(acc)
-            w_y = (one_hot * w_).sum(-1, keepdim=True)
-            grad = grad + (1 - a_).unsqueeze(-1) * w_y * (s - one_hot)
-        if p is not None:
-            s_tau = torch.softmax(z / tau, dim=-1)
-            w_p = (w_ * p).sum(-1, keepdim=True)
-            grad = grad + a_.unsqueeze(-1) * tau * (s_tau * w_p - w_ * p)
-        grad = grad * grad_scale
-        if scale is not None:
-            grad = grad * scale.detach().to(acc)
-        if keep is not None:
-            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros_like(grad))
-        grad = grad.to(student.dtype)
-    else:
-        grad = student.new_empty(0)
-    return FusedRows(loss, grad, mass, risk, error)
+
+def _grad_rows(z: Tensor, p: Tensor | None, labels: Tensor | None, a: Tensor, w: Tensor, tau: float) -> Tensor:
+    """``dloss_i/df_ij = (1 - a_i) w_{y_i} (s_ij - e_{y_i,j}) + a_i tau (s^tau_ij sum_k w_k p_ik - w_j p_ij)``
+    (the module docstring): the label part where there are labels, the teacher part where there is a teacher."""
+    grad = torch.zeros_like(z)
+    if labels is not None:
+        one_hot = torch.nn.functional.one_hot(labels.long(), z.shape[-1]).to(z.dtype)
+        w_y = (one_hot * w).sum(-1, keepdim=True)
+        grad = grad + (1 - a).unsqueeze(-1) * w_y * (torch.softmax(z, dim=-1) - one_hot)
+    if p is not None:
+        s_tau = torch.softmax(z / tau, dim=-1)
+        w_p = (w * p).sum(-1, keepdim=True)
+        grad = grad + a.unsqueeze(-1) * tau * (s_tau * w_p - w * p)
+    return grad
 
 
 def topk_target(indices: Tensor, probs: Tensor, m: int, tail: str = "renormalize") -> Tensor:
