@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import ROOT, PeakMemory, environment, time_fn, write_results
+from _common import ROOT, PeakMemory, environment, pyplot, time_fn, write_results
 
 import rkd_engine
 from rkd_engine import distill_loss, reference
@@ -266,12 +266,8 @@ def _peak_child(args) -> int:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)

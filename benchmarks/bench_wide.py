@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import ROOT, PeakMemory, environment, load_average, sync, write_results
+from _common import ROOT, PeakMemory, environment, load_average, pyplot, sync, write_results
 
 from rkd_engine import distill_loss, reference
 from rkd_engine.wide import fused_linear_distill_loss
@@ -365,12 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     cases = list(dict.fromkeys((r["kind"], r["shape"], r["teacher"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -22,7 +22,6 @@ from rkd_engine.errors import UserError
 from rkd_engine.training.config import (
     CONFIG_CLASSES,
     ConfigError,
-    StudentConfig,
     TrainConfig,
     flag,
     load_config_file,
@@ -174,31 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_teacher, _add_student, _add_cache_teacher, _add_eval, _add_demo, _add_sweep, _add_report):
+    for add in (_add_train_commands, _add_cache_teacher, _add_eval, _add_demo, _add_sweep, _add_report):
         add(sub, fmt)
     return parser
 
 
-def _add_teacher(sub: Any, fmt: type) -> None:
-    teacher = sub.add_parser(
+# The training commands (their options: CONFIG_CLASSES[name]): name, one-line help and description.
+_TRAIN_COMMANDS = (
+    (
         "teacher",
-        help="train a teacher on labels",
-        formatter_class=fmt,
-        description="Train a teacher with a standard, balanced, robust or trade-off objective.",
-        epilog=_EPILOGS["teacher"],
-    )
-    _add_train_options(teacher, CONFIG_CLASSES["teacher"])
-
-
-def _add_student(sub: Any, fmt: type) -> None:
-    student = sub.add_parser(
+        "train a teacher on labels",
+        "Train a teacher with a standard, balanced, robust or trade-off objective.",
+    ),
+    (
         "student",
-        help="distil a student from a teacher run",
-        formatter_class=fmt,
-        description="Distil a student from a teacher run (or run a baseline method).",
-        epilog=_EPILOGS["student"],
-    )
-    _add_train_options(student, StudentConfig)
+        "distil a student from a teacher run",
+        "Distil a student from a teacher run (or run a baseline method).",
+    ),
+)
+
+
+def _add_train_commands(sub: Any, fmt: type) -> None:
+    """``rkd teacher`` and ``rkd student``: every training option, grouped, and the control flags."""
+    for name, help_text, description in _TRAIN_COMMANDS:
+        parser = sub.add_parser(
+            name, help=help_text, formatter_class=fmt, description=description, epilog=_EPILOGS[name]
+        )
+        _add_train_options(parser, CONFIG_CLASSES[name])
 
 
 def _add_eval(sub: Any, fmt: type) -> None:
