@@ -62,10 +62,11 @@ CPU_TOL = {dtype: row.cpu for dtype, row in TOLERANCE_TABLE.items()}
 GPU_GRAD_TOL = {dtype: row.gpu_grad for dtype, row in TOLERANCE_TABLE.items() if row.gpu_grad is not None}
 
 
-def backend_devices() -> list:
+def backend_devices(*, triton_interpreter: bool = False) -> list:
     """Every (backend, device) pair that can run here; GPU pairs only where a GPU is present.
 
-    The Triton interpreter (CPU) is exercised in tests/test_triton_backend.py on small shapes only.
+    The Triton interpreter (CPU) is exercised in tests/test_triton_backend.py on small shapes only, and
+    added here (``triton-interpreter``) with ``triton_interpreter=True`` where it can run.
     """
     pairs = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -73,7 +74,20 @@ def backend_devices() -> list:
         for name, reason in explain_backends(device, torch.float32, 16).items():
             if reason is None and not (name == "triton" and device == "cpu"):
                 pairs.append(pytest.param(name, device, id=f"{name}-{device}"))
+    if triton_interpreter and os.environ.get("TRITON_INTERPRET") == "1":
+        from rkd_engine.ops import triton_backend
+
+        if triton_backend.unavailable_reason("cpu", torch.float32, 8) is None:
+            pairs.append(pytest.param("triton", "cpu", id="triton-interpreter"))
     return pairs
+
+
+# For tests whose inputs are meant to be non-finite: NumPy's warnings about them are expected.
+NONFINITE_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
 
 
 def make_inputs(rows: int, m: int, dtype: torch.dtype, device: str, regime: str, seed: int):

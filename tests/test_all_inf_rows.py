@@ -10,22 +10,16 @@ import os
 
 import pytest
 import torch
-from conftest import backend_devices
+from conftest import NONFINITE_WARNINGS, backend_devices
 
 from rkd_engine import distill_loss, reference
 from rkd_engine.ops import cpp_backend, triton_backend
 
 BAD, IGNORED = 2, 4  # rows that are -inf everywhere; IGNORED is also labelled ignore_index
 
-BACKENDS = [*backend_devices()]
-if os.environ.get("TRITON_INTERPRET") == "1" and triton_backend.unavailable_reason("cpu", torch.float32, 8) is None:
-    BACKENDS.append(pytest.param("triton", "cpu", id="triton-interpreter"))
+BACKENDS = backend_devices(triton_interpreter=True)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-]
+pytestmark = NONFINITE_WARNINGS
 
 
 def _case(m: int, device: str, rows: int = 6, seed: int = 0):

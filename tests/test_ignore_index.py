@@ -3,27 +3,18 @@ float64 reference (the oracle computes the kept rows alone and divides by hand).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import backend_devices, make_inputs
+from conftest import NONFINITE_WARNINGS, backend_devices, make_inputs
 
 from rkd_engine import distill_loss, reference
-from rkd_engine.ops import triton_backend
 
 IGNORED = [0, 3, 4, 9]
 
 # The Triton interpreter on CPU, on the narrow and the forced two-pass (wide) paths, besides the usual pairs.
-BACKENDS = [*backend_devices()]
-if os.environ.get("TRITON_INTERPRET") == "1" and triton_backend.unavailable_reason("cpu", torch.float32, 8) is None:
-    BACKENDS.append(pytest.param("triton", "cpu", id="triton-interpreter"))
+BACKENDS = backend_devices(triton_interpreter=True)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-]
+pytestmark = NONFINITE_WARNINGS
 
 
 def _case(device, rows=10, m=13, seed=0):
