@@ -27,9 +27,7 @@ def _case(device, rows=10, m=13, seed=0):
 
 def _oracle(f, g, y, costs, weights, a, keep, divisor, tau):
     """Loss (mean over ``divisor``), gradient and statistics of the kept rows, in float64."""
-    fk = f[keep].double().detach().requires_grad_(True)
-    rows = reference.loss_rows(
-        fk,
+    kept = dict(
         teacher=g[keep].double(),
         labels=y[keep],
         a=torch.full((int(keep.sum()),), a, dtype=torch.float64),
@@ -38,21 +36,12 @@ def _oracle(f, g, y, costs, weights, a, keep, divisor, tau):
         w=weights.double(),
         tau=tau,
     )
-    loss = rows.sum() / divisor
+    fk = f[keep].double().detach().requires_grad_(True)
+    loss = reference.loss_rows(fk, **kept).sum() / divisor
     loss.backward()
     grad = torch.zeros(f.shape, dtype=torch.float64)
     grad[keep] = fk.grad
-    stats = reference.fused_rows(
-        f[keep].double(),
-        teacher=g[keep].double(),
-        labels=y[keep],
-        a=torch.full((int(keep.sum()),), a, dtype=torch.float64),
-        gamma=2.0,
-        log_c=costs.double().log(),
-        w=weights.double(),
-        tau=tau,
-    )
-    return loss, grad, stats
+    return loss, grad, reference.fused_rows(f[keep].double(), **kept)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
