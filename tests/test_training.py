@@ -172,7 +172,7 @@ def test_teacher_cached_only_without_augmentation(tmp_path, teacher_dir, monkeyp
     original = engine._Run._train
 
     def spy(self):
-        seen[self.cfg.augment] = (self.augment, self.g_train is not None)
+        seen[self.cfg.augment] = (self.augment, self.method.g_train is not None)
         original(self)
 
     monkeypatch.setattr(engine._Run, "_train", spy)
