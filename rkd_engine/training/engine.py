@@ -174,6 +174,22 @@ def _data_defaults(cfg: TrainConfig, data: Dataset, *, show: bool) -> tuple[Trai
     return cfg, left
 
 
+def _setup(
+    cfg: TrainConfig, dataset: Dataset | None, ctx: distributed.DistContext, *, quiet: bool
+) -> tuple[MethodInputs, set[str]]:
+    """The data (``dataset``, or loaded), the options left to its defaults filled in, the checks that need
+    the data; returns what the method sees and the names of the options filled."""
+    data = dataset if dataset is not None else _load_data(cfg)
+    cfg, filled = _data_defaults(cfg, data, show=not quiet and ctx.is_main)
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({ctx.world_size})"
+        )
+    augment = _augmentation(cfg.augment, data)
+    _check_backend(cfg, ctx.device, data.num_classes)
+    return MethodInputs(cfg, ctx, data.to(ctx.device), data.num_classes, augment), filled
+
+
 def _check_backend(cfg: TrainConfig, device: torch.device, num_classes: int) -> None:
     """``--backend`` (or ``RKD_BACKEND``) must be able to run this run's losses on its device."""
     from rkd_engine.ops.dispatch import select_backend
@@ -213,7 +229,7 @@ def _open_run_dir(
     filled: set[str],
     fingerprint: str | None,
 ) -> tuple[dict[str, Any] | None, bool]:
-    """Check a new run directory, or reopen a run to resume; returns ``(checkpoint or None, finished)``.
+    """Create a new run directory, or reopen a run to resume; returns ``(checkpoint or None, finished)``.
 
     A resumed run must have the same options (``filled`` are those left to defaults, named only when
     nothing else differs) and data files (``fingerprint``); its log is cut back to its checkpoint's step."""
@@ -242,7 +258,46 @@ def _open_run_dir(
             return checkpoint, False
     elif not resume:
         run.check_new(overwrite=overwrite)
-    return None, False  # a new run, or a failed start replaced by this one whatever its options were
+    _create(run, ctx, config, cfg.data, fingerprint)  # a new run, or a failed start replaced whatever its options
+    return None, False
+
+
+def _optimiser(cfg: TrainConfig, module: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.SGD, Any]:
+    """SGD with momentum and weight decay; linear warm-up, then step decay of the learning rate."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = warmup_step_decay(
+        optimizer,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        decay_at=cfg.lr_decay_at,
+        decay=cfg.lr_decay,
+    )
+    return optimizer, scheduler
+
+
+def _progress_bar(total: int, initial: int, desc: str, *, off: bool) -> Any:
+    """A tqdm bar on a terminal (none when ``off`` or stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    disable = off or not sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, dynamic_ncols=True, leave=False)
+
+
+def _finished_result(run: RunDir, config: dict[str, Any], ctx: distributed.DistContext, command: str, *, quiet: bool):
+    """A finished run asked to resume: nothing to do, nothing touched."""
+    metrics = run.read_metrics()
+    if not quiet and ctx.is_main:
+        print(f"{command} {run.path}: the run has finished; nothing to resume", file=sys.stderr)
+    return RunResult(run.path, config, metrics if ctx.is_main else {})
+
+
+def _create(run: RunDir, ctx: distributed.DistContext, config: dict[str, Any], data: str, fingerprint: str | None):
+    """A new run directory (the main process writes; every process waits for it)."""
+    ctx.barrier()
+    if ctx.is_main:
+        run.create(config, overwrite=True)
+        run.write_data_fingerprint(data, fingerprint)
+    ctx.barrier()
 
 
 class _Run:
@@ -267,20 +322,13 @@ class _Run:
     def _execute(self) -> RunResult:
         ctx = self.ctx
         self.run = RunDir(self.cfg.out, writer=ctx.is_main)
-        data = self.dataset_in if self.dataset_in is not None else _load_data(self.cfg)
-        self.cfg, filled = _data_defaults(self.cfg, data, show=not self.quiet and ctx.is_main)
-        cfg = self.cfg
-        if cfg.batch_size % ctx.world_size:
-            raise ConfigError(
-                f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({ctx.world_size})"
-            )
-        self.config_dict = cfg.to_dict()
-        self.data = data.to(ctx.device)
-        self.augment = _augmentation(cfg.augment, data)
-        fingerprint = data_fingerprint(cfg.data)
         # Everything that can fail on a bad option is checked before the run directory is touched.
-        _check_backend(cfg, ctx.device, data.num_classes)
-        self.method = make_method(MethodInputs(cfg, ctx, self.data, data.num_classes, self.augment))
+        inputs, filled = _setup(self.cfg, self.dataset_in, ctx, quiet=self.quiet)
+        self.cfg = cfg = inputs.cfg
+        self.config_dict = cfg.to_dict()
+        self.data, self.augment = inputs.data, inputs.augment
+        fingerprint = data_fingerprint(cfg.data)
+        self.method = make_method(inputs)
         self.method.check(fingerprint)
         seed_everything(derive_seed(cfg.seed, "init"))
         new_model = _make_model(cfg, self.data) if self.method.trains else None
@@ -288,9 +336,7 @@ class _Run:
             self.run, ctx, cfg, resume=self.resume, overwrite=self.overwrite, filled=filled, fingerprint=fingerprint
         )
         if finished:
-            return self._finished_result()
-        if checkpoint is None:
-            self._create(fingerprint)
+            return _finished_result(self.run, self.config_dict, ctx, cfg.command, quiet=self.quiet)
         self.step = 0
         if not self.method.trains:
             self.method.prepare()
@@ -301,34 +347,6 @@ class _Run:
         self._save_checkpoint()
         return self._finish(self.method.after_training(self.module))
 
-    def _finished_result(self) -> RunResult:
-        """A finished run asked to resume: nothing to do, nothing touched."""
-        metrics = self.run.read_metrics()
-        if not self.quiet and self.ctx.is_main:
-            print(f"{self.cfg.command} {self.run.path}: the run has finished; nothing to resume", file=sys.stderr)
-        return RunResult(self.run.path, self.config_dict, metrics if self.ctx.is_main else {})
-
-    def _create(self, fingerprint: str | None) -> None:
-        ctx, run = self.ctx, self.run
-        ctx.barrier()
-        if ctx.is_main:
-            run.create(self.config_dict, overwrite=True)
-            run.write_data_fingerprint(self.cfg.data, fingerprint)
-        ctx.barrier()
-
-    def _model_spec(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "model": cfg.model,
-            "model_options": dict(cfg.model_options),
-            "input_shape": list(self.data.input_shape),
-            "num_classes": self.data.num_classes,
-            "post_shift": False,
-            "command": cfg.command,
-            "objective": cfg.objective,
-            "method": self.method.reported_name,
-        }
-
     def _build(self, model: nn.Module, checkpoint: dict[str, Any] | None) -> None:
         cfg, ctx, data = self.cfg, self.ctx, self.data
         self.module = model.to(ctx.device)
@@ -336,16 +354,7 @@ class _Run:
         self.method.prepare()
         self.steps_per_epoch = steps_per_epoch(len(data.train), cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.optimizer = torch.optim.SGD(
-            self.module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = warmup_step_decay(
-            self.optimizer,
-            total_steps=self.total_steps,
-            warmup_steps=round(cfg.warmup_epochs * self.steps_per_epoch),
-            decay_at=cfg.lr_decay_at,
-            decay=cfg.lr_decay,
-        )
+        self.optimizer, self.scheduler = _optimiser(cfg, self.module, self.steps_per_epoch)
         self.step, self.epoch, self.batch = 0, 0, 0
         self.last_checkpoint_step: int | None = None
         self.last_finite_step = 0
@@ -424,20 +433,6 @@ class _Run:
             ) from None
 
     # ---------------------------------------------------------------------------------- training
-    def _progress(self):
-        disable = self.quiet or not self.ctx.is_main or not sys.stderr.isatty()
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"{self.cfg.command} {self.method.label}",
-            unit="step",
-            disable=disable,
-            dynamic_ncols=True,
-            leave=False,
-        )
-
     def _epoch_batches(self) -> Tensor:
         """The epoch's batch order; the augmentation generator of the epoch (restored from a checkpoint)."""
         cfg = self.cfg
@@ -451,7 +446,9 @@ class _Run:
     def _train(self) -> None:
         cfg, ctx, train, val = self.cfg, self.ctx, self.data.train, self.data.val
         self.model.train()
-        bar = self._progress()
+        bar = _progress_bar(
+            self.total_steps, self.step, f"{cfg.command} {self.method.label}", off=self.quiet or not ctx.is_main
+        )
         window = self.log_window  # sums since the last "train" record: loss, hits, rows, steps
         # loss and accuracy: training batches since the last record; worst: last validation worst-class accuracy
         shown = {"loss": "-", "acc": "-", "worst": "-"}
@@ -537,39 +534,18 @@ class _Run:
     def _finish(self, model: nn.Module) -> RunResult:
         """Write the model and ``metrics.json`` (the main process); every process returns the result."""
         ctx, method = self.ctx, self.method
-        weights = method.dro_weights() if method.trains else None
-        per_rank = ctx.all_gather_object(None if weights is None else weights.tolist()) if method.trains else None
+        weights = method.dro_weights()
+        per_rank = ctx.all_gather_object(None if weights is None else weights.tolist())
         metrics: dict[str, Any] = {}
         if ctx.is_main:
             for record in method.log_records():
                 self.run.log(record)
-            save_model_file(self.run.model_path, model, method.model_spec(self._model_spec()))
-            metrics = self._final_metrics(model)
+            save_model_file(self.run.model_path, model, method.model_spec())
+            metrics = method.final_metrics(model)
+            if not self.quiet:
+                print(f"{self.cfg.command} {self.cfg.out}: test {summary_line(metrics['test'])}", file=sys.stderr)
             metrics["steps"] = self.step
-            if method.trains:
-                metrics["dro_weights"] = per_rank[0]
-                if weights is not None:
-                    metrics["dro"] = method.dro_metrics(self.step, weights)
-                if ctx.enabled:
-                    metrics["distributed"] = {"world_size": ctx.world_size, "dro_weights_per_rank": per_rank}
-            metrics.update(method.result_metrics())
+            metrics.update(method.result_metrics(self.step, per_rank))
             self.run.write_metrics(metrics)
         ctx.barrier()
         return RunResult(self.run.path, self.config_dict, metrics)
-
-    def _final_metrics(self, model: nn.Module) -> dict[str, Any]:
-        cfg, data, method = self.cfg, self.data, self.method
-        metrics: dict[str, Any] = {"command": cfg.command, "objective": cfg.objective}
-        if method.student:
-            metrics["method"] = method.reported_name
-        logits = {}
-        for name in ("val", "test"):
-            part = getattr(data, name)
-            logits[name] = predict(model, part.x)
-            metrics[name] = report(logits[name], part.y, data.num_classes)
-        metrics.update(method.model_metrics(logits))
-        metrics["prior"] = method.prior.tolist()
-        metrics.update(method.teacher_metrics())
-        if not self.quiet and self.ctx.is_main:
-            print(f"{cfg.command} {cfg.out}: test {summary_line(metrics['test'])}", file=sys.stderr)
-        return metrics

@@ -44,7 +44,7 @@ from rkd_engine.training.baselines import (
 from rkd_engine.training.config import ConfigError, TrainConfig
 from rkd_engine.training.distributed import DistContext
 from rkd_engine.training.dro_schedule import DROSchedule
-from rkd_engine.training.evaluation import load_model_file, predict, teacher_calibration
+from rkd_engine.training.evaluation import load_model_file, predict, report, teacher_calibration
 from rkd_engine.training.external import load_external_teacher
 from rkd_engine.training.runs import RunDir
 from rkd_engine.training.schedule import distance_from_uniform
@@ -243,9 +243,35 @@ class Method:
         """The model to write once trained (the trained model itself unless the method says otherwise)."""
         return model
 
-    def model_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The saved model's spec (how ``load_model_file`` rebuilds it), from the run's default ``spec``."""
-        return spec
+    def model_spec(self) -> dict[str, Any]:
+        """The saved model's spec: how ``load_model_file`` rebuilds it, and what made it."""
+        cfg, data = self.cfg, self.inputs.data
+        return {
+            "model": cfg.model,
+            "model_options": dict(cfg.model_options),
+            "input_shape": list(data.input_shape),
+            "num_classes": self.m,
+            "post_shift": False,
+            "command": cfg.command,
+            "objective": cfg.objective,
+            "method": self.reported_name,
+        }
+
+    def final_metrics(self, model: nn.Module) -> dict[str, Any]:
+        """The final model's reports on the validation and test sets, the prior, and the method's extras."""
+        cfg, data = self.cfg, self.inputs.data
+        metrics: dict[str, Any] = {"command": cfg.command, "objective": cfg.objective}
+        if self.student:
+            metrics["method"] = self.name
+        logits = {}
+        for name in ("val", "test"):
+            part = getattr(data, name)
+            logits[name] = predict(model, part.x)
+            metrics[name] = report(logits[name], part.y, self.m)
+        metrics.update(self.model_metrics(logits))
+        metrics["prior"] = self.prior.tolist()
+        metrics.update(self.teacher_metrics())
+        return metrics
 
     def model_metrics(self, logits: dict[str, Tensor]) -> dict[str, Any]:
         """Metrics of the trained model's held-out scores ``logits`` (``"val"``, ``"test"``) beyond the reports."""
@@ -259,9 +285,16 @@ class Method:
         """Records for ``log.jsonl`` once trained (beyond the loop's "train" and "eval" records)."""
         return []
 
-    def result_metrics(self) -> dict[str, Any]:
-        """Entries of ``metrics.json`` only this method writes."""
-        return {}
+    def result_metrics(self, steps: int, per_rank: list[list[float] | None]) -> dict[str, Any]:
+        """The last entries of ``metrics.json``: ``lambda`` (``per_rank``: each process's, as lists), the
+        DRO schedule after ``steps`` steps, and the processes when there are several."""
+        ctx, weights = self.inputs.ctx, self.dro_weights()
+        metrics: dict[str, Any] = {"dro_weights": per_rank[0]}
+        if weights is not None:
+            metrics["dro"] = self.dro_metrics(steps, weights)
+        if ctx.enabled:
+            metrics["distributed"] = {"world_size": ctx.world_size, "dro_weights_per_rank": per_rank}
+        return metrics
 
 
 @register
@@ -516,16 +549,16 @@ class PostShiftMethod(Distill):
         history = self.history
         return [{"event": "post-shift", "step": 0, **r} for r in history[:: max(1, len(history) // 20)] + [self.best]]
 
-    def model_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def model_spec(self) -> dict[str, Any]:
         teacher_spec = load_model_file(self.cfg.teacher, "cpu")[1]
         return {
-            **spec,
+            **super().model_spec(),
             "post_shift": True,
             "model": teacher_spec["model"],
             "model_options": teacher_spec.get("model_options", {}),
         }
 
-    def result_metrics(self) -> dict[str, Any]:
+    def result_metrics(self, steps: int, per_rank: list[list[float] | None]) -> dict[str, Any]:
         return {
             "post_shift": {
                 "log_shift": self.log_shift.tolist(),
