@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from rkd_engine.errors import UserError
-from rkd_engine.training.demo import pareto_front
 from rkd_engine.training.runs import atomic_write
 
 METRICS = ("average", "balanced", "worst", "worst_k")
@@ -447,6 +446,16 @@ def selection_diagnostics(rep: Report) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- plots
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (higher is better), by x."""
+    front = [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)
+    ]
+    return sorted(front, key=lambda i: points[i][0])
+
+
 def _save(fig: Any, out: Path, name: str, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
