@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rkd_engine.training.executors import LocalPool
+from rkd_engine.training.executors import InProcess
 from rkd_engine.training.report import pareto_front
 from rkd_engine.training.runs import RunDir, atomic_write_json
-from rkd_engine.training.sweep import GRID_OBJECTIVES, Job, SweepSpec, default_workers, plan, run_sweep
+from rkd_engine.training.sweep import GRID_OBJECTIVES, Job, SweepSpec, plan, run_sweep
 
 OBJECTIVES = GRID_OBJECTIVES  # the teachers' and the students' objectives, by name
 
@@ -93,8 +93,9 @@ def run_demo(
     out = Path(out)
     spec = demo_spec(proto, device=device, backend=backend)
     started = time.perf_counter()
-    # The models are tiny: one torch thread per run is faster and robust to a busy machine.
-    run_sweep(spec, out, quiet=quiet, executor=LocalPool(default_workers(spec), threads=1))
+    # The models are tiny: runs in this process (no start-up cost), one torch thread (faster, and robust
+    # to a busy machine).
+    run_sweep(spec, out, quiet=quiet, executor=InProcess(threads=1))
     seconds = time.perf_counter() - started
     per_seed = _collect(out, plan(spec), proto.seeds)
     results: dict[str, Any] = {}
