@@ -136,6 +136,7 @@ class Method:
     name: ClassVar[str] = ""  # the key of ``METHODS``: ``--method NAME``, or "teacher"
     trains: ClassVar[bool] = True  # False: no training loop (``after_training(None)`` makes the model)
     student: ClassVar[bool] = False  # written as ``"method"`` in the model spec and the metrics
+    named: ClassVar[bool] = False  # the progress bar shows the name (a baseline), not the objective
 
     def __init__(self, inputs: MethodInputs) -> None:
         self.inputs = inputs
@@ -153,8 +154,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        """What the progress bar shows: the objective, or the method's name for a baseline."""
-        return self.cfg.objective
+        """What the progress bar shows: the objective, or the method's name for a baseline (``named``)."""
+        return self.name if self.named else self.cfg.objective
 
     # ------------------------------------------------------------------------ before training
     def check(self, fingerprint: str | None) -> None:
@@ -435,9 +436,7 @@ class Hinton(Distill):
 
     name = "hinton"
 
-    @property
-    def label(self) -> str:
-        return self.name
+    named = True
 
     def weight(self, g: Tensor, y: Tensor) -> float | Tensor:
         return float(self.cfg.teacher_weight)
@@ -485,9 +484,7 @@ class GroupDRO(Method):
     name = "group-dro"
     student = True
 
-    @property
-    def label(self) -> str:
-        return self.name
+    named = True
 
     def prepare(self) -> None:
         self.prior = _normalised(self.inputs.data.train_prior)
@@ -525,9 +522,7 @@ class PostShiftMethod(Distill):
     name = "post-shift"
     trains = False
 
-    @property
-    def label(self) -> str:
-        return self.name
+    named = True
 
     def prepare(self) -> None:
         self.teacher = load_teacher(self.cfg, self.inputs.data, self.inputs.ctx.device)
