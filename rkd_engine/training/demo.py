@@ -8,6 +8,11 @@ accuracy, averaged over the seeds, the teacher alone included, and checks the pa
 robust student from the best teacher (chosen by worst-class *validation* accuracy of its robust
 student) has a clearly higher worst-class accuracy than standard distillation at a small cost in
 average accuracy.
+
+The grid is a sweep specification (``demo_spec``: ``SweepSpec.objectives``, one ``gamma``, no
+baselines) planned by ``sweep.plan`` and run by ``sweep.run_sweep`` in this process
+(``executors.InProcess``); this module adds only the protocol, the table, the check and the plot. The
+runs live under ``out/runs/`` as a sweep's do, and a finished one is reused by the same command.
 """
 
 from __future__ import annotations
