@@ -51,6 +51,20 @@ def test_plan_counts_and_dependencies():
     assert gdro.after is None and "teacher" not in gdro.options
 
 
+def test_grid_by_objective_names():
+    """``objectives`` (the demo's grid) plans teachers and students by name; only a DRO student gets the DRO grid."""
+    spec = make_spec({"objectives": "standard,balanced,robust", "baselines": "none", "dro_step": "0.1,0.2"})
+    jobs = plan(spec)
+    teachers = [j.id for j in jobs if j.command == "teacher" and j.labels["seed"] == 0]
+    assert teachers == ["seed0/teacher-standard", "seed0/teacher-balanced", "seed0/teacher-robust"]
+    robust = [j for j in jobs if j.id.startswith("seed0/g1/balanced__robust")]
+    assert [j.options["dro_step"] for j in robust] == [0.1, 0.2]
+    assert all(j.options["objective"] == "robust" and "alpha" not in j.options for j in robust)
+    assert sum(j.command == "student" for j in jobs) == len(spec.seeds) * 3 * (2 + 2)
+    with pytest.raises(ConfigError, match="objectives must be among"):
+        make_spec({"objectives": "tradeoff"})
+
+
 @pytest.mark.parametrize(
     "values, match",
     [

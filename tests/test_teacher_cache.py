@@ -145,7 +145,7 @@ def test_cache_with_its_teacher_given_is_used(tmp_path, teacher, dense, dataset,
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr("rkd_engine.training.engine._Run._load_teacher", no_teacher)
+    monkeypatch.setattr("rkd_engine.training.methods.load_teacher", no_teacher)
     result = _student(tmp_path, "both", dataset, teacher=str(teacher), teacher_cache=str(dense.path))
     assert result.metrics["steps"] > 0
 

@@ -153,7 +153,7 @@ def test_teacher_cached_only_without_augmentation(tmp_path, digits, digits_teach
     original = engine._Run._train
 
     def spy(self):
-        seen[self.cfg.augment] = (self.augment, self.g_train is not None)
+        seen[self.cfg.augment] = (self.augment, self.method.g_train is not None)
         original(self)
 
     monkeypatch.setattr(engine._Run, "_train", spy)
@@ -313,3 +313,19 @@ def test_cuda_teacher_and_every_student_method(tmp_path):
         )
         metrics = train_student(cfg, dataset=digits, quiet=True).metrics
         assert 0 <= metrics["test"]["worst_accuracy"] <= metrics["test"]["accuracy"] <= 1, method
+
+
+def test_every_method_is_one_registered_class_and_the_loop_never_names_one():
+    """``--method`` names and ``rkd teacher`` map onto ``METHODS``; ``_Run`` has no branch on a method's name."""
+    import inspect
+
+    from rkd_engine.training.config import STUDENT_METHODS
+    from rkd_engine.training.methods import METHODS, Method
+
+    assert set(METHODS) == {"teacher", *STUDENT_METHODS}
+    assert all(issubclass(cls, Method) and cls.name == name for name, cls in METHODS.items())
+    source = inspect.getsource(engine._Run)
+    assert len(source.splitlines()) < 250
+    for name in METHODS:
+        assert f'"{name}"' not in source, name
+    assert "self.student" not in source and "isinstance(self.cfg, StudentConfig)" not in source

@@ -8,6 +8,11 @@ accuracy, averaged over the seeds, the teacher alone included, and checks the pa
 robust student from the best teacher (chosen by worst-class *validation* accuracy of its robust
 student) has a clearly higher worst-class accuracy than standard distillation at a small cost in
 average accuracy.
+
+The grid is a sweep specification (``demo_spec``: ``SweepSpec.objectives``, one ``gamma``, no
+baselines) planned by ``sweep.plan`` and run by ``sweep.run_sweep`` in this process
+(``executors.InProcess``); this module adds only the protocol, the table, the check and the plot. The
+runs live under ``out/runs/`` as a sweep's do, and a finished one is reused by the same command.
 """
 
 from __future__ import annotations
@@ -18,14 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from rkd_engine.training.executors import InProcess
+from rkd_engine.training.report import pareto_front
+from rkd_engine.training.runs import RunDir, atomic_write_json
+from rkd_engine.training.sweep import GRID_OBJECTIVES, Job, SweepSpec, plan, run_sweep
 
-from rkd_engine.data import load_dataset
-from rkd_engine.training.config import StudentConfig, TeacherConfig
-from rkd_engine.training.engine import train_student, train_teacher
-from rkd_engine.training.runs import atomic_write_json
-
-OBJECTIVES = ("standard", "balanced", "robust")
+OBJECTIVES = GRID_OBJECTIVES  # the teachers' and the students' objectives, by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,15 +96,13 @@ def run_demo(
         changes.update(teacher_epochs=epochs, student_epochs=epochs)
     proto = dataclasses.replace(proto, **changes)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the models are tiny: one thread is faster and robust to a busy machine
+    spec = demo_spec(proto, device=device, backend=backend)
     started = time.perf_counter()
-    try:
-        per_seed = [_one_seed(out, seed, proto, device, backend, quiet) for seed in range(proto.seeds)]
-    finally:
-        torch.set_num_threads(threads)
+    # The models are tiny: runs in this process (no start-up cost), one torch thread (faster, and robust
+    # to a busy machine).
+    run_sweep(spec, out, quiet=quiet, executor=InProcess(threads=1))
     seconds = time.perf_counter() - started
+    per_seed = _collect(out, plan(spec), proto.seeds)
     results: dict[str, Any] = {}
     for key in per_seed[0]["test"]:
         results[key] = _mean_entry([s["test"][key] for s in per_seed])
@@ -123,48 +124,46 @@ def run_demo(
     return {**results, **summary}
 
 
-def _one_seed(out: Path, seed: int, proto: DemoProtocol, device: str, backend: str, quiet: bool) -> dict[str, Any]:
-    data = load_dataset(proto.data, imbalance=proto.imbalance, seed=seed)
-    common = {
-        "data": proto.data,
-        "imbalance": proto.imbalance,
-        "data_seed": seed,
-        "model": proto.model,
-        "model_options": {"hidden_sizes": [proto.hidden]} if proto.model == "mlp" else {},
-        "batch_size": proto.batch_size,
-        "lr": proto.lr,
-        "weight_decay": proto.weight_decay,
-        "dro_every": proto.dro_every,
-        "dro_step": proto.dro_step,
-        "seed": seed,
-        "checkpoint_every": 0,
-        "eval_every": 0,
-        "device": device,
-        "backend": backend,
-    }
-    root = out / "runs" / f"seed{seed}"
-    test: dict[str, Any] = {}
-    val: dict[str, Any] = {}
-    for t in OBJECTIVES:
-        tdir = root / f"teacher-{t}"
-        cfg = TeacherConfig(out=str(tdir), objective=t, epochs=proto.teacher_epochs, **common)
-        metrics = train_teacher(cfg, dataset=data, overwrite=True, quiet=True).metrics
-        test[f"{t}/none"], val[f"{t}/none"] = _entry(metrics["test"]), _entry(metrics["val"])
-        for s in OBJECTIVES:
-            scfg = StudentConfig(
-                out=str(root / f"teacher-{t}_student-{s}"),
-                teacher=str(tdir),
-                objective=s,
-                gamma=proto.gamma,
-                epochs=proto.student_epochs,
-                **common,
-            )
-            metrics = train_student(scfg, dataset=data, overwrite=True, quiet=True).metrics
-            test[f"{t}/{s}"], val[f"{t}/{s}"] = _entry(metrics["test"]), _entry(metrics["val"])
-        if not quiet:
-            cells = "  ".join(f"{s} {100 * test[f'{t}/{s}']['worst']:.0f}" for s in OBJECTIVES)
-            print(f"seed {seed} teacher {t}: worst-class test accuracy of students: {cells}", file=sys.stderr)
-    return {"test": test, "val": val}
+def demo_spec(proto: DemoProtocol, *, device: str = "cpu", backend: str = "auto") -> SweepSpec:
+    """The demo as a sweep: teachers and students by objective (``OBJECTIVES``), one ``gamma``, no baselines."""
+    return SweepSpec(
+        data=proto.data,
+        imbalance=proto.imbalance,
+        seeds=tuple(range(proto.seeds)),
+        gamma=(proto.gamma,),
+        baselines=(),
+        objectives=OBJECTIVES,
+        common={
+            "model": proto.model,
+            "model_options": {"hidden_sizes": [proto.hidden]} if proto.model == "mlp" else {},
+            "batch_size": proto.batch_size,
+            "lr": proto.lr,
+            "weight_decay": proto.weight_decay,
+            "dro_every": proto.dro_every,
+            "dro_step": proto.dro_step,
+            "checkpoint_every": 0,
+            "eval_every": 0,
+        },
+        teacher={"epochs": proto.teacher_epochs},
+        student={"epochs": proto.student_epochs},
+        device=device,
+        backend=backend,
+    )
+
+
+def _collect(out: Path, jobs: list[Job], seeds: int) -> list[dict[str, Any]]:
+    """Per seed, the ``"T/S"`` (``"T/none"``: the teacher alone) test and validation entries of the runs."""
+    per_seed: list[dict[str, Any]] = [{"test": {}, "val": {}} for _ in range(seeds)]
+    for job in jobs:
+        metrics = RunDir(out / job.options["out"]).read_metrics()
+        lab = job.labels
+        key = f"{lab['teacher']}/{lab.get('student') or 'none'}"
+        seed = per_seed[lab["seed"]]
+        seed["test"][key], seed["val"][key] = _entry(metrics["test"]), _entry(metrics["val"])
+    for seed in per_seed:  # the table's order: each teacher alone, then its students
+        for split in ("test", "val"):
+            seed[split] = {f"{t}/{s}": seed[split][f"{t}/{s}"] for t in OBJECTIVES for s in ("none", *OBJECTIVES)}
+    return per_seed
 
 
 def _check(results: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,16 +215,6 @@ def format_table(results: dict[str, Any], proto: DemoProtocol) -> str:
             cells.append(f"{100 * e['average']:.1f} / {100 * e['worst']:.1f}".rjust(width))
         lines.append(t.ljust(10) + "".join(cells))
     return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (higher is better), by x."""
-    front = [
-        i
-        for i, (x, y) in enumerate(points)
-        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)
-    ]
-    return sorted(front, key=lambda i: points[i][0])
 
 
 def plot_pareto(results: dict[str, Any], path: Path, proto: DemoProtocol) -> None:

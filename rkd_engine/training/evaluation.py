@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from rkd_engine.metrics import classification_report, per_class_calibration_error
 from rkd_engine.models import build_model
-from rkd_engine.training.methods import PostShift
+from rkd_engine.training.baselines import PostShift
 from rkd_engine.training.runs import (
     MODEL_FORMAT,
     CheckpointError,

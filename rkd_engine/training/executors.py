@@ -1,4 +1,4 @@
-"""Executors of a sweep's plan: a local process pool (the default) and Ray.
+"""Executors of a sweep's plan: a local process pool (the default), Ray, and this process (the demo's).
 
 The planner (``rkd_engine.training.sweep``) decides which runs there are, which teacher each student
 needs, what is already finished, and writes ``runs.csv``; an executor only runs jobs. Its interface:
@@ -248,6 +248,46 @@ class LocalPool:
                 worker.proc.join()
             worker.conn.close()
         self.pool = []
+
+
+class InProcess:
+    """Every job in this process, one after the other in submission order (a teacher before its students),
+    with ``threads`` torch threads (0: as they are; restored on ``close``). No start-up cost: for grids of
+    tiny runs such as the demo's. Ctrl-C stops the run in progress as a kill would."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads
+        self.root: Path | None = None
+        self.queue: collections.deque[tuple[Job, str | None]] = collections.deque()
+        self.outcomes: dict[str, Outcome] = {}
+
+    def describe(self) -> str:
+        return "this process"
+
+    def start(self, root: Path) -> None:
+        import torch
+
+        self.root = Path(root)
+        self.saved_threads = torch.get_num_threads()
+
+    def submit(self, job: Job, after: str | None = None) -> None:
+        assert self.root is not None, "start() first"
+        self.queue.append((job, after))
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        if not self.queue:
+            return []
+        job, after = self.queue.popleft()
+        outcome = execute_job(self.root, job, self.threads, self.outcomes.get(after) if after else None)
+        self.outcomes[job.id] = outcome
+        return [outcome]
+
+    def close(self, *, cancel: bool) -> None:
+        import torch
+
+        self.queue.clear()
+        if self.root is not None:
+            torch.set_num_threads(self.saved_threads)
 
 
 # -------------------------------------------------------------------------------------------- Ray

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from rkd_engine.errors import UserError
-from rkd_engine.training.demo import pareto_front
 from rkd_engine.training.runs import atomic_write
 
 METRICS = ("average", "balanced", "worst", "worst_k")
@@ -384,6 +383,14 @@ def findings(rep: Report) -> list[str]:
             f"pair (teacher {_name(best_one.key[1])}, student {_name(best_one.key[2])}: "
             f"{100 * best_one.mean('test_worst'):.1f}); the paper found it wins only on TinyImageNet."
         )
+    out += _robust_vs_balanced(rep, students)
+    out += _alpha_s_sets_average(students, gamma)
+    return out
+
+
+def _robust_vs_balanced(rep: Report, students: list[Cell]) -> list[str]:
+    """The robust student against the balanced one of the same teacher and gamma."""
+    out: list[str] = []
     pairs = []
     for c in students:
         if c.key[2] == "a1":
@@ -400,6 +407,12 @@ def findings(rep: Report) -> list[str]:
             f"largest gap {100 * largest[1]:+.1f} points (teacher {_name(largest[2].key[1])}, "
             f"γ={largest[2].key[3]:g})."
         )
+    return out
+
+
+def _alpha_s_sets_average(students: list[Cell], gamma: float) -> list[str]:
+    """Whether the student's alpha moves average accuracy more than the teacher's."""
+    out: list[str] = []
     grid = [c for c in students if c.key[3] == gamma and c.key[1] != "standard" and c.key[2] != "standard"]
     if len(grid) >= 4:
         by_s: dict[str, list[float]] = defaultdict(list)
@@ -447,6 +460,16 @@ def selection_diagnostics(rep: Report) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- plots
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (higher is better), by x."""
+    front = [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)
+    ]
+    return sorted(front, key=lambda i: points[i][0])
+
+
 def _save(fig: Any, out: Path, name: str, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -465,11 +488,20 @@ def plot_all(rep: Report, out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    names = []
+    names: list[str] = []
     # The grid at the selected trade-off's temperature (standard distillation's where none was selected).
     gamma = (rep.selected or rep.standard).key[3]
     title = f"{rep.spec.get('data', '')} rho={rep.spec.get('imbalance', '')}, {rep.seeds} seed(s), γ={gamma:g}"
-    # Pareto frontier of the grid at standard distillation's gamma, baselines as extra markers.
+    _plot_pareto(plt, rep, gamma, title, out, names)
+    if rep.selected is not None:
+        _plot_recall(plt, rep, title, out, names)
+    _plot_calibration(plt, rep, gamma, title, out, names)
+    return names
+
+
+def _plot_pareto(plt: Any, rep: Report, gamma: float, title: str, out: Path, names: list[str]) -> None:
+    """``pareto.png``: the grid at ``gamma`` with its Pareto frontier, standard distillation, the selected
+    trade-off and the baselines as extra markers."""
     fig, ax = plt.subplots(figsize=(7.5, 6.2), dpi=120)
     grid = [c for k, c in rep.cells.items() if k[0] == "student" and k[3] == gamma]
     pts = [(100 * c.mean("test_average"), 100 * c.mean("test_worst")) for c in grid]
@@ -531,41 +563,46 @@ def plot_all(rep: Report, out: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     _save(fig, out, "pareto.png", names)
-    # Per-class recall: standard distillation against the selected robust student.
-    if rep.selected is not None:
-        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
-        for i, (label, c, color) in enumerate(
-            (("standard distillation", rep.standard, "tab:blue"), ("selected trade-off", rep.selected, "tab:red"))
-        ):
-            rec = c.recall()
-            xs = [j + (i - 0.5) * 0.4 for j in range(len(rec))]
-            ax.bar(xs, [100 * (v or 0) for v in rec], width=0.4, color=color, label=label)
-        ax.set_xlabel("class (0 = head, largest in training)")
-        ax.set_ylabel("test recall (%)")
-        ax.set_title(f"per-class recall: {title}", fontsize=9)
-        ax.legend(fontsize=7)
-        _save(fig, out, "per_class_recall.png", names)
-    # Teacher per-class calibration error against the student's worst-class accuracy.
+
+
+def _plot_recall(plt: Any, rep: Report, title: str, out: Path, names: list[str]) -> None:
+    """``per_class_recall.png``: standard distillation against the selected robust student."""
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+    for i, (label, c, color) in enumerate(
+        (("standard distillation", rep.standard, "tab:blue"), ("selected trade-off", rep.selected, "tab:red"))
+    ):
+        rec = c.recall()
+        xs = [j + (i - 0.5) * 0.4 for j in range(len(rec))]
+        ax.bar(xs, [100 * (v or 0) for v in rec], width=0.4, color=color, label=label)
+    ax.set_xlabel("class (0 = head, largest in training)")
+    ax.set_ylabel("test recall (%)")
+    ax.set_title(f"per-class recall: {title}", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, out, "per_class_recall.png", names)
+
+
+def _plot_calibration(plt: Any, rep: Report, gamma: float, title: str, out: Path, names: list[str]) -> None:
+    """``calibration.png``: the teacher's per-class calibration error against the student's worst-class accuracy."""
     pts2 = [
         (c.mean("teacher_calibration_max"), 100 * c.mean("test_worst"), c)
         for k, c in rep.cells.items()
         if k[0] == "student" and k[3] == gamma and k[2] != "standard" and c.values("teacher_calibration_max")
     ]
-    if pts2:
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        sc = ax.scatter(
-            [p[0] for p in pts2], [p[1] for p in pts2], c=[float(p[2].key[2][1:]) for p in pts2], cmap="viridis", s=30
-        )
-        fig.colorbar(sc, ax=ax, label="alpha_s")
-        for x, y, c in pts2:
-            if c.key[2] == "a1":
-                ax.annotate(_name(c.key[1]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
-        ax.set_xlabel("teacher per-class calibration error (max over classes, test, at γ)")
-        ax.set_ylabel("student worst-class test accuracy (%)")
-        ax.set_title(f"teacher calibration vs student worst class: {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        _save(fig, out, "calibration.png", names)
-    return names
+    if not pts2:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    sc = ax.scatter(
+        [p[0] for p in pts2], [p[1] for p in pts2], c=[float(p[2].key[2][1:]) for p in pts2], cmap="viridis", s=30
+    )
+    fig.colorbar(sc, ax=ax, label="alpha_s")
+    for x, y, c in pts2:
+        if c.key[2] == "a1":
+            ax.annotate(_name(c.key[1]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xlabel("teacher per-class calibration error (max over classes, test, at γ)")
+    ax.set_ylabel("student worst-class test accuracy (%)")
+    ax.set_title(f"teacher calibration vs student worst class: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, out, "calibration.png", names)
 
 
 def _lambda_trace(sweep_dir: Path, run: str) -> tuple[list[int], list[list[float]]]:

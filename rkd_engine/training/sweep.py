@@ -58,6 +58,7 @@ from rkd_engine.training.runs import RunDir, atomic_write, atomic_write_json
 
 BASELINES = tuple(m for m in STUDENT_METHODS if m != "distill")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+GRID_OBJECTIVES = ("standard", "balanced", "robust")  # objectives a grid may name (SweepSpec.objectives)
 # Options every run of a sweep shares that the sweep itself sets (per run), so `common`, `teacher`
 # and `student` may not: they are the grid.
 _GRID_OPTIONS = frozenset({"out", "objective", "alpha", "seed", "data_seed", "teacher", "method", "gamma"})
@@ -117,6 +118,9 @@ class SweepSpec:
     val_gamma: tuple[float, ...] = ()
     dro_step: tuple[float, ...] = ()
     baselines: tuple[str, ...] = BASELINES
+    # Teachers and students by objective name (standard, balanced, robust) instead of the standard
+    # objective and the trade-off points of alpha_t / alpha_s (the demo's grid); empty: the alphas.
+    objectives: tuple[str, ...] = ()
     common: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)
@@ -183,6 +187,17 @@ def _seeds(value: Any) -> tuple[int, ...]:
     if not seeds or any(s < 0 for s in seeds):
         raise ConfigError(f"seeds must be non-negative integers, got {value!r}")
     return seeds
+
+
+def _objectives(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ConfigError(f"objectives must be a list of names among {', '.join(GRID_OBJECTIVES)}, got {value!r}")
+    items = [s.strip() for s in items if s.strip()]
+    bad = [s for s in items if s not in GRID_OBJECTIVES]
+    if bad:
+        raise ConfigError(f"objectives must be among {', '.join(GRID_OBJECTIVES)}, got {', '.join(bad)}")
+    return tuple(dict.fromkeys(items))
 
 
 def _options(name: str, value: Any) -> dict:
@@ -261,6 +276,8 @@ def make_spec(values: Mapping[str, Any]) -> SweepSpec:
         if bad:
             raise ConfigError(f"baselines must be among {', '.join(BASELINES)} (or all, none), got {', '.join(bad)}")
         kw["baselines"] = tuple(dict.fromkeys(items))
+    if "objectives" in values:
+        kw["objectives"] = _objectives(values["objectives"])
     for name in ("common", "teacher", "student"):
         if name in values:
             kw[name] = _options(name, values[name])
@@ -312,10 +329,29 @@ def _tag(x: float) -> str:
     return f"{x:g}"
 
 
+@dataclass(frozen=True)
+class GridPoint:
+    """A teacher or student objective of the grid: its name in run ids, its options and its ``alpha``
+    label; ``dro``: whether ``lambda`` moves (then the ``val_gamma`` x ``dro_step`` grid applies)."""
+
+    name: str
+    options: dict
+    alpha: float | None = None
+    dro: bool = False
+
+
+def grid_points(spec: SweepSpec, alphas: tuple[float, ...]) -> list[GridPoint]:
+    """The standard objective and one trade-off point per ``alpha`` (``alpha = 0`` is balanced, ``1``
+    robust); or, when ``spec.objectives`` is set, those objectives by name (the demo's grid)."""
+    if spec.objectives:
+        return [GridPoint(o, {"objective": o}, None, o in ("robust", "tradeoff")) for o in spec.objectives]
+    standard = GridPoint("standard", {"objective": "standard"})
+    return [standard] + [GridPoint(f"a{_tag(a)}", {"objective": "tradeoff", "alpha": a}, a, a != 0) for a in alphas]
+
+
 def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
     """Every run of the sweep, teachers first. Paths (``out``, ``teacher``) are relative to the sweep
     directory, so a job does not depend on where the sweep lives (``root`` is accepted and unused)."""
-    runs = Path("runs")
     shared = {
         **spec.common,
         "data": spec.data,
@@ -326,102 +362,99 @@ def plan(spec: SweepSpec, root: Path | None = None) -> list[Job]:
     jobs: list[Job] = []
     for seed in spec.seeds:
         base = {**shared, "seed": seed, "data_seed": seed}
-        teachers = [("standard", None)] + [(f"a{_tag(a)}", a) for a in spec.alpha_t]
-        tid: dict[str, str] = {}
-        for name, alpha in teachers:
-            run_id = f"seed{seed}/teacher-{name}"
-            tid[name] = run_id
-            objective = {"objective": "standard"} if alpha is None else {"objective": "tradeoff", "alpha": alpha}
-            jobs.append(
-                Job(
-                    run_id,
-                    "teacher",
-                    {**base, **spec.teacher, **objective, "out": str(runs / run_id)},
-                    {"kind": "teacher", "seed": seed, "teacher": name, "alpha_t": alpha, "method": "teacher"},
-                )
-            )
-        students = [("standard", None)] + [(f"a{_tag(a)}", a) for a in spec.alpha_s]
+        teachers = _teacher_jobs(spec, seed, base)
+        jobs += [job for _, job in teachers]
         for gamma in spec.gamma:
-            for tname, alpha_t in teachers:
-                for sname, alpha_s, val_gamma, dro_step in _dro_points(spec, students):
-                    run_id = f"seed{seed}/g{_tag(gamma)}/{tname}__{sname}"
-                    objective = (
-                        {"objective": "standard"} if alpha_s is None else {"objective": "tradeoff", "alpha": alpha_s}
-                    )
-                    if val_gamma is not None:
-                        run_id += f"__vg{_tag(val_gamma)}"
-                        objective["val_gamma"] = val_gamma
-                    if dro_step is not None:
-                        run_id += f"__eta{_tag(dro_step)}"
-                        objective["dro_step"] = dro_step
-                    jobs.append(
-                        Job(
-                            run_id,
-                            "student",
-                            {
-                                **base,
-                                **spec.student,
-                                **objective,
-                                "teacher": str(runs / tid[tname]),
-                                "gamma": gamma,
-                                "out": str(runs / run_id),
-                            },
-                            {
-                                "kind": "student",
-                                "seed": seed,
-                                "teacher": tname,
-                                "alpha_t": alpha_t,
-                                "student": sname,
-                                "alpha_s": alpha_s,
-                                "gamma": gamma,
-                                "val_gamma": val_gamma,
-                                "dro_step": dro_step,
-                                "method": "distill",
-                            },
-                            after=tid[tname],
-                        )
-                    )
-            for method in spec.baselines:
-                if method in ("group-dro", "post-shift") and gamma != spec.gamma[0]:
-                    continue  # no teacher temperature: once per seed
-                where = f"seed{seed}/baseline-{method}" if method in ("group-dro", "post-shift") else None
-                run_id = where or f"seed{seed}/g{_tag(gamma)}/baseline-{method}"
-                opts = {**base, **spec.student, "method": method, "out": str(runs / run_id)}
-                if method != "group-dro":
-                    opts.update(teacher=str(runs / tid["standard"]), gamma=gamma if method != "post-shift" else 1.0)
-                jobs.append(
-                    Job(
-                        run_id,
-                        "student",
-                        opts,
-                        {
-                            "kind": "baseline",
-                            "seed": seed,
-                            "teacher": None if method == "group-dro" else "standard",
-                            "student": method,
-                            "gamma": None if method == "group-dro" else opts["gamma"],
-                            "method": method,
-                        },
-                        after=None if method == "group-dro" else tid["standard"],
-                    )
-                )
+            jobs += _student_jobs(spec, seed, base, gamma, teachers)
+            jobs += _baseline_jobs(spec, seed, base, gamma, first_gamma=gamma == spec.gamma[0])
     if spec.cache_teachers:
         jobs = _with_caches(jobs)
     return jobs
 
 
-def _dro_points(spec: SweepSpec, students: list[tuple[str, float | None]]) -> list[tuple]:
-    """``(name, alpha_s, val_gamma, dro_step)`` of every student at one teacher and ``gamma``: the DRO
-    students (``alpha_s > 0``) once per point of the ``val_gamma`` x ``dro_step`` grid, the others
-    (standard, balanced: ``lambda`` has no effect on them) once. ``None``: the run's default."""
+_RUNS = Path("runs")
+
+
+def _teacher_jobs(spec: SweepSpec, seed: int, base: dict) -> list[tuple[GridPoint, Job]]:
+    """The seed's teachers: ``seed<seed>/teacher-<name>``."""
+    out = []
+    for point in grid_points(spec, spec.alpha_t):
+        run_id = f"seed{seed}/teacher-{point.name}"
+        labels = {"kind": "teacher", "seed": seed, "teacher": point.name, "alpha_t": point.alpha, "method": "teacher"}
+        options = {**base, **spec.teacher, **point.options, "out": str(_RUNS / run_id)}
+        out.append((point, Job(run_id, "teacher", options, labels)))
+    return out
+
+
+def _student_jobs(
+    spec: SweepSpec, seed: int, base: dict, gamma: float, teachers: list[tuple[GridPoint, Job]]
+) -> list[Job]:
+    """Every student of every teacher at ``gamma``: ``seed<seed>/g<gamma>/<teacher>__<student>[__vg..][__eta..]``."""
+    jobs = []
+    for teacher, teacher_job in teachers:
+        for student, val_gamma, dro_step in _dro_points(spec, grid_points(spec, spec.alpha_s)):
+            run_id = f"seed{seed}/g{_tag(gamma)}/{teacher.name}__{student.name}"
+            objective = dict(student.options)
+            if val_gamma is not None:
+                run_id += f"__vg{_tag(val_gamma)}"
+                objective["val_gamma"] = val_gamma
+            if dro_step is not None:
+                run_id += f"__eta{_tag(dro_step)}"
+                objective["dro_step"] = dro_step
+            options = {**base, **spec.student, **objective, "teacher": teacher_job.options["out"], "gamma": gamma}
+            labels = {
+                "kind": "student",
+                "seed": seed,
+                "teacher": teacher.name,
+                "alpha_t": teacher.alpha,
+                "student": student.name,
+                "alpha_s": student.alpha,
+                "gamma": gamma,
+                "val_gamma": val_gamma,
+                "dro_step": dro_step,
+                "method": "distill",
+            }
+            jobs.append(Job(run_id, "student", {**options, "out": str(_RUNS / run_id)}, labels, after=teacher_job.id))
+    return jobs
+
+
+def _baseline_jobs(spec: SweepSpec, seed: int, base: dict, gamma: float, *, first_gamma: bool) -> list[Job]:
+    """The baselines from the seed's standard teacher at ``gamma``; Group DRO and post-shift (no teacher
+    temperature) once per seed."""
+    jobs = []
+    teacher_id = f"seed{seed}/teacher-standard"
+    for method in spec.baselines:
+        once = method in ("group-dro", "post-shift")
+        if once and not first_gamma:
+            continue
+        run_id = f"seed{seed}/baseline-{method}" if once else f"seed{seed}/g{_tag(gamma)}/baseline-{method}"
+        opts = {**base, **spec.student, "method": method, "out": str(_RUNS / run_id)}
+        if method != "group-dro":
+            opts.update(teacher=str(_RUNS / teacher_id), gamma=gamma if method != "post-shift" else 1.0)
+        labels = {
+            "kind": "baseline",
+            "seed": seed,
+            "teacher": None if method == "group-dro" else "standard",
+            "student": method,
+            "gamma": None if method == "group-dro" else opts["gamma"],
+            "method": method,
+        }
+        jobs.append(Job(run_id, "student", opts, labels, after=None if method == "group-dro" else teacher_id))
+    return jobs
+
+
+def _dro_points(spec: SweepSpec, students: list[GridPoint]) -> list[tuple]:
+    """``(student, val_gamma, dro_step)`` of every student at one teacher and ``gamma``: the DRO
+    students once per point of the ``val_gamma`` x ``dro_step`` grid, the others (standard, balanced:
+    ``lambda`` has no effect on them) once. ``None``: the run's default."""
     points = []
-    for name, alpha in students:
-        if alpha is None or alpha == 0:
-            points.append((name, alpha, None, None))
+    for student in students:
+        if not student.dro:
+            points.append((student, None, None))
             continue
         for val_gamma in spec.val_gamma or (None,):
             for dro_step in spec.dro_step or (None,):
-                points.append((name, alpha, val_gamma, dro_step))
+                points.append((student, val_gamma, dro_step))
     return points
 
 

@@ -161,31 +161,11 @@ def cache_teacher(
     ``dataset`` skips loading the data (it must be the teacher's split).
     """
     run_dir, out = Path(run_dir), Path(out)
-    if dtype not in DTYPES:
-        raise CacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    temps = _temperatures(temperatures)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise CacheError(f"--top-k must be an integer >= 1, got {top_k!r}")
-    if device not in ("cpu", "cuda"):
-        raise CacheError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CacheError("--device cuda but no CUDA GPU is available here (use --device cpu)")
-    run = RunDir(run_dir)
-    teacher_cfg = run.read_config()
-    if "teacher" in teacher_cfg or "method" in teacher_cfg:
-        raise CacheError(f"{run_dir} is a student run: cache the outputs of a run written by `rkd teacher`")
-    if not run.model_path.exists():
-        raise CacheError(f"teacher run {run_dir} has not finished (no model.pt): finish it with --resume first")
+    temps = _check_options(top_k, temperatures, dtype, device)
+    run, teacher_cfg = _teacher_run(run_dir)
     teacher_digest = file_digest(run.model_path)
     data_opts = {k: teacher_cfg.get(k) for k in INHERITED_DATA}
-    if dataset is None:
-        dataset = load_dataset(
-            data_opts["data"],
-            imbalance=data_opts["imbalance"],
-            seed=data_opts["data_seed"],
-            val_per_class=data_opts["val_per_class"],
-            test_per_class=data_opts["test_per_class"],
-        )
+    dataset = dataset if dataset is not None else _load_split(data_opts)
     m = dataset.num_classes
     if top_k is not None and top_k > m:
         raise CacheError(f"--top-k {top_k} exceeds the number of classes m = {m}")
@@ -216,58 +196,117 @@ def cache_teacher(
             _write_split(
                 partial, progress, name, getattr(dataset, name), teacher, m, device, top_k, temps, dtype, quiet
             )
-        files = {}
-        for name in SPLITS:
-            for array, _ in _layout(name, top_k):
-                path = partial / f"{name}.{array}.npy"
-                arr = np.load(path, mmap_mode="r")
-                files[f"{name}.{array}"] = {
-                    "path": path.name,
-                    "shape": list(arr.shape),
-                    "dtype": str(arr.dtype),
-                    "bytes": path.stat().st_size,
-                    "sha256": file_digest(path),
-                }
-                del arr
-        from rkd_engine import __version__
-
-        manifest = {
-            "format": CACHE_FORMAT,
-            "layout": options["layout"],
-            "num_classes": m,
-            "k": options["k"],
-            "temperatures": list(temps),
-            "dtype": dtype,
-            "augmentation": "none: outputs of the un-augmented inputs, teacher in evaluation mode",
-            "teacher": {
-                "run": str(run_dir.resolve()),
-                "model_digest": teacher_digest,
-                "model": spec["model"],
-                "model_options": spec.get("model_options", {}),
-                "objective": teacher_cfg.get("objective"),
-                "alpha": teacher_cfg.get("alpha"),
-                "seed": teacher_cfg.get("seed"),
-            },
-            "data": {**data_opts, "name": dataset.name, "input_shape": list(dataset.input_shape)},
-            "splits": splits,
-            "files": files,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "rkd_version": __version__,
+        teacher_info = {
+            "run": str(run_dir.resolve()),
+            "model_digest": teacher_digest,
+            "model": spec["model"],
+            "model_options": spec.get("model_options", {}),
+            "objective": teacher_cfg.get("objective"),
+            "alpha": teacher_cfg.get("alpha"),
+            "seed": teacher_cfg.get("seed"),
         }
+        data_info = {**data_opts, "name": dataset.name, "input_shape": list(dataset.input_shape)}
+        manifest = _manifest(options, m, teacher_info, data_info, splits, _file_entries(partial, top_k))
         (partial / "progress.json").unlink()
         atomic_write_json(partial / "manifest.json", manifest)
         _fsync_tree(partial)
-        if out.exists():  # overwrite: the old cache goes only once the new one is complete
-            trash = out.with_name(out.name + ".old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out, trash)
-            os.replace(partial, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, out)
+        _publish(partial, out)
     if not quiet:
         print(f"cache-teacher: wrote {out} ({options['layout']}, k = {options['k']})", file=sys.stderr)
     return TeacherCache.open(out, verify="size")
+
+
+def _check_options(top_k: int | None, temperatures: Sequence[float], dtype: str, device: str) -> tuple[float, ...]:
+    """``cache_teacher``'s options checked (``CacheError``); returns the temperatures."""
+    if dtype not in DTYPES:
+        raise CacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    temps = _temperatures(temperatures)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise CacheError(f"--top-k must be an integer >= 1, got {top_k!r}")
+    if device not in ("cpu", "cuda"):
+        raise CacheError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CacheError("--device cuda but no CUDA GPU is available here (use --device cpu)")
+    return temps
+
+
+def _teacher_run(run_dir: Path) -> tuple[RunDir, dict[str, Any]]:
+    """The finished teacher run at ``run_dir`` and its config (``CacheError`` for a student or unfinished run)."""
+    run = RunDir(run_dir)
+    teacher_cfg = run.read_config()
+    if "teacher" in teacher_cfg or "method" in teacher_cfg:
+        raise CacheError(f"{run_dir} is a student run: cache the outputs of a run written by `rkd teacher`")
+    if not run.model_path.exists():
+        raise CacheError(f"teacher run {run_dir} has not finished (no model.pt): finish it with --resume first")
+    return run, teacher_cfg
+
+
+def _load_split(data_opts: Mapping[str, Any]) -> Dataset:
+    """The teacher's data split, from its run's data options."""
+    return load_dataset(
+        data_opts["data"],
+        imbalance=data_opts["imbalance"],
+        seed=data_opts["data_seed"],
+        val_per_class=data_opts["val_per_class"],
+        test_per_class=data_opts["test_per_class"],
+    )
+
+
+def _file_entries(partial: Path, top_k: int | None) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files``: path, shape, dtype, size and digest of every array written."""
+    files = {}
+    for name in SPLITS:
+        for array, _ in _layout(name, top_k):
+            path = partial / f"{name}.{array}.npy"
+            arr = np.load(path, mmap_mode="r")
+            files[f"{name}.{array}"] = {
+                "path": path.name,
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "bytes": path.stat().st_size,
+                "sha256": file_digest(path),
+            }
+            del arr
+    return files
+
+
+def _manifest(
+    options: Mapping[str, Any],
+    m: int,
+    teacher: dict[str, Any],
+    data: dict[str, Any],
+    splits: dict[str, Any],
+    files: dict[str, Any],
+) -> dict[str, Any]:
+    from rkd_engine import __version__
+
+    return {
+        "format": CACHE_FORMAT,
+        "layout": options["layout"],
+        "num_classes": m,
+        "k": options["k"],
+        "temperatures": list(options["temperatures"]),
+        "dtype": options["dtype"],
+        "augmentation": "none: outputs of the un-augmented inputs, teacher in evaluation mode",
+        "teacher": teacher,
+        "data": data,
+        "splits": splits,
+        "files": files,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rkd_version": __version__,
+    }
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Move the complete cache ``partial`` to ``out``; an old cache there goes only once the new one is in place."""
+    if out.exists():
+        trash = out.with_name(out.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(partial, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(partial, out)
 
 
 def _existing(out: Path, options: Mapping[str, Any], overwrite: bool) -> TeacherCache | None:
