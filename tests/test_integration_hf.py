@@ -356,3 +356,59 @@ def _robust_vs_standard(tmp_path):
     std, rob = results["standard"], results["robust"]
     assert {"eval_accuracy", "eval_balanced_accuracy", "eval_class_2_accuracy"} <= set(std)
     assert rob["eval_worst_accuracy"] > std["eval_worst_accuracy"] + 0.1, (std, rob)
+
+
+# ---------------------------------------------------------------------------------------- resume
+class _StopAt(transformers.TrainerCallback):
+    """Stops training after optimiser step ``step`` (after that step's checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _dro_run(out, train, val, teacher, *, stop_at=None, resume=None):
+    loss = RobustDistillationLoss(M, "robust", step_size=0.5)
+    trainer = RobustDistillationTrainer(
+        model=_tiny_bert(0),
+        args=_args(
+            out, per_device_train_batch_size=8, max_steps=8, learning_rate=0.1, save_strategy="steps", save_steps=4
+        ),
+        train_dataset=train,
+        teacher=teacher,
+        loss=loss,
+        dro_dataset=val,
+        dro_every=2,
+        dro_val_batch=5,  # fewer than the 9 rows: each update draws its own rows from the step's seed
+    )
+    if stop_at is not None:
+        trainer.add_callback(_StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, loss
+
+
+def test_resumed_run_ends_with_the_uninterrupted_dro_state_and_weights(tmp_path):
+    train, val = _cls_rows((24, 12, 6), 0), _cls_rows((3,) * M, 1)
+    teacher = _tiny_bert(10).eval()
+    whole, whole_loss = _dro_run(tmp_path / "whole", train, val, teacher)
+    first, first_loss = _dro_run(tmp_path / "parts", train, val, teacher, stop_at=4)
+    assert first.state.global_step == 4 and first.dro_schedule.num_updates == 2
+    checkpoint = tmp_path / "parts" / "checkpoint-4"
+    assert (checkpoint / DRO_STATE_FILE).is_file()
+    resumed, resumed_loss = _dro_run(tmp_path / "parts", train, val, teacher, resume=str(checkpoint))
+    assert resumed.state.global_step == 8
+    uniform = torch.full((M,), 1.0 / M)
+    assert not torch.allclose(whole_loss.dro.weights, uniform, atol=1e-4)  # lambda moved
+    assert not torch.allclose(first_loss.dro.weights, whole_loss.dro.weights, atol=1e-6)  # half-way differs
+    torch.testing.assert_close(resumed_loss.dro.weights, whole_loss.dro.weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(resumed_loss.dro.state_dict(), whole_loss.dro.state_dict(), atol=1e-6, rtol=1e-5)
+    assert resumed.dro_schedule.num_updates == whole.dro_schedule.num_updates == 4
+    assert resumed.dro_schedule.last_step == whole.dro_schedule.last_step == 8
+    torch.testing.assert_close(_params(resumed.model), _params(whole.model), atol=1e-6, rtol=1e-5)
+    # A checkpoint without the DRO state cannot silently restart lambda.
+    (checkpoint / DRO_STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=DRO_STATE_FILE):
+        _dro_run(tmp_path / "parts", train, val, teacher, resume=str(checkpoint))

@@ -420,6 +420,8 @@ class RobustDistillationTrainer(Trainer):
                 )
             self.dro_schedule = None
             self._pending_dro_state = torch.load(state_file, map_location=self.args.device, weights_only=True)
+            # lambda weighs the very next training step: restored now, not when the schedule is first due
+            self.rkd_loss.dro.load_state_dict(self._pending_dro_state["dro"])
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
