@@ -168,6 +168,66 @@ def test_folder_train_test_layout_and_lazy_decoding(tmp_path):
     assert parse_folder_spec("a,b/dir,size=3")[0].name == "dir"
 
 
+def _count_pillow(monkeypatch) -> dict[str, int]:
+    """Counts ``PIL.Image.open`` calls (headers) and pixel decodes (``ImageFile.load``)."""
+    from PIL import Image, ImageFile
+
+    counts = {"open": 0, "decode": 0}
+    real_open, real_load = Image.open, ImageFile.ImageFile.load
+
+    def counting_open(*args, **kwargs):
+        counts["open"] += 1
+        return real_open(*args, **kwargs)
+
+    def counting_load(self):
+        if getattr(self, "_rkd_counted", False) is False:  # load() is re-entered once decoded
+            counts["decode"] += 1
+            self._rkd_counted = True
+        return real_load(self)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return counts
+
+
+def test_folder_splits_are_read_lazily_with_the_eager_values(tmp_path, monkeypatch):
+    from rkd_engine.data.folder import ImageRows
+    from rkd_engine.data.protocol import Split, standardise_
+    from rkd_engine.training.teacher_cache import tensor_digest
+
+    root = tmp_path / "images"
+    _write_folder(root, (30, 20, 12))
+    counts = _count_pillow(monkeypatch)
+    images = ImageFolder(root, size=(6, 7))
+    rows = images.rows(torch.arange(len(images)))
+    assert counts == {"open": 0, "decode": 0}  # the dataset keeps paths and labels only
+    assert isinstance(rows, ImageRows) and rows.shape == (62, 3, 6, 7) and len(rows) == 62
+
+    data = load_dataset(f"folder:{root},size=6x7", imbalance=3.0, val_per_class=3, test_per_class=3)
+    assert all(isinstance(getattr(data, s).x, ImageRows) for s in ("train", "val", "test"))
+    # One streaming pass decodes each training image once (the statistics); held-out images: headers only.
+    assert counts["decode"] == len(data.train)
+    assert counts["open"] == len(data.train) + len(data.val) + len(data.test)
+    counts["decode"] = 0
+    batch = data.val.x[torch.tensor([4, 0, 7])]
+    assert counts["decode"] == 3 and batch.shape == (3, 3, 6, 7) and batch.dtype == torch.float32
+
+    # The values are those of decoding the chosen rows into memory and standardising them there.
+    eager = [Split(images[split.x.indices].float() / 255.0, split.y) for split in (data.train, data.val, data.test)]
+    standardise_(*eager, is_image=True)
+    for lazy, want in zip((data.train, data.val, data.test), eager, strict=True):
+        torch.testing.assert_close(lazy.x[:], want.x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lazy.x[1], want.x[1], atol=1e-5, rtol=1e-5)
+    moved = data.to("cpu")
+    torch.testing.assert_close(moved.test.x[2:5], eager[2].x[2:5], atol=1e-5, rtol=1e-5)
+    # Teacher caches key on the files' bytes: a changed image changes the digest.
+    before = tensor_digest(data.test.x)
+    assert tensor_digest(data.test.x) == before
+    path = images.paths[int(data.test.x.indices[0])]
+    path.write_bytes(path.read_bytes() + b"\0")
+    assert tensor_digest(data.test.x) != before
+
+
 def test_folder_reports_corrupt_images_and_bad_layouts(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root, (6, 6, 6))

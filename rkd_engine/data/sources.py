@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data.defaults import DEFAULT_IMBALANCE
-from rkd_engine.data.folder import load_folder
+from rkd_engine.data.folder import ImageFolder, ImageRows, load_folder
 from rkd_engine.data.protocol import Dataset, Split, check_imbalance, check_seed, split_indices, standardise_
 from rkd_engine.errors import DataError, DataNotFoundError
 
@@ -138,11 +138,16 @@ def load_dataset(
     )
     # Inputs stay in their stored dtype (uint8 for CIFAR) until the rows are chosen.
     train, val, test = (
-        Split(_to_float(xs[idx], scale), ys[idx])
+        Split(_take(xs, idx, scale), ys[idx])
         for xs, ys, idx in ((x, y, train_idx), (x, y, val_idx), (x_test, y_test, test_idx))
     )
     standardise_(train, val, test, is_image=is_image)
     return Dataset(name, m, tuple(x.shape[1:]), train, val, test, is_image)
+
+
+def _take(x: Tensor | ImageFolder, idx: Tensor, scale: float) -> Tensor | ImageRows:
+    """Rows ``idx`` of ``x`` as float32 times ``scale``; an image folder's stay on disk, read on access."""
+    return x.rows(idx, scale=scale) if isinstance(x, ImageFolder) else _to_float(x[idx], scale)
 
 
 def _to_float(x: Tensor, scale: float) -> Tensor:
