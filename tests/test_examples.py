@@ -70,3 +70,32 @@ def test_framework_examples(example, framework):
     assert set(worst) == {"standard", "robust"}, stdout
     # The robust student's worst class beats the standard student's on the long-tailed data.
     assert worst["robust"] > worst["standard"] + 10.0, stdout
+
+
+def _readme_snippets(heading: str) -> list[str]:
+    """The Python blocks of one README section (from ``heading`` to the next ``## `` heading)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
+
+
+@pytest.mark.slow
+def test_readme_integration_examples_run_as_written(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    snippets = _readme_snippets("## In your own stack")
+    assert len(snippets) == 4
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for code in snippets:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
