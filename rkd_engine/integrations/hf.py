@@ -168,7 +168,10 @@ class RobustDistillationTrainer(Trainer):
             (``loss.set_prior``: the teacher marginal on the training set) and the DRO state.
         teacher_weight: ``a`` of the target ``q = (1 - a) e_y + a p`` (1: the teacher only; there is no
             other cross-entropy term).
-        task: ``"sequence-classification"``, ``"causal-lm"`` or ``"auto"`` (from the labels' rank).
+        task: ``"sequence-classification"``, ``"causal-lm"`` or ``"auto"`` (from the labels' rank). A causal
+            LM whose ``get_output_embeddings()`` is a plain ``nn.Linear`` on ``model.base_model``'s last hidden
+            states is trained through the fused output layer (no (tokens, vocab) student logits); the logits
+            path is taken for any other head, a wrapped (DDP, FSDP) model, or ``return_outputs=True``.
         dro_dataset: validation examples (with ``labels``) for the DRO updates; needed by the robust and
             trade-off objectives.
         dro_every: ``K``, optimiser steps between DRO updates.
@@ -225,7 +228,8 @@ class RobustDistillationTrainer(Trainer):
         self.dro_val_batch = dro_val_batch
         self.dro_schedule: DROSchedule | None = None
         self._pending_dro_state: dict | None = None
-        self._heads: dict[str, nn.Linear | None] = {}  # "student" / "teacher": the fused head, decided once
+        # "student" / "teacher": (the model, its fused head or None), decided once per model
+        self._heads: dict[str, tuple[nn.Module, nn.Linear | None]] = {}
         self.add_callback(_DROCallback(self))
 
     # The loss returned by compute_loss is already divided by the rows of the accumulated batch.
@@ -262,14 +266,16 @@ class RobustDistillationTrainer(Trainer):
     def fused_head(self, role: str, model: nn.Module, inputs: Mapping[str, Any]) -> nn.Linear | None:
         """The plain linear head of ``model`` (``role`` "student" or "teacher") fused into the causal-LM
         loss, or ``None`` for the logits path; decided on the first batch and kept."""
-        if role not in self._heads:
+        known = self._heads.get(role)
+        if known is None or known[0] is not model:  # a new model (e.g. from model_init) is checked anew
             head = _plain_head(model)
             ids = inputs.get("input_ids")
             if head is not None and isinstance(ids, Tensor) and ids.dim() == 2:
-                self._heads[role] = head if _head_applies(model, head, _probe_inputs(inputs, ids)) else None
+                known = (model, head if _head_applies(model, head, _probe_inputs(inputs, ids)) else None)
             else:
-                self._heads[role] = None
-        return self._heads[role]
+                known = (model, None)
+            self._heads[role] = known
+        return known[1]
 
     def _fused_causal_loss(self, model, inputs, labels, num_items_in_batch) -> Tensor | None:
         """The causal-LM loss with the output layers fused (``None`` when the student's head is not plain)."""
