@@ -40,7 +40,7 @@ def _args(tmp_path, **kw):
     return transformers.TrainingArguments(**base)
 
 
-def _tiny_llama(seed: int):
+def _tiny_llama(seed: int, **options):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -50,6 +50,7 @@ def _tiny_llama(seed: int):
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=32,
+        **options,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -163,18 +164,7 @@ def _trainer_loss_and_grads(tmp_path, student, teacher, batch, teacher_weight):
 
 
 def _tied_llama(seed: int):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return _tiny_llama(seed, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("student_kind", ["untied", "tied"])

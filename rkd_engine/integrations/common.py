@@ -29,6 +29,24 @@ def check_teacher_weight(teacher_weight: object) -> float:
     return float(teacher_weight)
 
 
+def _objective_args(
+    loss: RobustDistillationLoss, a: float, normalizer: float | Tensor | None, ignore_index: int
+) -> dict[str, Any]:
+    """The keywords that carry ``loss``'s objective (temperatures, costs, DRO weights) into a loss call."""
+    return {
+        "teacher_weight": a,
+        "temperature": loss.temperature,
+        "student_temperature": loss.student_temperature,
+        "class_costs": loss.costs,
+        "class_weights": loss.class_weights,
+        "reduction": "mean",
+        "normalizer": normalizer,
+        "ignore_index": ignore_index,
+        "backend": loss.backend,
+        "validate": False,
+    }
+
+
 def batch_distill_loss(
     loss: RobustDistillationLoss,
     student_logits: Tensor,
@@ -70,16 +88,7 @@ def batch_distill_loss(
         f,
         labels=y,
         teacher_logits=g,
-        teacher_weight=a,
-        temperature=loss.temperature,
-        student_temperature=loss.student_temperature,
-        class_costs=loss.costs,
-        class_weights=loss.class_weights,
-        reduction="mean",
-        normalizer=normalizer,
-        ignore_index=ignore_index,
-        backend=loss.backend,
-        validate=False,
+        **_objective_args(loss, a, normalizer, ignore_index),
     )
 
 
@@ -136,16 +145,7 @@ def causal_lm_linear_loss(
         head_weight,
         head_bias,
         labels=labels[:, 1:].reshape(-1),
-        teacher_weight=a,
-        temperature=loss.temperature,
-        student_temperature=loss.student_temperature,
-        class_costs=loss.costs,
-        class_weights=loss.class_weights,
-        reduction="mean",
-        normalizer=normalizer,
-        ignore_index=ignore_index,
-        backend=loss.backend,
-        validate=False,
+        **_objective_args(loss, a, normalizer, ignore_index),
         **teacher,
     )
 
