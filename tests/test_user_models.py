@@ -155,6 +155,12 @@ def test_folder_source_trains_end_to_end(tmp_path, capsys):
     argv += ["--test-per-class", "5", "--epochs", "3", "--lr", "0.05", "--batch-size", "16", "--device", "cpu"]
     assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     assert _metrics(out)["test"]["accuracy"] > 0.6  # colours are easy to tell apart
+    # A teacher cache of the folder's splits is keyed on its files and serves a student.
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(out), "--out", str(cache), "--quiet"]) == 0, capsys.readouterr().err
+    student = ["student", "--teacher-cache", str(cache), "--objective", "robust", "--epochs", "1"]
+    assert main([*student, "--out", str(tmp_path / "s")]) == 0, capsys.readouterr().err
+    assert "test" in _metrics(tmp_path / "s")
 
 
 def test_folder_train_test_layout_and_lazy_decoding(tmp_path):
@@ -222,7 +228,10 @@ def test_folder_splits_are_read_lazily_with_the_eager_values(tmp_path, monkeypat
     torch.testing.assert_close(moved.test.x[2:5], eager[2].x[2:5], atol=1e-5, rtol=1e-5)
     # Teacher caches key on the files' bytes: a changed image changes the digest.
     before = tensor_digest(data.test.x)
-    assert tensor_digest(data.test.x) == before
+    again = load_dataset(f"folder:{root},size=6x7", imbalance=3.0, val_per_class=3, test_per_class=3)
+    for name in ("train", "val", "test"):
+        key = tensor_digest(getattr(data, name).x)
+        assert tensor_digest(getattr(moved, name).x) == key == tensor_digest(getattr(again, name).x)
     path = images.paths[int(data.test.x.indices[0])]
     path.write_bytes(path.read_bytes() + b"\0")
     assert tensor_digest(data.test.x) != before

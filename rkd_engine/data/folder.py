@@ -205,10 +205,10 @@ class ImageRows(LazyRows):
 
     def __getitem__(self, key: int | slice | Sequence[int] | Tensor) -> Tensor:
         n = self.shape[0]
-        if isinstance(key, int):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             if not -n <= key < n:
                 raise IndexError(f"row {key} is out of range for {n} rows")
-            return self[[key % n]][0]
+            return self[[int(key) % n]][0]
         if isinstance(key, slice):
             positions = list(range(n)[key])
         elif isinstance(key, Tensor):
@@ -253,14 +253,15 @@ class ImageRows(LazyRows):
         self.images.check(self.indices.tolist())
 
     def digest(self) -> str:
-        """``sha256:`` of the rows' file names and bytes, the size, the channels, the scale and the reference."""
+        """``sha256:`` of the rows' file names and bytes, the size, the channels, the scale and the reference rows
+        (the same for copies on any device and for another load of the same folder)."""
         h = hashlib.sha256(f"folder:{self.shape}:{self.scale}".encode())
         for i in self.indices.tolist():
             path = self.images.paths[i]
             h.update(str(path.relative_to(self.images.root)).encode() + b"\0")
             h.update(hashlib.sha256(path.read_bytes()).digest())
-        if self.reference is not None and self.reference is not self:
-            h.update(self.reference.digest().encode())
+        if self.reference is not None:  # which rows' statistics (their bytes are in the training split's key)
+            h.update(b"standardised by rows " + self.reference.indices.numpy().tobytes())
         return "sha256:" + h.hexdigest()
 
 

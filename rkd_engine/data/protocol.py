@@ -71,7 +71,7 @@ class Split:
     ``x`` is a tensor, or ``LazyRows`` read on access (image folders).
     """
 
-    x: Tensor
+    x: Tensor | LazyRows
     y: Tensor
 
     def __post_init__(self) -> None:
