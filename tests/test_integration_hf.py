@@ -380,6 +380,7 @@ def _dro_run(out, train, val, teacher, *, stop_at=None, resume=None):
     return trainer, loss
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_uninterrupted_dro_state_and_weights(tmp_path):
     train, val = _cls_rows((24, 12, 6), 0), _cls_rows((3,) * M, 1)
     teacher = _tiny_bert(10).eval()
