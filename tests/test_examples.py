@@ -38,17 +38,17 @@ def test_plain_loop_example():
     assert abs(sum(float(w) for w in weights.split(",")) - 1.0) < 1e-2
 
 
-def _run_example(name: str) -> str:
+def _run_python(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` offline, one thread, with the repository importable."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name)],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return subprocess.run(
+        [sys.executable, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def _run_example(name: str) -> str:
+    done = _run_python([str(ROOT / "examples" / name)])
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -70,3 +70,22 @@ def test_framework_examples(example, framework):
     assert set(worst) == {"standard", "robust"}, stdout
     # The robust student's worst class beats the standard student's on the long-tailed data.
     assert worst["robust"] > worst["standard"] + 10.0, stdout
+
+
+def _readme_snippets(heading: str) -> list[str]:
+    """The Python blocks of one README section (from ``heading`` to the next ``## `` heading)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
+
+
+@pytest.mark.slow
+def test_readme_integration_examples_run_as_written(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    snippets = _readme_snippets("## In your own stack")
+    assert len(snippets) == 4
+    for code in snippets:
+        done = _run_python(["-c", code], cwd=tmp_path)
+        assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"

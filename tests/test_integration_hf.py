@@ -40,7 +40,7 @@ def _args(tmp_path, **kw):
     return transformers.TrainingArguments(**base)
 
 
-def _tiny_llama(seed: int):
+def _tiny_llama(seed: int, **options):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -50,6 +50,7 @@ def _tiny_llama(seed: int):
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=32,
+        **options,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -117,6 +118,105 @@ def test_causal_lm_step_equals_plain_loop(tmp_path):
             if p.grad is not None:
                 p -= 0.5 * p.grad
     torch.testing.assert_close(trained, _params(student), atol=2e-6, rtol=1e-5)
+
+
+class _ScaledLlama(transformers.LlamaForCausalLM):
+    """A causal LM that changes its scores after the head (as soft-capped or scaled models do)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def _head_rows(model) -> list[int]:
+    """Records the rows (positions) the model's output layer is called on."""
+    calls: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: calls.append(inp[0][..., 0].numel()))
+    return calls
+
+
+def _plain_loss_and_grads(student, teacher, batch, teacher_weight):
+    """The plain loop's loss on the kept next-token rows of the full models' logits, and its gradients."""
+    f = student(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, VOCAB)
+    with torch.no_grad():
+        g = teacher(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, VOCAB)
+    y = batch["labels"][:, 1:].reshape(-1)
+    keep = y != -100
+    out = distill_loss(f[keep], labels=y[keep], teacher_logits=g[keep], temperature=2.0, teacher_weight=teacher_weight)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def _trainer_loss_and_grads(tmp_path, student, teacher, batch, teacher_weight):
+    trainer = RobustDistillationTrainer(
+        model=student,
+        args=_args(tmp_path),
+        teacher=teacher,
+        loss=RobustDistillationLoss(VOCAB, "standard", temperature=2.0),
+        teacher_weight=teacher_weight,
+        task="causal-lm",
+    )
+    value = trainer.compute_loss(student, batch)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return trainer, value.detach(), grads
+
+
+def _tied_llama(seed: int):
+    return _tiny_llama(seed, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("student_kind", ["untied", "tied"])
+def test_causal_lm_fused_head_equals_plain_loop_without_student_logits(tmp_path, student_kind):
+    make = _tiny_llama if student_kind == "untied" else _tied_llama
+    rows = _lm_rows(6, 12, seed=7)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    student, teacher = make(0), _tiny_llama(1)
+    calls, teacher_calls = _head_rows(student), _head_rows(teacher)
+    trainer, value, grads = _trainer_loss_and_grads(tmp_path, student, teacher, batch, 0.5)
+    # Fused: the heads ran only on the one-time probe (1 row, at most 8 positions), never on the batch.
+    assert trainer.fused_head("student", student, batch) is student.get_output_embeddings()
+    assert trainer.fused_head("teacher", teacher, batch) is teacher.get_output_embeddings()
+    assert calls and max(calls) <= 8 and max(teacher_calls) <= 8
+    calls.clear()
+    trainer.compute_loss(student, batch)
+    assert calls == []
+    want, want_grads = _plain_loss_and_grads(make(0), _tiny_llama(1), batch, 0.5)
+    torch.testing.assert_close(value, want, atol=1e-6, rtol=1e-5)
+    assert set(grads) == set(want_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_causal_lm_fused_student_with_a_dense_teacher_and_the_logits_fallback(tmp_path):
+    rows = _lm_rows(4, 10, seed=8)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    # A teacher whose head is wrapped gives dense logits; the student's head is still fused.
+    teacher = _tiny_llama(1)
+    teacher.lm_head = torch.nn.Sequential(teacher.lm_head)
+    student = _tiny_llama(0)
+    trainer, value, grads = _trainer_loss_and_grads(tmp_path, student, teacher, batch, 1.0)
+    assert trainer.fused_head("student", student, batch) is student.lm_head
+    assert trainer.fused_head("teacher", teacher, batch) is None
+    want, want_grads = _plain_loss_and_grads(_tiny_llama(0), teacher, batch, 1.0)
+    torch.testing.assert_close(value, want, atol=1e-6, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    # A student that rescales its scores after the head fails the one-time probe: the logits path.
+    torch.manual_seed(0)
+    student = _ScaledLlama(_tiny_llama(0).config)
+    student.load_state_dict(_tiny_llama(0).state_dict())
+    calls = _head_rows(student)
+    trainer, value, grads = _trainer_loss_and_grads(tmp_path, student, _tiny_llama(1), batch, 0.5)
+    assert trainer.fused_head("student", student, batch) is None
+    assert max(calls) == 4 * 10  # the whole batch went through the head
+    reference = _ScaledLlama(student.config)
+    reference.load_state_dict(_tiny_llama(0).state_dict())
+    want, want_grads = _plain_loss_and_grads(reference, _tiny_llama(1), batch, 0.5)
+    torch.testing.assert_close(value, want, atol=1e-6, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_no_implicit_cross_entropy_and_bad_arguments(tmp_path):
@@ -246,3 +346,60 @@ def _robust_vs_standard(tmp_path):
     std, rob = results["standard"], results["robust"]
     assert {"eval_accuracy", "eval_balanced_accuracy", "eval_class_2_accuracy"} <= set(std)
     assert rob["eval_worst_accuracy"] > std["eval_worst_accuracy"] + 0.1, (std, rob)
+
+
+# ---------------------------------------------------------------------------------------- resume
+class _StopAt(transformers.TrainerCallback):
+    """Stops training after optimiser step ``step`` (after that step's checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _dro_run(out, train, val, teacher, *, stop_at=None, resume=None):
+    loss = RobustDistillationLoss(M, "robust", step_size=0.5)
+    trainer = RobustDistillationTrainer(
+        model=_tiny_bert(0),
+        args=_args(
+            out, per_device_train_batch_size=8, max_steps=8, learning_rate=0.1, save_strategy="steps", save_steps=4
+        ),
+        train_dataset=train,
+        teacher=teacher,
+        loss=loss,
+        dro_dataset=val,
+        dro_every=2,
+        dro_val_batch=5,  # fewer than the 9 rows: each update draws its own rows from the step's seed
+    )
+    if stop_at is not None:
+        trainer.add_callback(_StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, loss
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_uninterrupted_dro_state_and_weights(tmp_path):
+    train, val = _cls_rows((24, 12, 6), 0), _cls_rows((3,) * M, 1)
+    teacher = _tiny_bert(10).eval()
+    whole, whole_loss = _dro_run(tmp_path / "whole", train, val, teacher)
+    first, first_loss = _dro_run(tmp_path / "parts", train, val, teacher, stop_at=4)
+    assert first.state.global_step == 4 and first.dro_schedule.num_updates == 2
+    checkpoint = tmp_path / "parts" / "checkpoint-4"
+    assert (checkpoint / DRO_STATE_FILE).is_file()
+    resumed, resumed_loss = _dro_run(tmp_path / "parts", train, val, teacher, resume=str(checkpoint))
+    assert resumed.state.global_step == 8
+    uniform = torch.full((M,), 1.0 / M)
+    assert not torch.allclose(whole_loss.dro.weights, uniform, atol=1e-4)  # lambda moved
+    assert not torch.allclose(first_loss.dro.weights, whole_loss.dro.weights, atol=1e-6)  # half-way differs
+    torch.testing.assert_close(resumed_loss.dro.weights, whole_loss.dro.weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(resumed_loss.dro.state_dict(), whole_loss.dro.state_dict(), atol=1e-6, rtol=1e-5)
+    assert resumed.dro_schedule.num_updates == whole.dro_schedule.num_updates == 4
+    assert resumed.dro_schedule.last_step == whole.dro_schedule.last_step == 8
+    torch.testing.assert_close(_params(resumed.model), _params(whole.model), atol=1e-6, rtol=1e-5)
+    # A checkpoint without the DRO state cannot silently restart lambda.
+    (checkpoint / DRO_STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=DRO_STATE_FILE):
+        _dro_run(tmp_path / "parts", train, val, teacher, resume=str(checkpoint))

@@ -155,6 +155,12 @@ def test_folder_source_trains_end_to_end(tmp_path, capsys):
     argv += ["--test-per-class", "5", "--epochs", "3", "--lr", "0.05", "--batch-size", "16", "--device", "cpu"]
     assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     assert _metrics(out)["test"]["accuracy"] > 0.6  # colours are easy to tell apart
+    # A teacher cache of the folder's splits is keyed on its files and serves a student.
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(out), "--out", str(cache), "--quiet"]) == 0, capsys.readouterr().err
+    student = ["student", "--teacher-cache", str(cache), "--objective", "robust", "--epochs", "1"]
+    assert main([*student, "--out", str(tmp_path / "s")]) == 0, capsys.readouterr().err
+    assert "test" in _metrics(tmp_path / "s")
 
 
 def test_folder_train_test_layout_and_lazy_decoding(tmp_path):
@@ -166,6 +172,69 @@ def test_folder_train_test_layout_and_lazy_decoding(tmp_path):
     assert images.shape == (36, 3, 4, 4) and images.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
     assert images[torch.tensor([0, 35])].dtype == torch.uint8
     assert parse_folder_spec("a,b/dir,size=3")[0].name == "dir"
+
+
+def _count_pillow(monkeypatch) -> dict[str, int]:
+    """Counts ``PIL.Image.open`` calls (headers) and pixel decodes (``ImageFile.load``)."""
+    from PIL import Image, ImageFile
+
+    counts = {"open": 0, "decode": 0}
+    real_open, real_load = Image.open, ImageFile.ImageFile.load
+
+    def counting_open(*args, **kwargs):
+        counts["open"] += 1
+        return real_open(*args, **kwargs)
+
+    def counting_load(self):
+        if getattr(self, "_rkd_counted", False) is False:  # load() is re-entered once decoded
+            counts["decode"] += 1
+            self._rkd_counted = True
+        return real_load(self)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return counts
+
+
+def test_folder_splits_are_read_lazily_with_the_eager_values(tmp_path, monkeypatch):
+    from rkd_engine.data.folder import ImageRows
+    from rkd_engine.data.protocol import Split, standardise_
+    from rkd_engine.training.teacher_cache import tensor_digest
+
+    root = tmp_path / "images"
+    _write_folder(root, (30, 20, 12))
+    counts = _count_pillow(monkeypatch)
+    images = ImageFolder(root, size=(6, 7))
+    rows = images.rows(torch.arange(len(images)))
+    assert counts == {"open": 0, "decode": 0}  # the dataset keeps paths and labels only
+    assert isinstance(rows, ImageRows) and rows.shape == (62, 3, 6, 7) and len(rows) == 62
+
+    data = load_dataset(f"folder:{root},size=6x7", imbalance=3.0, val_per_class=3, test_per_class=3)
+    assert all(isinstance(getattr(data, s).x, ImageRows) for s in ("train", "val", "test"))
+    # One streaming pass decodes each training image once (the statistics); held-out images: headers only.
+    assert counts["decode"] == len(data.train)
+    assert counts["open"] == len(data.train) + len(data.val) + len(data.test)
+    counts["decode"] = 0
+    batch = data.val.x[torch.tensor([4, 0, 7])]
+    assert counts["decode"] == 3 and batch.shape == (3, 3, 6, 7) and batch.dtype == torch.float32
+
+    # The values are those of decoding the chosen rows into memory and standardising them there.
+    eager = [Split(images[split.x.indices].float() / 255.0, split.y) for split in (data.train, data.val, data.test)]
+    standardise_(*eager, is_image=True)
+    for lazy, want in zip((data.train, data.val, data.test), eager, strict=True):
+        torch.testing.assert_close(lazy.x[:], want.x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lazy.x[1], want.x[1], atol=1e-5, rtol=1e-5)
+    moved = data.to("cpu")
+    torch.testing.assert_close(moved.test.x[2:5], eager[2].x[2:5], atol=1e-5, rtol=1e-5)
+    # Teacher caches key on the files' bytes: a changed image changes the digest.
+    before = tensor_digest(data.test.x)
+    again = load_dataset(f"folder:{root},size=6x7", imbalance=3.0, val_per_class=3, test_per_class=3)
+    for name in ("train", "val", "test"):
+        key = tensor_digest(getattr(data, name).x)
+        assert tensor_digest(getattr(moved, name).x) == key == tensor_digest(getattr(again, name).x)
+    path = images.paths[int(data.test.x.indices[0])]
+    path.write_bytes(path.read_bytes() + b"\0")
+    assert tensor_digest(data.test.x) != before
 
 
 def test_folder_reports_corrupt_images_and_bad_layouts(tmp_path):

@@ -5,14 +5,17 @@ and ``DIR/test/<class>/...`` (``test/`` is the official test set). Class indices
 class-folder names. Options after a comma: ``folder:DIR,size=32,channels=3`` (``size`` N or HxW, the
 size every image is resized to; ``channels`` 3 for RGB or 1 for grey).
 
-Scanning reads only file names; ``ImageFolder[rows]`` decodes just the rows asked for, so the
-protocol of docs/protocol.md (which needs only the labels to choose its rows) decodes the chosen
-training, validation and test images once and never the whole folder. An unreadable or corrupt image
-is reported with its path.
+Scanning reads only file names, and nothing is held in memory: ``ImageFolder[rows]`` decodes just
+the rows asked for, and a split of the protocol of docs/protocol.md is ``ImageRows`` (paths and labels;
+each access decodes its rows, with no cache). ``load_dataset`` makes one streaming pass over the
+training images for the standardisation statistics and reads the headers of the validation and test
+images, so an unreadable or corrupt image is reported, with its path, before training starts.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rkd_engine.data.protocol import LazyRows
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SIZE = 32
 _MAX_LISTED_ERRORS = 5
+_MOMENT_CHUNK = 256  # images decoded at a time by the statistics pass
 
 
 def _parse_size(value: str) -> tuple[int, int]:
@@ -143,15 +149,120 @@ class ImageFolder:
                 out[k] = torch.from_numpy(self._decode(path))
             except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, ValueError...)
                 errors.append(f"{path} ({type(exc).__name__}: {exc})")
+        self._raise_unreadable(errors)
+        return out
+
+    def _raise_unreadable(self, errors: list[str]) -> None:
         if errors:
             listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
             more = f"; and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
             raise ValueError(f"folder:{self.root}: cannot read {len(errors)} image(s): {listed}{more}")
-        return out
+
+    def check(self, indices: Sequence[int]) -> None:
+        """Open images ``indices`` and read their headers (no pixel is decoded); unreadable ones are reported."""
+        from PIL import Image
+
+        errors = []
+        for i in indices:
+            path = self.paths[i]
+            try:
+                with Image.open(path) as image:
+                    image.size  # noqa: B018 - the header is parsed by open; size is its first field
+            except Exception as exc:
+                errors.append(f"{path} ({type(exc).__name__}: {exc})")
+        self._raise_unreadable(errors)
+
+    def rows(self, indices: Tensor, *, scale: float = 1.0 / 255.0) -> ImageRows:
+        """Rows ``indices`` as ``ImageRows``: read on access, float32 pixels times ``scale``."""
+        return ImageRows(self, indices, scale=scale)
 
     def item(self, i: int) -> tuple[Tensor, int]:
         """Image ``i`` as float32 ``(C, H, W)`` in [0, 1] and its label."""
         return self[[i]][0].float().div_(255.0), int(self.labels[i])
+
+
+class ImageRows(LazyRows):
+    """Some rows of an ``ImageFolder`` as the ``x`` of a ``Split``: decoded on every access, never kept.
+
+    ``rows[key]`` (int, slice, list or index tensor) is float32 ``(len, C, H, W)`` (``(C, H, W)`` for an
+    int) on ``device``: the pixels times ``scale``, standardised with the per-channel statistics of
+    the reference rows (``standardise_by_``; the training split's) once those are set.
+    """
+
+    def __init__(
+        self, images: ImageFolder, indices: Tensor, *, scale: float = 1.0 / 255.0, device: str = "cpu"
+    ) -> None:
+        self.images = images
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
+        self.scale = float(scale)
+        self.device = torch.device(device)
+        self.shape = (int(self.indices.numel()), images.channels, *images.size)
+        self.reference: ImageRows | None = None
+        self._moments: tuple[Tensor, Tensor] | None = None
+
+    def _raw(self, positions: Sequence[int]) -> Tensor:
+        return self.images[self.indices[list(positions)]].to(torch.float32).mul_(self.scale)
+
+    def __getitem__(self, key: int | slice | Sequence[int] | Tensor) -> Tensor:
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not -n <= key < n:
+                raise IndexError(f"row {key} is out of range for {n} rows")
+            return self[[int(key) % n]][0]
+        if isinstance(key, slice):
+            positions = list(range(n)[key])
+        elif isinstance(key, Tensor):
+            key = key.reshape(-1).cpu()
+            positions = (key.nonzero().flatten() if key.dtype == torch.bool else key).tolist()
+        else:
+            positions = list(key)
+        x = self._raw(positions)
+        if self.reference is not None:
+            mean, inv_std = self.reference.moments()
+            x.sub_(mean).mul_(inv_std)
+        return x.to(self.device)
+
+    def to(self, device: torch.device | str) -> ImageRows:
+        """These rows, delivered on ``device``."""
+        moved = copy.copy(self)
+        moved.device = torch.device(device)
+        return moved
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and inverse deviation ``(1, C, 1, 1)`` of the raw rows (one streaming pass, kept)."""
+        if self._moments is None:
+            total = torch.zeros(self.shape[1], dtype=torch.float64)
+            squares = torch.zeros_like(total)
+            for start in range(0, self.shape[0], _MOMENT_CHUNK):
+                x = self._raw(range(start, min(start + _MOMENT_CHUNK, self.shape[0]))).to(torch.float64)
+                total += x.sum(dim=(0, 2, 3))
+                squares += x.square().sum(dim=(0, 2, 3))
+            count = max(1, self.shape[0] * self.shape[2] * self.shape[3])
+            mean = total / count
+            std = (squares / count - mean.square()).clamp_min(0.0).sqrt()
+            inv_std = torch.where(std < 1e-6, torch.ones_like(std), std).reciprocal()
+            self._moments = (mean.float().view(1, -1, 1, 1), inv_std.float().view(1, -1, 1, 1))
+        return self._moments
+
+    def standardise_by_(self, reference: ImageRows) -> None:
+        """Standardise every row read from now on with ``reference.moments()``."""
+        self.reference = reference
+
+    def check(self) -> None:
+        """Read every row's header (no decoding); unreadable images are reported with their paths."""
+        self.images.check(self.indices.tolist())
+
+    def digest(self) -> str:
+        """``sha256:`` of the rows' file names and bytes, the size, the channels, the scale and the reference rows
+        (the same for copies on any device and for another load of the same folder)."""
+        h = hashlib.sha256(f"folder:{self.shape}:{self.scale}".encode())
+        for i in self.indices.tolist():
+            path = self.images.paths[i]
+            h.update(str(path.relative_to(self.images.root)).encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        if self.reference is not None:  # which rows' statistics (their bytes are in the training split's key)
+            h.update(b"standardised by rows " + self.reference.indices.numpy().tobytes())
+        return "sha256:" + h.hexdigest()
 
 
 def load_folder(arg: str) -> tuple[ImageFolder, Tensor, int, tuple[ImageFolder, Tensor] | None]:

@@ -43,16 +43,40 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int
     return [max(1, math.floor(round(n_max * rho ** (-y / (num_classes - 1)), 9))) for y in range(num_classes)]
 
 
+class LazyRows:
+    """Inputs read on access (a ``Split.x`` not held in memory, e.g. the images of a folder).
+
+    ``x[key]`` (an int, a slice, a list or an index tensor) gives those rows as a float32 tensor on
+    ``device``, as indexing a tensor would. Subclasses define ``shape``, ``__getitem__``, ``to(device)``,
+    ``digest()`` (a ``sha256:`` key of what the rows hold), ``moments()`` (per-channel mean and inverse
+    deviation of the raw rows, for ``standardise_``), ``standardise_by_(reference)`` and ``check()``
+    (a cheap test that every row can be read).
+    """
+
+    dtype = torch.float32
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
 @dataclass
 class Split:
-    """One split of a data set: inputs ``x`` (float32, ``N x features`` or ``N x C x H x W``), labels ``y`` (int64)."""
+    """One split of a data set: inputs ``x`` (float32, ``N x features`` or ``N x C x H x W``), labels ``y`` (int64).
 
-    x: Tensor
+    ``x`` is a tensor, or ``LazyRows`` read on access (image folders).
+    """
+
+    x: Tensor | LazyRows
     y: Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, Tensor) or not isinstance(self.y, Tensor):
-            raise TypeError("Split.x and Split.y must be torch.Tensors")
+        if not isinstance(self.x, (Tensor, LazyRows)) or not isinstance(self.y, Tensor):
+            raise TypeError("Split.x and Split.y must be torch.Tensors (Split.x may be LazyRows)")
         if self.x.dtype != torch.float32:
             raise TypeError(f"Split.x must be float32, got {self.x.dtype}")
         if self.y.dtype != torch.int64 or self.y.ndim != 1:
@@ -199,7 +223,16 @@ def standardise_(train: Split, *others: Split, is_image: bool) -> None:
 
     Images use one mean and deviation per channel, feature vectors one per feature; a constant
     channel or feature (deviation below 1e-6) is only centred. The splits must own their ``x``.
+    ``LazyRows`` are standardised on access: one streaming pass over the training rows computes the
+    statistics (an unreadable training row is reported here), and the other splits' rows are checked.
     """
+    if isinstance(train.x, LazyRows):
+        train.x.moments()
+        for split in others:
+            split.x.check()
+        for split in (train, *others):
+            split.x.standardise_by_(train.x)
+        return
     dims = (0, 2, 3) if is_image and train.x.ndim == 4 else (0,)
     var, mean = torch.var_mean(train.x, dim=dims, correction=0, keepdim=True)
     std = var.sqrt()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data.defaults import DEFAULT_IMBALANCE
-from rkd_engine.data.folder import load_folder
+from rkd_engine.data.folder import ImageFolder, ImageRows, load_folder
 from rkd_engine.data.protocol import Dataset, Split, check_imbalance, check_seed, split_indices, standardise_
 from rkd_engine.errors import DataError, DataNotFoundError
 
@@ -105,7 +105,7 @@ def load_dataset(
     )
     # Inputs stay in their stored dtype (uint8 for CIFAR) until the rows are chosen.
     train, val, test = (
-        Split(_to_float(xs[idx], raw.scale), ys[idx])
+        Split(_take(xs, idx, raw.scale), ys[idx])
         for xs, ys, idx in ((x, y, train_idx), (x, y, val_idx), (x_test, y_test, test_idx))
     )
     standardise_(train, val, test, is_image=raw.is_image)
@@ -161,6 +161,11 @@ def _read_source(spec: str, seed: int) -> _Raw:
         default = (_tenth(y, m), None if official_test is not None else _tenth(y, m))
         return _Raw("folder", x, y, m, official_test, True, default, scale=1.0 / 255.0)
     raise DataError(f"unknown data source {spec!r}; expected one of {', '.join(SOURCES)}")
+
+
+def _take(x: Tensor | ImageFolder, idx: Tensor, scale: float) -> Tensor | ImageRows:
+    """Rows ``idx`` of ``x`` as float32 times ``scale``; an image folder's stay on disk, read on access."""
+    return x.rows(idx, scale=scale) if isinstance(x, ImageFolder) else _to_float(x[idx], scale)
 
 
 def _to_float(x: Tensor, scale: float) -> Tensor:

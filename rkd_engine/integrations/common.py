@@ -15,6 +15,7 @@ from torch import Tensor
 
 from rkd_engine.losses import LossOutput, RobustDistillationLoss, distill_loss
 from rkd_engine.metrics import classification_report
+from rkd_engine.wide import fused_linear_distill_loss
 
 IGNORE_INDEX = -100
 
@@ -26,6 +27,24 @@ def check_teacher_weight(teacher_weight: object) -> float:
     if not 0.0 <= float(teacher_weight) <= 1.0:
         raise ValueError(f"teacher_weight must lie in [0, 1], got {teacher_weight}")
     return float(teacher_weight)
+
+
+def _objective_args(
+    loss: RobustDistillationLoss, a: float, normalizer: float | Tensor | None, ignore_index: int
+) -> dict[str, Any]:
+    """The keywords that carry ``loss``'s objective (temperatures, costs, DRO weights) into a loss call."""
+    return {
+        "teacher_weight": a,
+        "temperature": loss.temperature,
+        "student_temperature": loss.student_temperature,
+        "class_costs": loss.costs,
+        "class_weights": loss.class_weights,
+        "reduction": "mean",
+        "normalizer": normalizer,
+        "ignore_index": ignore_index,
+        "backend": loss.backend,
+        "validate": False,
+    }
 
 
 def batch_distill_loss(
@@ -69,16 +88,65 @@ def batch_distill_loss(
         f,
         labels=y,
         teacher_logits=g,
-        teacher_weight=a,
-        temperature=loss.temperature,
-        student_temperature=loss.student_temperature,
-        class_costs=loss.costs,
-        class_weights=loss.class_weights,
-        reduction="mean",
-        normalizer=normalizer,
-        ignore_index=ignore_index,
-        backend=loss.backend,
-        validate=False,
+        **_objective_args(loss, a, normalizer, ignore_index),
+    )
+
+
+def _next_token_rows(t: Tensor) -> Tensor:
+    """Positions ``t < T - 1`` of a (B, T, ...) tensor as rows (B (T - 1), ...)."""
+    return t[:, :-1].reshape(-1, *t.shape[2:])
+
+
+def causal_lm_linear_loss(
+    loss: RobustDistillationLoss,
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None,
+    labels: Tensor,
+    *,
+    teacher_logits: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_head_weight: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+    teacher_weight: float,
+    normalizer: float | Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossOutput:
+    """``batch_distill_loss`` of a causal LM whose scores are ``hidden @ head_weight.T + head_bias``, with the
+    output layer fused into the loss (``rkd_engine.wide.fused_linear_distill_loss``): the (tokens, vocab)
+    student scores never exist.
+
+    ``hidden`` (B, T, H) are the student's last hidden states (what its head reads), ``labels`` (B, T);
+    position ``t`` is scored against the label at ``t + 1`` and ``ignore_index`` labels add nothing. The
+    teacher is either dense scores ``teacher_logits`` (B, T, V) or its own hidden states
+    ``teacher_hidden`` (B, T, H_t) and head ``teacher_head_weight`` (V, H_t) (+ bias), applied chunk by
+    chunk under no grad. ``normalizer`` divides the summed loss as in ``batch_distill_loss``.
+    """
+    a = check_teacher_weight(teacher_weight)
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"causal LM hidden states must be (B, T, H) with labels (B, T), got {tuple(hidden.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if head_weight.dtype != hidden.dtype:  # e.g. an fp32 head under bf16 autocast; the cast is differentiable
+        head_weight = head_weight.to(hidden.dtype)
+        head_bias = None if head_bias is None else head_bias.to(hidden.dtype)
+    teacher: dict[str, Any] = {}
+    if teacher_hidden is not None:
+        teacher = {
+            "teacher_input": _next_token_rows(teacher_hidden.detach()),
+            "teacher_head_weight": teacher_head_weight,
+            "teacher_head_bias": teacher_head_bias,
+        }
+    elif teacher_logits is not None:
+        teacher = {"teacher_logits": _next_token_rows(teacher_logits.detach())}
+    return fused_linear_distill_loss(
+        _next_token_rows(hidden),
+        head_weight,
+        head_bias,
+        labels=labels[:, 1:].reshape(-1),
+        **_objective_args(loss, a, normalizer, ignore_index),
+        **teacher,
     )
 
 

@@ -8,6 +8,16 @@ own: the target is ``q = (1 - a) e_y + a p`` with ``a = teacher_weight`` given e
 ``p = softmax(g / gamma)`` uses the loss's distillation temperature ``gamma`` (nothing to do with a
 generation temperature).
 
+Causal LMs with a plain linear head: when ``model.get_output_embeddings()`` is a plain ``nn.Linear``
+applied as is to the last hidden states of ``model.base_model`` (checked once, on the first batch's
+first row), the student is run without its head and the head is fused into the loss
+(``rkd_engine.wide.fused_linear_distill_loss``), so the (tokens, vocab) student scores are never
+materialised; a teacher with such a head gives its hidden states and head the same way, any other
+teacher dense logits. The logits path is taken instead when the head is anything else (a wrapped or
+adapter layer, a scaled or soft-capped output such as Gemma's or Granite's), when the model is wrapped
+for distributed training (DDP, FSDP, DeepSpeed: the head must be called through the wrapper), and
+when the caller wants the outputs (``return_outputs=True``: evaluation with predictions).
+
 Gradient accumulation: the summed loss of a micro-batch is divided by ``num_items_in_batch``, the
 rows of the whole accumulated batch (examples, or kept next-token labels), so ``k`` micro-batches of
 ``B`` give the gradient of one batch of ``k B``. The adapter counts the rows itself, for any model.
@@ -33,6 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from rkd_engine.integrations.common import (
     IGNORE_INDEX,
     batch_distill_loss,
+    causal_lm_linear_loss,
     check_teacher_weight,
     flat_classification_metrics,
 )
@@ -74,6 +85,59 @@ def _logits(outputs: Any) -> Tensor:
     raise TypeError(f"cannot find logits in the model output ({type(outputs).__name__})")
 
 
+# Config entries by which some causal LMs change their scores after the output layer (not a plain head).
+_SCORE_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_PROBE_TOKENS = 8
+
+
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """``model``'s output layer when it is a bare ``nn.Linear`` behind ``model.base_model``, else ``None``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    base = getattr(model, "base_model", None)
+    if type(head) is not nn.Linear:
+        return None
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    config = getattr(model, "config", None)
+    for name in _SCORE_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 0, 1, 1.0, 0.0):
+            return None
+    return head
+
+
+def _probe_inputs(inputs: Mapping[str, Any], ids: Tensor) -> dict[str, Any]:
+    """The first row and first few positions of a batch (tensors shaped like ``ids``; others their first row)."""
+    batch, length = ids.shape[:2]
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, length):
+            value = value[:1, :_PROBE_TOKENS]
+        elif isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            value = value[:1]
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def _head_applies(model: nn.Module, head: nn.Linear, probe: Mapping[str, Any]) -> bool:
+    """Whether ``model(**probe).logits`` is ``X W^T + b`` of ``X = model.base_model(**probe)[0]`` and the head's
+    ``W, b`` (once per model, in eval mode; a hook that changes the head's output fails it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        full = _logits(model(**probe)).float()
+        mine = nn.functional.linear(model.base_model(**probe)[0], head.weight, head.bias).float()
+    except Exception:  # a base model that does not take the same inputs: not the layout assumed
+        return False
+    finally:
+        model.train(was_training)
+    if full.shape != mine.shape:
+        return False
+    scale = max(1.0, float(full.abs().max()))
+    return bool(torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * scale))
+
+
 class _DROCallback(TrainerCallback):
     """Runs the DRO schedule after optimiser steps and stores its state next to every checkpoint."""
 
@@ -104,7 +168,10 @@ class RobustDistillationTrainer(Trainer):
             (``loss.set_prior``: the teacher marginal on the training set) and the DRO state.
         teacher_weight: ``a`` of the target ``q = (1 - a) e_y + a p`` (1: the teacher only; there is no
             other cross-entropy term).
-        task: ``"sequence-classification"``, ``"causal-lm"`` or ``"auto"`` (from the labels' rank).
+        task: ``"sequence-classification"``, ``"causal-lm"`` or ``"auto"`` (from the labels' rank). A causal
+            LM whose ``get_output_embeddings()`` is a plain ``nn.Linear`` on ``model.base_model``'s last hidden
+            states is trained through the fused output layer (no (tokens, vocab) student logits); the logits
+            path is taken for any other head, a wrapped (DDP, FSDP) model, or ``return_outputs=True``.
         dro_dataset: validation examples (with ``labels``) for the DRO updates; needed by the robust and
             trade-off objectives.
         dro_every: ``K``, optimiser steps between DRO updates.
@@ -161,6 +228,8 @@ class RobustDistillationTrainer(Trainer):
         self.dro_val_batch = dro_val_batch
         self.dro_schedule: DROSchedule | None = None
         self._pending_dro_state: dict | None = None
+        # "student" / "teacher": (the model, its fused head or None), decided once per model
+        self._heads: dict[str, tuple[nn.Module, nn.Linear | None]] = {}
         self.add_callback(_DROCallback(self))
 
     # The loss returned by compute_loss is already divided by the rows of the accumulated batch.
@@ -194,31 +263,98 @@ class RobustDistillationTrainer(Trainer):
         return batch_samples, count
 
     # ------------------------------------------------------------------------------------ loss
+    def fused_head(self, role: str, model: nn.Module, inputs: Mapping[str, Any]) -> nn.Linear | None:
+        """The plain linear head of ``model`` (``role`` "student" or "teacher") fused into the causal-LM
+        loss, or ``None`` for the logits path; decided on the first batch and kept."""
+        known = self._heads.get(role)
+        if known is None or known[0] is not model:  # a new model (e.g. from model_init) is checked anew
+            head = _plain_head(model)
+            ids = inputs.get("input_ids")
+            if head is not None and isinstance(ids, Tensor) and ids.dim() == 2:
+                known = (model, head if _head_applies(model, head, _probe_inputs(inputs, ids)) else None)
+            else:
+                known = (model, None)
+            self._heads[role] = known
+        return known[1]
+
+    def _fused_causal_loss(self, model, inputs, labels, num_items_in_batch) -> Tensor | None:
+        """The causal-LM loss with the output layers fused (``None`` when the student's head is not plain)."""
+        if model is not self.model or not self._is_causal(labels) or labels.dim() != 2:
+            return None  # wrapped (DDP, FSDP...): the head must be called through the wrapper
+        head = self.fused_head("student", model, inputs)
+        if head is None:
+            return None
+        hidden = model.base_model(**inputs)[0]
+        teacher: dict[str, Any] = {}
+        with torch.no_grad():
+            t_head = self.fused_head("teacher", self.teacher, inputs)
+            if t_head is not None:
+                teacher = {
+                    "teacher_hidden": self.teacher.base_model(**inputs)[0],
+                    "teacher_head_weight": t_head.weight,
+                    "teacher_head_bias": t_head.bias,
+                }
+            else:
+                teacher = {"teacher_logits": _logits(self.teacher(**inputs))}
+        out = causal_lm_linear_loss(
+            self.rkd_loss,
+            hidden,
+            head.weight,
+            head.bias,
+            labels,
+            teacher_weight=self.teacher_weight,
+            normalizer=num_items_in_batch,
+            ignore_index=self.ignore_index,
+            **teacher,
+        )
+        return out.loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """rkd's distillation loss of the batch divided by ``num_items_in_batch`` (the mean over kept rows without it)."""
+        """rkd's distillation loss of the batch divided by ``num_items_in_batch`` (the mean over kept rows without it).
+
+        A causal LM whose head is a plain linear layer takes the fused path (see the module's docstring)
+        unless ``return_outputs`` asks for the model's outputs.
+        """
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
-        outputs = model(**inputs)
-        f = _logits(outputs)
+        outputs = loss = None
+        if not return_outputs and labels is not None:
+            loss = self._fused_causal_loss(model, inputs, labels, num_items_in_batch)
+        if loss is None:
+            outputs = model(**inputs)
+            loss = self._logits_loss(_logits(outputs), inputs, labels, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages the gradients; the normaliser counted every process
+        return (loss, outputs) if return_outputs else loss
+
+    def _logits_loss(self, f: Tensor, inputs: Mapping[str, Any], labels: Tensor | None, num_items_in_batch) -> Tensor:
+        """The loss from the student's scores ``f`` and the teacher's dense logits."""
         with torch.no_grad():
             g = _logits(self.teacher(**inputs))
         if g.shape != f.shape:
             raise ValueError(f"teacher logits {tuple(g.shape)} do not match the student's {tuple(f.shape)}")
-        causal = self._is_causal(labels, f)
         out = batch_distill_loss(
             self.rkd_loss,
             f,
             g,
             labels,
             teacher_weight=self.teacher_weight,
-            causal=causal,
+            causal=self._is_causal(labels, f),
             normalizer=num_items_in_batch,
             ignore_index=self.ignore_index,
         )
-        loss = out.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.args.world_size  # DDP averages the gradients; the normaliser counted every process
-        return (loss, outputs) if return_outputs else loss
+        return out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """``Trainer.prediction_step``; a loss-only evaluation of a causal LM takes the fused path too."""
+        if prediction_loss_only and "labels" in inputs:
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs["labels"]
+            with torch.no_grad():
+                loss = self._fused_causal_loss(model, {k: v for k, v in inputs.items() if k != "labels"}, labels, None)
+            if loss is not None:
+                return loss.detach(), None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ------------------------------------------------------------------------------------- DRO
     def _collate_rows(self, rows: list[int]) -> dict[str, Any]:
@@ -290,6 +426,8 @@ class RobustDistillationTrainer(Trainer):
                 )
             self.dro_schedule = None
             self._pending_dro_state = torch.load(state_file, map_location=self.args.device, weights_only=True)
+            # lambda weighs the very next training step: restored now, not when the schedule is first due
+            self.rkd_loss.dro.load_state_dict(self._pending_dro_state["dro"])
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:

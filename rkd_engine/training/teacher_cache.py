@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine.data import Dataset, Split, load_dataset
+from rkd_engine.data.protocol import LazyRows
 from rkd_engine.errors import UserError
 from rkd_engine.training.config import INHERITED_DATA, ConfigError, flag
 from rkd_engine.training.evaluation import EVAL_BATCH, load_model_file
@@ -76,8 +77,10 @@ def file_digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def tensor_digest(t: Tensor) -> str:
-    """``sha256:<hex>`` of a tensor's dtype, shape and bytes (row order matters)."""
+def tensor_digest(t: Tensor | LazyRows) -> str:
+    """``sha256:<hex>`` of a tensor's dtype, shape and bytes (row order matters); ``LazyRows`` give their own."""
+    if isinstance(t, LazyRows):
+        return t.digest()
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}:{list(t.shape)}".encode())
     flat = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
