@@ -57,7 +57,7 @@ def test_per_source_protocols(tmp_path):
 
 def test_dro_schedule():
     assert default_dro_step(10, 100) == pytest.approx(0.1)  # the paper's setting keeps its step
-    assert default_dro_step(10, 400) == pytest.approx(0.05)  # sqrt(1 / K)
+    assert default_dro_step(10, 400) == pytest.approx(0.05)  # sqrt(1 / T)
     assert default_dro_step(100, 100) == pytest.approx(0.1 * math.sqrt(2))  # sqrt(log m)
     assert default_dro_step(10, 0) == 0.1 and default_dro_step(1, 10) == default_dro_step(2, 10)
     assert [default_dro_every(s) for s in (1, 5, 8, 97, 1000)] == [1, 1, 2, 24, 32]
