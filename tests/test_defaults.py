@@ -3,6 +3,7 @@ logged and moving, and the sweep's val_gamma / dro_step grid picked on validatio
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -182,3 +183,17 @@ def test_selection_picks_over_val_gamma_on_validation():
     assert rep.selected.variant == (0.1, None)
     assert "val γ=0.1" in rep.table2[-1][0]
     assert rep.cells[("student", "standard", "a1", 1.0)].variant == (0.1, None)
+
+
+def test_committed_default_sweep_is_what_the_bare_command_runs():
+    """benchmarks/results/default_sweep/ backs the README's `rkd sweep --out sweeps/digits` (no option):
+    its sweep.json must be the bare command's spec and its runs.csv hold every run of that plan."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "default_sweep"
+    committed = json.loads((results / "sweep.json").read_text())
+    assert committed == make_spec({}).to_dict()
+    with open(results / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted(j.id for j in plan(make_spec({}), Path("/s")))
+    # The default robust students moved lambda (schedule: 150 updates at rho = 100).
+    robust = [r for r in rows if r["kind"] == "student" and r["alpha_s"] and float(r["alpha_s"]) == 1.0]
+    assert robust and all(int(r["dro_updates"]) == 150 and float(r["lambda_distance"]) > 0.2 for r in robust)
