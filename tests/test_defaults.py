@@ -17,7 +17,7 @@ from rkd_engine.data import load_dataset
 from rkd_engine.data.defaults import DEFAULT_IMBALANCE, default_protocol
 from rkd_engine.training.config import ConfigError, StudentConfig, TeacherConfig, resolve_defaults, validate
 from rkd_engine.training.demo import DemoProtocol
-from rkd_engine.training.report import analyse
+from rkd_engine.training.report import analyse, selection_diagnostics
 from rkd_engine.training.schedule import default_dro_every, default_dro_step, distance_from_uniform
 from rkd_engine.training.sweep import SweepSpec, make_spec, plan
 
@@ -197,3 +197,18 @@ def test_committed_default_sweep_is_what_the_bare_command_runs():
     # The default robust students moved lambda (schedule: 150 updates at rho = 100).
     robust = [r for r in rows if r["kind"] == "student" and r["alpha_s"] and float(r["alpha_s"]) == 1.0]
     assert robust and all(int(r["dro_updates"]) == 150 and float(r["lambda_distance"]) > 0.2 for r in robust)
+
+
+def test_report_keeps_the_eligible_candidates_for_the_oracle_line():
+    """`analyse` hands its eligible candidates to the report, so selection_diagnostics prints the oracle."""
+    rows = []
+    for seed, jitter in ((0, 0.0), (1, 0.01)):
+        rows.append(_row(seed, "standard", "standard", 1.0, 0.80 + jitter, 0.10, 0.10))
+        rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.30 + jitter, 0.20, val_gamma=1.0))
+        rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.50 + jitter, 0.15, val_gamma=0.1))
+        rows.append(_row(seed, "standard", "a0", 1.0, 0.60 + jitter, 0.60 + jitter, 0.60))  # average too low
+    rep = analyse(rows)
+    assert rep.planned_runs is None
+    assert sorted(c.variant for c in rep.eligible) == [(0.1, None), (1.0, None)]
+    oracle = [line for line in selection_diagnostics(rep) if line.startswith("Oracle")]
+    assert len(oracle) == 1 and "among the 2 eligible" in oracle[0] and "val γ=1:" in oracle[0]
