@@ -172,14 +172,21 @@ def _row(seed, teacher, student, gamma, val_avg, val_worst, test_worst, val_gamm
     }
 
 
-def test_selection_picks_over_val_gamma_on_validation():
+def _val_gamma_rows(balanced: bool = False) -> list[dict]:
+    """Two seeds of standard distillation and a robust student at val_gamma 1 and 0.1 (+ a balanced one)."""
     rows = []
     for seed, jitter in ((0, 0.0), (1, 0.01)):
         rows.append(_row(seed, "standard", "standard", 1.0, 0.80 + jitter, 0.10, 0.10))
         rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.30 + jitter, 0.20, val_gamma=1.0))
         # Better on validation, worse on test: the rule must not look at test.
         rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.50 + jitter, 0.15, val_gamma=0.1))
-    rep = analyse(rows)
+        if balanced:  # the best worst class, but an average too low to be eligible
+            rows.append(_row(seed, "standard", "a0", 1.0, 0.60 + jitter, 0.60 + jitter, 0.60))
+    return rows
+
+
+def test_selection_picks_over_val_gamma_on_validation():
+    rep = analyse(_val_gamma_rows())
     assert rep.selected.variant == (0.1, None)
     assert "val γ=0.1" in rep.table2[-1][0]
     assert rep.cells[("student", "standard", "a1", 1.0)].variant == (0.1, None)
@@ -201,13 +208,7 @@ def test_committed_default_sweep_is_what_the_bare_command_runs():
 
 def test_report_keeps_the_eligible_candidates_for_the_oracle_line():
     """`analyse` hands its eligible candidates to the report, so selection_diagnostics prints the oracle."""
-    rows = []
-    for seed, jitter in ((0, 0.0), (1, 0.01)):
-        rows.append(_row(seed, "standard", "standard", 1.0, 0.80 + jitter, 0.10, 0.10))
-        rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.30 + jitter, 0.20, val_gamma=1.0))
-        rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.50 + jitter, 0.15, val_gamma=0.1))
-        rows.append(_row(seed, "standard", "a0", 1.0, 0.60 + jitter, 0.60 + jitter, 0.60))  # average too low
-    rep = analyse(rows)
+    rep = analyse(_val_gamma_rows(balanced=True))
     assert rep.planned_runs is None
     assert sorted(c.variant for c in rep.eligible) == [(0.1, None), (1.0, None)]
     oracle = [line for line in selection_diagnostics(rep) if line.startswith("Oracle")]
