@@ -3,6 +3,7 @@ logged and moving, and the sweep's val_gamma / dro_step grid picked on validatio
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from rkd_engine.data import load_dataset
 from rkd_engine.data.defaults import DEFAULT_IMBALANCE, default_protocol
 from rkd_engine.training.config import ConfigError, StudentConfig, TeacherConfig, resolve_defaults, validate
 from rkd_engine.training.demo import DemoProtocol
-from rkd_engine.training.report import analyse
+from rkd_engine.training.report import analyse, selection_diagnostics
 from rkd_engine.training.schedule import default_dro_every, default_dro_step, distance_from_uniform
 from rkd_engine.training.sweep import SweepSpec, make_spec, plan
 
@@ -57,7 +58,7 @@ def test_per_source_protocols(tmp_path):
 
 def test_dro_schedule():
     assert default_dro_step(10, 100) == pytest.approx(0.1)  # the paper's setting keeps its step
-    assert default_dro_step(10, 400) == pytest.approx(0.05)  # sqrt(1 / K)
+    assert default_dro_step(10, 400) == pytest.approx(0.05)  # sqrt(1 / T)
     assert default_dro_step(100, 100) == pytest.approx(0.1 * math.sqrt(2))  # sqrt(log m)
     assert default_dro_step(10, 0) == 0.1 and default_dro_step(1, 10) == default_dro_step(2, 10)
     assert [default_dro_every(s) for s in (1, 5, 8, 97, 1000)] == [1, 1, 2, 24, 32]
@@ -171,14 +172,44 @@ def _row(seed, teacher, student, gamma, val_avg, val_worst, test_worst, val_gamm
     }
 
 
-def test_selection_picks_over_val_gamma_on_validation():
+def _val_gamma_rows(balanced: bool = False) -> list[dict]:
+    """Two seeds of standard distillation and a robust student at val_gamma 1 and 0.1 (+ a balanced one)."""
     rows = []
     for seed, jitter in ((0, 0.0), (1, 0.01)):
         rows.append(_row(seed, "standard", "standard", 1.0, 0.80 + jitter, 0.10, 0.10))
         rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.30 + jitter, 0.20, val_gamma=1.0))
         # Better on validation, worse on test: the rule must not look at test.
         rows.append(_row(seed, "standard", "a1", 1.0, 0.80 + jitter, 0.50 + jitter, 0.15, val_gamma=0.1))
-    rep = analyse(rows)
+        if balanced:  # the best worst class, but an average too low to be eligible
+            rows.append(_row(seed, "standard", "a0", 1.0, 0.60 + jitter, 0.60 + jitter, 0.60))
+    return rows
+
+
+def test_selection_picks_over_val_gamma_on_validation():
+    rep = analyse(_val_gamma_rows())
     assert rep.selected.variant == (0.1, None)
     assert "val γ=0.1" in rep.table2[-1][0]
     assert rep.cells[("student", "standard", "a1", 1.0)].variant == (0.1, None)
+
+
+def test_committed_default_sweep_is_what_the_bare_command_runs():
+    """benchmarks/results/default_sweep/ backs the README's `rkd sweep --out sweeps/digits` (no option):
+    its sweep.json must be the bare command's spec and its runs.csv hold every run of that plan."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "default_sweep"
+    committed = json.loads((results / "sweep.json").read_text())
+    assert committed == make_spec({}).to_dict()
+    with open(results / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted(j.id for j in plan(make_spec({}), Path("/s")))
+    # The default robust students moved lambda (schedule: 150 updates at rho = 100).
+    robust = [r for r in rows if r["kind"] == "student" and r["alpha_s"] and float(r["alpha_s"]) == 1.0]
+    assert robust and all(int(r["dro_updates"]) == 150 and float(r["lambda_distance"]) > 0.2 for r in robust)
+
+
+def test_report_keeps_the_eligible_candidates_for_the_oracle_line():
+    """`analyse` hands its eligible candidates to the report, so selection_diagnostics prints the oracle."""
+    rep = analyse(_val_gamma_rows(balanced=True))
+    assert rep.planned_runs is None
+    assert sorted(c.variant for c in rep.eligible) == [(0.1, None), (1.0, None)]
+    oracle = [line for line in selection_diagnostics(rep) if line.startswith("Oracle")]
+    assert len(oracle) == 1 and "among the 2 eligible" in oracle[0] and "val γ=1:" in oracle[0]

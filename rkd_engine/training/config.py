@@ -86,7 +86,7 @@ class TrainConfig:
     dro_step: float | None = _opt(
         None,
         "optfloat",
-        "DRO step size eta (default: 0.1 sqrt((log m / K) / (log 10 / 100)) for K updates; 0.01 for group-dro)",
+        "DRO step size eta (default: 0.1 sqrt((log m / T) / (log 10 / 100)) for T updates; 0.01 for group-dro)",
     )
     dro_every: int | None = _opt(
         None, "optint", "DRO weight update every N training steps (default: 4 an epoch, at most every 32 steps)"
@@ -459,7 +459,7 @@ def resolve_data_defaults(cfg: TrainConfig, dataset: Any, protocol: Protocol) ->
 
     Returns the config and the values filled (a dict: what a run prints so a user knows what ran). The
     DRO schedule (``rkd_engine.training.schedule``): ``dro_every`` gives about 4 updates an epoch, at
-    most every 32 steps; ``dro_step`` is ``0.1 sqrt((log m / K) / (log 10 / 100))`` for the ``K``
+    most every 32 steps; ``dro_step`` is ``0.1 sqrt((log m / T) / (log 10 / 100))`` for the ``T``
     updates the run makes. Both only where the objective updates ``lambda`` from validation.
     """
     from rkd_engine.training.schedule import default_dro_every, default_dro_step, steps_per_epoch

@@ -265,7 +265,17 @@ def analyse(rows: list[dict[str, Any]], spec: Mapping[str, Any] | None = None) -
         table2.append((label, selected))
     seeds = len({r["seed"] for r in rows})
     return Report(
-        cells, gammas, teachers, student_tags, standard, selected, note, table2, seeds, dict(spec or {}), eligible
+        cells,
+        gammas,
+        teachers,
+        student_tags,
+        standard,
+        selected,
+        note,
+        table2,
+        seeds,
+        dict(spec or {}),
+        eligible=eligible,
     )
 
 

@@ -63,9 +63,10 @@ def shard(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return rows[rank::world_size]
 
 
-# The DRO schedule (docs/dro.md). The paper's bound (Thm. 4) takes eta = (1 / (2 B Z))
-# sqrt(log m / K) for K updates; the constant 1 / (2 B Z) is fixed here so that the paper's setting,
-# m = 10 classes and about 100 updates, keeps its eta = 0.1.
+# The DRO schedule (docs/defaults.md). The paper's bound (Thm. 4) takes eta = (1 / (2 B Z))
+# sqrt(log m / T) for T updates (the paper writes K; here K is the steps between two updates,
+# --dro-every); the constant 1 / (2 B Z) is fixed here so that the paper's setting, m = 10 classes and
+# about 100 updates, keeps its eta = 0.1.
 DRO_REFERENCE_STEP = 0.1
 DRO_REFERENCE_CLASSES = 10
 DRO_REFERENCE_UPDATES = 100
@@ -88,9 +89,10 @@ def default_dro_every(steps_in_epoch: int) -> int:
 def default_dro_step(num_classes: int, updates: int) -> float:
     """The DRO step size for ``updates`` updates over ``num_classes`` classes.
 
-    ``eta = 0.1 sqrt((log m / K) / (log 10 / 100))``: the theory's ``sqrt(log m / K)`` scaled so that
-    ``m = 10, K = 100`` gives the paper's 0.1. Fewer updates take larger steps, so ``lambda`` covers
-    the same distance in a short run; with no update at all (``K = 0``) it is 0.1. ``m < 2`` counts as 2.
+    ``eta = 0.1 sqrt((log m / T) / (log 10 / 100))`` for ``T = updates``: the theory's ``sqrt(log m / T)``
+    scaled so that ``m = 10, T = 100`` gives the paper's 0.1. Fewer updates take larger steps, so
+    ``lambda`` covers the same distance in a short run; with no update at all (``T = 0``) it is 0.1.
+    ``m < 2`` counts as 2.
     """
     for name, value, low in (("num_classes", num_classes, 1), ("updates", updates, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
