@@ -11,12 +11,17 @@ out of place. With ``reduction="none"`` the backward multiplies out of place (on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from rkd_engine.ops import checks
 from rkd_engine.ops.constants import REDUCTIONS  # noqa: F401  (re-exported: rkd_engine.ops.REDUCTIONS)
 from rkd_engine.ops.dispatch import backend_module
+
+if TYPE_CHECKING:
+    from rkd_engine.ops.call import FusedCall
 
 _N_ARGS = 16  # arguments of rkd::distill
 
@@ -325,3 +330,16 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
             return _DistillFunction.apply(*args)
         return _forward(*args)
     return distill(*args)
+
+
+def call_fused(
+    call: FusedCall, student: Tensor, teacher: Tensor | None, teacher_is_probs: bool, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``call_distill`` on a checked call description (``rkd_engine.ops.call.FusedCall``): the op's
+    arguments are taken from it, none is checked again."""
+    return call_distill(
+        student if student.is_contiguous() else student.contiguous(),
+        teacher if teacher is None or teacher.is_contiguous() else teacher.contiguous(),
+        call.labels, call.a, call.log_c, call.w, call.gamma, call.tau, teacher_is_probs, call.reduction,
+        need_grad, call.backend, call.ignore_index, call.norm_value, call.norm_t, call.validate,
+    )  # fmt: skip
