@@ -23,7 +23,7 @@ from rkd_engine.ops.call import (
     positive_number,
 )
 from rkd_engine.ops.constants import OBJECTIVES
-from rkd_engine.ops.op import call_fused
+from rkd_engine.ops.op import acc_dtype, call_fused
 
 Objective = Literal["standard", "balanced", "robust", "tradeoff"]
 
@@ -112,6 +112,36 @@ def distill_loss(
             class_costs=class_costs, class_weights=class_weights, student_temperature=student_temperature,
             reduction=reduction, backend=backend, validate=validate, ignore_index=ignore_index, normalizer=normalizer,
         )  # fmt: skip
+    return _dense_loss(
+        student_logits, labels=labels, teacher_logits=teacher_logits, teacher_probs=teacher_probs,
+        temperature=temperature, teacher_weight=teacher_weight, class_costs=class_costs, class_weights=class_weights,
+        student_temperature=student_temperature, reduction=reduction, backend=backend, validate=validate,
+        ignore_index=ignore_index, normalizer=normalizer,
+    )  # fmt: skip
+
+
+def _dense_loss(
+    student_logits: Tensor,
+    *,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_probs: Tensor | None,
+    temperature: float,
+    teacher_weight: float | Tensor | None,
+    class_costs: Tensor | None,
+    class_weights: Tensor | None,
+    student_temperature: float,
+    reduction: str,
+    backend: str,
+    validate: bool | str,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
+    log_costs: Tensor | None = None,
+) -> LossOutput:
+    """``distill_loss`` with a dense teacher (or none): check the call once, then run the op.
+
+    ``log_costs``: ``log c`` already computed and known to be finite (``RobustDistillationLoss``).
+    """
     student_logits = check_scores("student_logits", student_logits)
     teacher, teacher_is_probs = _dense_teacher(student_logits, teacher_logits, teacher_probs)
     call = describe_call(
@@ -132,6 +162,7 @@ def distill_loss(
         validate=validate,
         ignore_index=ignore_index,
         normalizer=normalizer,
+        log_costs=log_costs,
     )
     return _run(call, student_logits, teacher, teacher_is_probs)
 
@@ -292,20 +323,42 @@ class RobustDistillationLoss(nn.Module):
                 f"student_logits must have {self.num_classes} classes in its last dimension (this loss was built "
                 f"for num_classes={self.num_classes}), got shape {tuple(student_logits.shape)}"
             )
-        return distill_loss(
+        log_costs = None
+        if isinstance(student_logits, Tensor) and student_logits.is_floating_point():
+            log_costs = self._log_costs(acc_dtype(student_logits.dtype), student_logits.device)
+        return _dense_loss(
             student_logits,
             labels=labels,
             teacher_logits=teacher_logits,
             teacher_probs=teacher_probs,
             temperature=self.temperature,
             teacher_weight=self.teacher_weight if teacher_weight is None else teacher_weight,
-            class_costs=self.costs,
+            class_costs=self.costs if log_costs is None else None,
             class_weights=self.class_weights,
             student_temperature=self.student_temperature,
             reduction=self.reduction,
             backend=self.backend,
             validate=validate,
+            log_costs=log_costs,
         )
+
+    def _log_costs(self, acc: torch.dtype, device: torch.device) -> Tensor | None:
+        """``log c`` in ``acc`` on ``device``, kept between DRO updates and prior changes: rebuilt only when
+        the DRO state's tensors were replaced (``.to(device)``) or changed in place (their version counters).
+        ``None`` for ``"standard"`` (no costs) and while ``torch.compile`` traces (computed in the graph)."""
+        if self.objective == "standard" or torch.compiler.is_compiling() or device.type == "meta":
+            return None
+        weights, prior = self.dro.weights, self.dro.prior
+        if weights.device != device:
+            return None  # distill_loss names the device mismatch
+        key = (acc, weights._version, prior._version)
+        cached = self.__dict__.get("_log_c_cache")
+        if cached is not None and cached[0] == key and cached[1] is weights and cached[2] is prior:
+            return cached[3]
+        with torch.no_grad():
+            log_c = torch.log(self.costs.to(acc)).contiguous()  # finite: ClassDRO keeps lambda and pi > 0
+        self.__dict__["_log_c_cache"] = (key, weights, prior, log_c)
+        return log_c
 
     def extra_repr(self) -> str:
         return (

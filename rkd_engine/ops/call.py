@@ -138,11 +138,8 @@ def check_finite(name: str, t: Tensor, *, allow_neg_inf: bool = False) -> None:
         raise ValueError(f"{name} must be finite{' or -inf' if allow_neg_inf else ''}, found an infinite value")
 
 
-def _check_class_values(name: str, t: Tensor, *, positive: bool) -> None:
-    """Values of the (m,) costs (finite, > 0) or weights (finite, >= 0): one host read when they are fine."""
-    ok = torch.isfinite(t) & ((t > 0) if positive else (t >= 0))
-    if bool(ok.all()):
-        return
+def _class_values_fail(name: str, t: Tensor, *, positive: bool) -> None:
+    """Raise the precise error for (m,) costs (finite, > 0) or weights (finite, >= 0) that failed a check."""
     check_finite(name, t)
     raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} everywhere")
 
@@ -234,12 +231,23 @@ def _teacher_weight(
     return constant_rows(rows, a_const, acc, device), a_const
 
 
-def _class_vector(
-    name: str, t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool, *, positive: bool
-) -> Tensor:
-    t = check_companion(name, t, (m,), device, ref)
+def _log_costs(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool) -> Tensor:
+    """``log c`` of the class costs; ``log c`` is finite exactly when ``c`` is finite and > 0, so the value
+    check reads one flag of the result (no pass of its own)."""
+    t = check_companion("class_costs", t, (m,), device, ref)
+    log_c = torch.log(t if t.dtype == acc else t.to(acc))
+    if check and not bool(torch.isfinite(log_c).all()):
+        _class_values_fail("class_costs", t, positive=True)
+    return log_c
+
+
+def _weights(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool) -> Tensor:
+    """The class weights in ``acc``: finite and >= 0 (their smallest and largest value, one host read)."""
+    t = check_companion("class_weights", t, (m,), device, ref)
     if check:
-        _check_class_values(name, t, positive=positive)
+        low, high = torch.stack(torch.aminmax(t)).tolist()
+        if not (low >= 0 and high < math.inf):  # False for a NaN
+            _class_values_fail("class_weights", t, positive=False)
     return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
 
 
@@ -306,10 +314,8 @@ def describe_call(
             raise ValueError("teacher_weight must lie in [0, 1] in every row")
     log_c = log_costs
     if log_c is None and class_costs is not None:
-        log_c = torch.log(_class_vector("class_costs", class_costs, m, device, acc, ref, check, positive=True))
-    w = None
-    if class_weights is not None:
-        w = _class_vector("class_weights", class_weights, m, device, acc, ref, check, positive=False)
+        log_c = _log_costs(class_costs, m, device, acc, ref, check)
+    w = None if class_weights is None else _weights(class_weights, m, device, acc, ref, check)
     name = select_backend(backend, device, dtype, m)
     return FusedCall(
         rows, m, device, dtype, acc, labels, a, a_const, log_c, w, gamma, tau, reduction, ignore_index,
