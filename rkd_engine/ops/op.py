@@ -372,4 +372,5 @@ def call_fused(
         teacher if teacher is None or teacher.is_contiguous() else teacher.contiguous(),
         call.labels, call.a, call.log_c, call.w, call.gamma, call.tau, teacher_is_probs, call.reduction,
         need_grad, call.backend, call.ignore_index, call.norm_value, call.norm_t, call.validate,
+        call.a_const is not None,
     )  # fmt: skip
