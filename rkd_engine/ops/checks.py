@@ -2,9 +2,11 @@
 
 Every backend's kernel computes ``loss_i`` from every element of row ``i`` that the loss uses, so a NaN or
 ``+inf`` in the student or the (used) teacher row, or a row of ``-inf`` everywhere (no class left), makes
-``loss_i`` non-finite. The status of a call is therefore computed from the (B,) vectors the kernel returns
-or takes: non-finite ``loss_i``, labels outside ``[0, m)`` (other than ``ignore_index``), ``a_i`` outside
-``[0, 1]``: a few operations over B values, never over B x m. ``validate="sync"`` (``True``) reads one
+``loss_i`` non-finite, and so the reduced loss. The status of a call is therefore computed from the
+reduced loss (or the (B,) losses for ``reduction="none"``), the labels (outside ``[0, m)`` and not
+``ignore_index``; not looked at on CPU, where they are read before the kernel or refused by the C++
+kernel) and ``a`` (outside ``[0, 1]``; not looked at when it is a constant checked on the host): never a
+pass over B x m. ``validate="sync"`` (``True``) reads one
 flag on the host (free on CPU, one small device-to-host read on CUDA); only when it is set are the inputs
 examined in full, to raise the precise error (which argument, which row, what was expected).
 ``validate="async"`` enqueues a device-side assertion instead (no host synchronisation; on CUDA the error
