@@ -8,21 +8,24 @@ statistics ``mass``, ``risk`` and ``error`` summed over the batch, which drive t
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from rkd_engine.dro import ClassDRO
-from rkd_engine.ops import REDUCTIONS, acc_dtype, select_backend
-from rkd_engine.ops.checks import normalize_validate
+from rkd_engine.ops.call import (
+    FusedCall,
+    check_companion,
+    check_reduction,
+    check_scores,
+    describe_call,
+    positive_number,
+)
 from rkd_engine.ops.constants import OBJECTIVES
-from rkd_engine.ops.op import call_distill
+from rkd_engine.ops.op import acc_dtype, call_fused
 
 Objective = Literal["standard", "balanced", "robust", "tradeoff"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LossOutput(NamedTuple):
@@ -35,78 +38,6 @@ class LossOutput(NamedTuple):
     mass: Tensor
     risk: Tensor
     error: Tensor
-
-
-def _check_positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
-        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
-    if torch.compiler.is_compiling():
-        # torch.compile may trace the number symbolically (e.g. an annealed temperature): its value is not
-        # known while tracing; the kernels reject a non-positive one when they run.
-        return value
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def _check_companion(name: str, t: Tensor, student: Tensor, shape: tuple[int, ...], same_dtype: bool) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.device != student.device:
-        raise ValueError(f"{name} is on {t.device} but student_logits is on {student.device}")
-    if same_dtype and t.dtype != student.dtype:
-        raise ValueError(f"{name} must have the dtype of student_logits ({student.dtype}), got {t.dtype}")
-    if not same_dtype and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.requires_grad:
-        raise ValueError(
-            f"{name} requires grad, but distill_loss differentiates only in student_logits: pass {name}.detach()"
-        )
-
-
-def _check_values(
-    name: str, t: Tensor, *, allow_neg_inf: bool = False, positive: bool = False, nonneg: bool = False
-) -> None:
-    """Value checks of an (m,) tensor (one host read: free on CPU): skipped when ``validate=False``."""
-    ok = torch.isfinite(t)
-    if positive:
-        ok &= t > 0
-    elif nonneg:
-        ok &= t >= 0
-    if allow_neg_inf:
-        ok |= torch.isneginf(t)
-    if bool(ok.all()):
-        return
-    if torch.isnan(t).any():
-        raise ValueError(f"{name} contains NaN")
-    bad_inf = torch.isposinf(t) if allow_neg_inf else torch.isinf(t)
-    if bad_inf.any():
-        raise ValueError(f"{name} must be finite{' or -inf' if allow_neg_inf else ''}, found an infinite value")
-    if positive and (t <= 0).any():
-        raise ValueError(f"{name} must be > 0 everywhere")
-    if nonneg and (t < 0).any():
-        raise ValueError(f"{name} must be >= 0 everywhere")
-
-
-def _check_normalizer(normalizer: object, reduction: str, device: torch.device) -> tuple[float, Tensor | None]:
-    """``normalizer`` as the op takes it: ``(value, None)`` for a number (0.0: none given) or ``(0.0, t)``
-    for a one-element tensor ``t`` (moved to ``device``, never read on the host)."""
-    if normalizer is None:
-        return 0.0, None
-    if reduction != "mean":
-        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
-    if isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
-            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
-        if normalizer.requires_grad:
-            raise ValueError("normalizer requires grad: pass normalizer.detach()")
-        return 0.0, normalizer.reshape(()).to(device, non_blocking=True)
-    return _check_positive_number("normalizer", normalizer), None
 
 
 def distill_loss(
@@ -171,137 +102,91 @@ def distill_loss(
         float64 inputs) sums over the batch: ``mass_j = sum_i q_ij``, ``risk_j = sum_i q_ij (-log s_ij)``,
         ``error_j = sum_i q_ij [argmax_k f_ik != j]``.
     """
-    # --- sparse top-k teacher (rkd_engine.wide) ---
     if teacher_topk is not None:
         if teacher_logits is not None or teacher_probs is not None:
             raise ValueError("pass one teacher: teacher_topk, teacher_logits or teacher_probs")
         from rkd_engine.wide import topk_distill_loss
 
         return topk_distill_loss(
-            student_logits,
-            teacher_topk,
-            topk_tail=topk_tail,
-            labels=labels,
-            teacher_weight=teacher_weight,
-            class_costs=class_costs,
-            class_weights=class_weights,
-            student_temperature=student_temperature,
-            reduction=reduction,
-            backend=backend,
-            validate=validate,
-            ignore_index=ignore_index,
-            normalizer=normalizer,
-        )
-    # --- end of the top-k teacher ---
-    if not isinstance(student_logits, Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must have shape (B, m), got {tuple(student_logits.shape)}")
-    if student_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"student_logits must be float16, bfloat16, float32 or float64, got {student_logits.dtype}")
-    rows, m = student_logits.shape
-    if rows == 0 or m == 0:
-        raise ValueError(f"student_logits must have at least one row and one class, got shape {(rows, m)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    gamma = _check_positive_number("temperature", temperature)
-    tau = _check_positive_number("student_temperature", student_temperature)
-    mode = normalize_validate(validate)
-    # The costs and weights (m values each) keep their separate checks, outside compiled graphs; everything
-    # else is read from the call's status inside the op (rkd_engine.ops.checks).
-    check_values = mode != "off" and not torch.compiler.is_compiling()
-    device = student_logits.device
-    acc = acc_dtype(student_logits.dtype)
+            student_logits, teacher_topk, topk_tail=topk_tail, labels=labels, teacher_weight=teacher_weight,
+            class_costs=class_costs, class_weights=class_weights, student_temperature=student_temperature,
+            reduction=reduction, backend=backend, validate=validate, ignore_index=ignore_index, normalizer=normalizer,
+        )  # fmt: skip
+    return _dense_loss(
+        student_logits, labels=labels, teacher_logits=teacher_logits, teacher_probs=teacher_probs,
+        temperature=temperature, teacher_weight=teacher_weight, class_costs=class_costs, class_weights=class_weights,
+        student_temperature=student_temperature, reduction=reduction, backend=backend, validate=validate,
+        ignore_index=ignore_index, normalizer=normalizer,
+    )  # fmt: skip
 
+
+def _dense_loss(
+    student_logits: Tensor,
+    *,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_probs: Tensor | None,
+    temperature: float,
+    teacher_weight: float | Tensor | None,
+    class_costs: Tensor | None,
+    class_weights: Tensor | None,
+    student_temperature: float,
+    reduction: str,
+    backend: str,
+    validate: bool | str,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
+    log_costs: Tensor | None = None,
+) -> LossOutput:
+    """``distill_loss`` with a dense teacher (or none): check the call once, then run the op.
+
+    ``log_costs``: ``log c`` already computed and known to be finite (``RobustDistillationLoss``).
+    """
+    student_logits = check_scores("student_logits", student_logits)
+    teacher, teacher_is_probs = _dense_teacher(student_logits, teacher_logits, teacher_probs)
+    call = describe_call(
+        *student_logits.shape,
+        student_logits.device,
+        student_logits.dtype,
+        "student_logits",
+        labels=labels,
+        has_teacher=teacher is not None,
+        teacher_names="teacher_logits or teacher_probs",
+        teacher_weight=teacher_weight,
+        class_costs=class_costs,
+        class_weights=class_weights,
+        temperature=temperature,
+        student_temperature=student_temperature,
+        reduction=reduction,
+        backend=backend,
+        validate=validate,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        log_costs=log_costs,
+    )
+    return _run(call, student_logits, teacher, teacher_is_probs)
+
+
+def _dense_teacher(
+    student: Tensor, teacher_logits: Tensor | None, teacher_probs: Tensor | None
+) -> tuple[Tensor | None, bool]:
+    """The dense teacher (logits or probabilities) checked against the student, and whether it is probabilities."""
     if teacher_logits is not None and teacher_probs is not None:
         raise ValueError("pass either teacher_logits or teacher_probs, not both")
-    teacher = teacher_logits if teacher_logits is not None else teacher_probs
-    teacher_is_probs = teacher_probs is not None
-    if teacher is not None:
-        _check_companion(
-            "teacher_probs" if teacher_is_probs else "teacher_logits", teacher, student_logits, (rows, m), True
-        )
+    if teacher_logits is None and teacher_probs is None:
+        return None, False
+    name = "teacher_logits" if teacher_probs is None else "teacher_probs"
+    teacher = teacher_logits if teacher_probs is None else teacher_probs
+    check_companion(name, teacher, tuple(student.shape), student.device, "student_logits", student.dtype)
+    return teacher, teacher_probs is not None
 
-    if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != (rows,):
-            raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"labels is on {labels.device} but student_logits is on {device}")
-        labels = labels.to(torch.int64).contiguous()
 
-    if teacher_weight is None:
-        if teacher is None and labels is None:
-            raise ValueError("distill_loss needs labels, a teacher (teacher_logits or teacher_probs), or both")
-        a = torch.full((rows,), 1.0 if teacher is not None else 0.0, dtype=acc, device=device)
-        a_const: float | None = 1.0 if teacher is not None else 0.0
-    elif isinstance(teacher_weight, Tensor):
-        _check_companion("teacher_weight", teacher_weight, student_logits, (rows,), False)
-        a = teacher_weight.to(acc).contiguous()
-        a_const = None
-        needed = 0.0 if teacher is None else (1.0 if labels is None else None)
-        if needed is not None and not torch.compiler.is_compiling() and a.device.type != "meta":
-            # One side of the target is missing, so every row must use only the other: a tensor of all
-            # ``needed`` is accepted (one read of B values: this call pattern is not a training hot path).
-            if bool((a == needed).all()):
-                a_const = needed
-    else:
-        if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
-            raise TypeError(
-                f"teacher_weight must be a float in [0, 1] or a (B,) tensor, got {type(teacher_weight).__name__}"
-            )
-        a_const = float(teacher_weight)
-        if not 0.0 <= a_const <= 1.0:
-            raise ValueError(f"teacher_weight must lie in [0, 1], got {a_const}")
-        a = torch.full((rows,), a_const, dtype=acc, device=device)
-    if teacher is None:
-        if a_const != 0.0:
-            raise ValueError("teacher_weight > 0 needs teacher_logits or teacher_probs")
-    if labels is None:
-        if a_const != 1.0:
-            raise ValueError("teacher_weight < 1 needs labels (the one-hot part of the target)")
-    if teacher is not None and a_const == 0.0:
+def _run(call: FusedCall, student: Tensor, teacher: Tensor | None, teacher_is_probs: bool) -> LossOutput:
+    """Run the op on a checked call (a teacher of weight 0 everywhere is not read)."""
+    if call.a_const == 0.0:
         teacher, teacher_is_probs = None, False
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
-
-    log_c = None
-    if class_costs is not None:
-        _check_companion("class_costs", class_costs, student_logits, (m,), False)
-        if check_values:
-            _check_values("class_costs", class_costs, positive=True)
-        log_c = torch.log(class_costs.to(acc)).contiguous()
-    w = None
-    if class_weights is not None:
-        _check_companion("class_weights", class_weights, student_logits, (m,), False)
-        if check_values:
-            _check_values("class_weights", class_weights, nonneg=True)
-        w = class_weights.to(acc).contiguous()
-
-    name = select_backend(backend, device, student_logits.dtype, m)
-    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    loss, _grad, mass, risk, error = call_distill(
-        student_logits.contiguous(),
-        None if teacher is None else teacher.contiguous(),
-        labels,
-        a,
-        log_c,
-        w,
-        gamma,
-        tau,
-        teacher_is_probs,
-        reduction,
-        need_grad,
-        name,
-        ignore_index,
-        norm_value,
-        norm_t,
-        mode,
-    )
+    need_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, _grad, mass, risk, error = call_fused(call, student, teacher, teacher_is_probs, need_grad)
     return LossOutput(loss, mass, risk, error)
 
 
@@ -354,11 +239,10 @@ class RobustDistillationLoss(nn.Module):
         if objective != "tradeoff" and alpha is not None:
             raise ValueError(f"alpha is only used by objective='tradeoff' (objective={objective!r})")
         alpha = 1.0 if objective == "robust" else (0.0 if alpha is None else _as_python_number(alpha))
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         self.objective = objective
-        self.temperature = _check_positive_number("temperature", _as_python_number(temperature))
-        self.student_temperature = _check_positive_number("student_temperature", _as_python_number(student_temperature))
+        self.temperature = positive_number("temperature", _as_python_number(temperature))
+        self.student_temperature = positive_number("student_temperature", _as_python_number(student_temperature))
         teacher_weight = _as_python_number(teacher_weight)
         if teacher_weight is not None:
             if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
@@ -439,20 +323,42 @@ class RobustDistillationLoss(nn.Module):
                 f"student_logits must have {self.num_classes} classes in its last dimension (this loss was built "
                 f"for num_classes={self.num_classes}), got shape {tuple(student_logits.shape)}"
             )
-        return distill_loss(
+        log_costs = None
+        if isinstance(student_logits, Tensor) and student_logits.is_floating_point():
+            log_costs = self._log_costs(acc_dtype(student_logits.dtype), student_logits.device)
+        return _dense_loss(
             student_logits,
             labels=labels,
             teacher_logits=teacher_logits,
             teacher_probs=teacher_probs,
             temperature=self.temperature,
             teacher_weight=self.teacher_weight if teacher_weight is None else teacher_weight,
-            class_costs=self.costs,
+            class_costs=self.costs if log_costs is None else None,
             class_weights=self.class_weights,
             student_temperature=self.student_temperature,
             reduction=self.reduction,
             backend=self.backend,
             validate=validate,
+            log_costs=log_costs,
         )
+
+    def _log_costs(self, acc: torch.dtype, device: torch.device) -> Tensor | None:
+        """``log c`` in ``acc`` on ``device``, kept between DRO updates and prior changes: rebuilt only when
+        the DRO state's tensors were replaced (``.to(device)``) or changed in place (their version counters).
+        ``None`` for ``"standard"`` (no costs) and while ``torch.compile`` traces (computed in the graph)."""
+        if self.objective == "standard" or torch.compiler.is_compiling() or device.type == "meta":
+            return None
+        weights, prior = self.dro.weights, self.dro.prior
+        if weights.device != device:
+            return None  # distill_loss names the device mismatch
+        key = (acc, weights._version, prior._version)
+        cached = self.__dict__.get("_log_c_cache")
+        if cached is not None and cached[0] == key and cached[1] is weights and cached[2] is prior:
+            return cached[3]
+        with torch.no_grad():
+            log_c = torch.log(self.costs.to(acc)).contiguous()  # finite: ClassDRO keeps lambda and pi > 0
+        self.__dict__["_log_c_cache"] = (key, weights, prior, log_c)
+        return log_c
 
     def extra_repr(self) -> str:
         return (

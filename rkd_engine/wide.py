@@ -21,14 +21,18 @@ The chunk loops are the only Python loops here: over chunks of rows, never over 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from rkd_engine.losses import LossOutput, RobustDistillationLoss, _check_normalizer
-from rkd_engine.ops import REDUCTIONS, acc_dtype, backend_module, select_backend
-from rkd_engine.ops.op import _mean_scale, call_distill
+from rkd_engine.losses import LossOutput, RobustDistillationLoss
+from rkd_engine.ops import acc_dtype, backend_module
+from rkd_engine.ops.call import FLOAT_DTYPES as _FLOAT_DTYPES
+from rkd_engine.ops.call import check_finite as _check_finite
+from rkd_engine.ops.call import check_like as _check_like
+from rkd_engine.ops.call import check_scores, describe_call
+from rkd_engine.ops.call import check_tensor as _tensor
+from rkd_engine.ops.checks import PROB_SUM_TOL as _PROB_SUM_TOL
+from rkd_engine.ops.op import _mean_scale, call_fused
 from rkd_engine.ops.topk import has_sparse_topk, sparse_topk_forward
 
 __all__ = [
@@ -39,10 +43,6 @@ __all__ = [
 ]
 
 TOPK_TAILS: tuple[str, ...] = ("renormalize", "uniform")
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# How far above 1 a row of top-k probabilities may sum, by dtype (rounding of probabilities that sum to 1).
-_PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-8}
 
 # Rows per chunk of the top-k expansion on CPU. Each chunk costs one call of the kernel (a parallel region,
 # per-call workspaces): on the shared 2-core EPYC, loaded, at (4096, 32000) fp32 and k = 128, chunks of
@@ -58,121 +58,12 @@ def _rows_per_chunk(total_bytes: int, m: int, elem: int, rows: int, minimum: int
     return max(1, min(rows, max(minimum, total_bytes // max(1, m * elem))))
 
 
-def _tensor(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _check_like(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device, ref: str) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but {ref} is on {device}")
-
-
 def _no_grad_input(name: str, t: Tensor, what: str) -> None:
     if t.requires_grad:
         raise ValueError(f"{name} requires grad, but {what}: pass {name}.detach()")
 
 
-def _check_finite(name: str, t: Tensor, *, allow_neg_inf: bool = False) -> None:
-    if torch.isnan(t).any():
-        raise ValueError(f"{name} contains NaN")
-    bad = torch.isposinf(t) if allow_neg_inf else torch.isinf(t)
-    if bad.any():
-        raise ValueError(f"{name} must be finite{' or -inf' if allow_neg_inf else ''}, found an infinite value")
-
-
-def _positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
 # ------------------------------------------------------------------------------------------ arguments
-def _loss_args(
-    rows: int,
-    m: int,
-    device: torch.device,
-    acc: torch.dtype,
-    ref: str,
-    *,
-    labels: Tensor | None,
-    has_teacher: bool,
-    teacher_weight: float | Tensor | None,
-    class_costs: Tensor | None,
-    class_weights: Tensor | None,
-    check_values: bool,
-    ignore_index: int,
-) -> tuple[Tensor | None, Tensor, float | None, Tensor | None, Tensor | None]:
-    """``(labels, a, a_const, log_c, w)`` normalised as ``distill_loss`` does (``a_const``: ``a`` when constant).
-
-    Labels are kept with ``a = 1`` too: there they only mark rows labelled ``ignore_index``.
-    """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels is not None:
-        labels = _tensor("labels", labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        _check_like("labels", labels, (rows,), device, ref)
-        labels = labels.to(torch.int64).contiguous()
-        if check_values:
-            kept = labels[labels != ignore_index]
-            if kept.numel() and ((kept < 0).any() or (kept >= m).any()):
-                raise ValueError(
-                    f"labels must lie in [0, {m}) (or equal ignore_index={ignore_index}), "
-                    f"got values in [{int(kept.min())}, {int(kept.max())}]"
-                )
-    if teacher_weight is None:
-        if not has_teacher and labels is None:
-            raise ValueError("the loss needs labels, a teacher, or both")
-        a_const: float | None = 1.0 if has_teacher else 0.0
-        a = torch.full((rows,), a_const, dtype=acc, device=device)
-    elif isinstance(teacher_weight, Tensor):
-        _check_like("teacher_weight", teacher_weight, (rows,), device, ref)
-        if not teacher_weight.is_floating_point():
-            raise TypeError(f"teacher_weight must be a floating-point tensor, got {teacher_weight.dtype}")
-        _no_grad_input("teacher_weight", teacher_weight, "the loss is not differentiated in it")
-        a = teacher_weight.to(acc).contiguous()
-        a_const = None
-        if check_values and (torch.isnan(a).any() or (a < 0).any() or (a > 1).any()):
-            raise ValueError("teacher_weight must lie in [0, 1] in every row")
-    else:
-        if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)):
-            raise TypeError(
-                f"teacher_weight must be a float in [0, 1] or a (B,) tensor, got {type(teacher_weight).__name__}"
-            )
-        a_const = float(teacher_weight)
-        if not 0.0 <= a_const <= 1.0:
-            raise ValueError(f"teacher_weight must lie in [0, 1], got {a_const}")
-        a = torch.full((rows,), a_const, dtype=acc, device=device)
-    if not has_teacher and a_const != 0.0:
-        raise ValueError("teacher_weight > 0 needs a teacher")
-    if labels is None and a_const != 1.0:
-        raise ValueError("teacher_weight < 1 needs labels (the one-hot part of the target)")
-    log_c = w = None
-    if class_costs is not None:
-        _check_like("class_costs", _tensor("class_costs", class_costs), (m,), device, ref)
-        if check_values:
-            _check_finite("class_costs", class_costs)
-            if (class_costs <= 0).any():
-                raise ValueError("class_costs must be > 0 everywhere")
-        log_c = torch.log(class_costs.detach().to(acc)).contiguous()
-    if class_weights is not None:
-        _check_like("class_weights", _tensor("class_weights", class_weights), (m,), device, ref)
-        if check_values:
-            _check_finite("class_weights", class_weights)
-            if (class_weights < 0).any():
-                raise ValueError("class_weights must be >= 0 everywhere")
-        w = class_weights.detach().to(acc).contiguous()
-    return labels, a, a_const, log_c, w
-
-
 def _topk_args(
     teacher_topk: object, topk_tail: str, rows: int, m: int, device: torch.device, ref: str, check_values: bool
 ) -> tuple[Tensor, Tensor, bool]:
@@ -413,54 +304,30 @@ def topk_distill_loss(
     ``chunk_rows`` sets how many rows of the dense target are formed at a time (default: a few MiB on
     CPU, sized for the cache; 256 MiB elsewhere).
     """
-    student_logits = _tensor("student_logits", student_logits)
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must have shape (B, m), got {tuple(student_logits.shape)}")
-    if student_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"student_logits must be float16, bfloat16, float32 or float64, got {student_logits.dtype}")
+    student_logits = check_scores("student_logits", student_logits)
     rows, m = student_logits.shape
-    if rows == 0 or m == 0:
-        raise ValueError(f"student_logits must have at least one row and one class, got shape {(rows, m)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    tau = _positive_number("student_temperature", student_temperature)
-    check_values = validate and not torch.compiler.is_compiling()
     device = student_logits.device
-    acc = acc_dtype(student_logits.dtype)
-    indices, probs, uniform = _topk_args(teacher_topk, topk_tail, rows, m, device, "student_logits", check_values)
-    labels, a, a_const, log_c, w = _loss_args(
-        rows,
-        m,
-        device,
-        acc,
-        "student_logits",
-        labels=labels,
-        has_teacher=True,
-        teacher_weight=teacher_weight,
-        class_costs=class_costs,
-        class_weights=class_weights,
-        check_values=check_values,
-        ignore_index=ignore_index,
-    )
-    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
-    if check_values:
+    call = describe_call(
+        rows, m, device, student_logits.dtype, "student_logits", labels=labels, has_teacher=True,
+        teacher_names="a teacher", teacher_weight=teacher_weight, class_costs=class_costs,
+        class_weights=class_weights, temperature=1.0, student_temperature=student_temperature, reduction=reduction,
+        backend=backend, validate=validate, ignore_index=ignore_index, normalizer=normalizer, host_checks=True,
+    )  # fmt: skip
+    indices, probs, uniform = _topk_args(teacher_topk, topk_tail, rows, m, device, "student_logits", call.check_values)
+    if call.check_values:
         _check_finite("student_logits", student_logits, allow_neg_inf=True)
-    name = select_backend(backend, device, student_logits.dtype, m)
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
     student = student_logits.contiguous()
-    if a_const == 0.0:  # labels only: the teacher plays no part
-        out = call_distill(
-            student, None, labels, a, log_c, w, 1.0, tau, False, reduction, need_grad, name, ignore_index,
-            norm_value, norm_t,
-        )  # fmt: skip
+    if call.a_const == 0.0:  # labels only: the teacher plays no part
+        out = call_fused(call, student, None, False, need_grad)
     else:
         if chunk_rows is None:
             chunk_rows = _topk_chunk(device, m, student.element_size(), rows)
         elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         out = distill_topk(
-            student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, name, chunk_rows,
-            ignore_index, norm_value, norm_t,
+            student, indices, probs, uniform, call.labels, call.a, call.log_c, call.w, call.tau, call.reduction,
+            need_grad, call.backend, chunk_rows, call.ignore_index, call.norm_value, call.norm_t,
         )  # fmt: skip
     loss, _grad, mass, risk, error = out
     return LossOutput(loss, mass, risk, error)
@@ -669,12 +536,8 @@ def _head(name: str, weight: object, bias: object, x: Tensor, x_name: str) -> tu
     return weight, bias
 
 
-def _linear_teacher_args(x, m, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, teacher_topk,
-                         topk_tail, check_values):  # fmt: skip
-    """The teacher of ``fused_linear_distill_loss``, checked: ``(names given, (logits, X_t, W_t, b_t, indices,
-    probs, uniform))``, the absent ones ``None``."""
-    rows = x.shape[0]
-    device, dtype = x.device, x.dtype
+def _one_teacher(teacher_logits, teacher_input, teacher_topk, teacher_head_weight, teacher_head_bias) -> list[str]:
+    """The names of the teachers given to the fused layer (at most one may be)."""
     given = [n for n, v in (("teacher_logits", teacher_logits), ("teacher_input", teacher_input),
                             ("teacher_topk", teacher_topk)) if v is not None]  # fmt: skip
     if len(given) > 1:
@@ -683,6 +546,15 @@ def _linear_teacher_args(x, m, teacher_logits, teacher_input, teacher_head_weigh
         )
     if (teacher_head_weight is not None or teacher_head_bias is not None) and teacher_input is None:
         raise ValueError("teacher_head_weight / teacher_head_bias need teacher_input (the teacher's features)")
+    return given
+
+
+def _linear_teacher_args(x, m, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, teacher_topk,
+                         topk_tail, check_values):  # fmt: skip
+    """The teacher of ``fused_linear_distill_loss``, checked: ``(logits, X_t, W_t, b_t, indices, probs,
+    uniform)``, the absent ones ``None``."""
+    rows = x.shape[0]
+    device, dtype = x.device, x.dtype
     indices = probs = None
     uniform = False
     if teacher_logits is not None:
@@ -709,25 +581,7 @@ def _linear_teacher_args(x, m, teacher_logits, teacher_input, teacher_head_weigh
         teacher_head_weight, teacher_head_bias = tw.contiguous(), None if tb is None else tb.contiguous()
     if teacher_topk is not None:
         indices, probs, uniform = _topk_args(teacher_topk, topk_tail, rows, m, device, "student_input", check_values)
-    return given, (teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform)
-
-
-def _linear_student_args(x, weight, bias, reduction, temperature, student_temperature):
-    """``(X, W, b, gamma, tau)`` of ``fused_linear_distill_loss``, checked."""
-    x = _tensor("student_input", x)
-    if x.dim() != 2:
-        raise ValueError(f"student_input must have shape (B, H), got {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"student_input must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    weight, bias = _head("student_head", weight, bias, x, "student_input")
-    rows, m = x.shape[0], weight.shape[0]
-    if rows == 0 or m == 0:
-        raise ValueError(f"the layer needs at least one row and one class, got B={rows}, m={m}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    gamma = _positive_number("temperature", temperature)
-    tau = _positive_number("student_temperature", student_temperature)
-    return x, weight, bias, gamma, tau
+    return teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform
 
 
 def _linear_plan(x: Tensor, weight: Tensor, bias: Tensor | None, reduction: str, chunk_size: int | None):
@@ -798,32 +652,30 @@ def fused_linear_distill_loss(
     Returns:
         ``LossOutput(loss, mass, risk, error)`` as ``distill_loss`` does.
     """
-    x, weight, bias, gamma, tau = _linear_student_args(
-        student_input, student_head_weight, student_head_bias, reduction, temperature, student_temperature
-    )
+    x = check_scores("student_input", student_input, "(B, H)")
+    weight, bias = _head("student_head", student_head_weight, student_head_bias, x, "student_input")
     rows, m = x.shape[0], weight.shape[0]
-    check_values = validate and not torch.compiler.is_compiling()
-    device, dtype, acc = x.device, x.dtype, acc_dtype(x.dtype)
-    given, teachers = _linear_teacher_args(
+    given = _one_teacher(teacher_logits, teacher_input, teacher_topk, teacher_head_weight, teacher_head_bias)
+    call = describe_call(
+        rows, m, x.device, x.dtype, "student_input", labels=labels, has_teacher=bool(given),
+        teacher_names="teacher_logits, teacher_input or teacher_topk", teacher_weight=teacher_weight,
+        class_costs=class_costs, class_weights=class_weights, temperature=temperature,
+        student_temperature=student_temperature, reduction=reduction, backend=backend, validate=validate,
+        ignore_index=ignore_index, normalizer=normalizer, host_checks=True,
+    )  # fmt: skip
+    teachers = _linear_teacher_args(
         x, m, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, teacher_topk, topk_tail,
-        check_values,
+        call.check_values,
     )  # fmt: skip
-    teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform = teachers
-    labels, a, a_const, log_c, w = _loss_args(
-        rows, m, device, acc, "student_input", labels=labels, has_teacher=bool(given), teacher_weight=teacher_weight,
-        class_costs=class_costs, class_weights=class_weights, check_values=check_values, ignore_index=ignore_index,
-    )  # fmt: skip
-    norm_value, norm_t = _check_normalizer(normalizer, reduction, device)
-    if a_const == 0.0:
-        teacher_logits = teacher_input = teacher_head_weight = teacher_head_bias = indices = probs = None
-    if check_values:
+    if call.a_const == 0.0:
+        teachers = (None,) * 6 + (False,)
+    if call.check_values:
         _check_finite("student_input", x)
-    name = select_backend(backend, device, dtype, m)
-    need_input_grad, need_param_grad, chunk_size = _linear_plan(x, weight, bias, reduction, chunk_size)
+    need_input_grad, need_param_grad, chunk_size = _linear_plan(x, weight, bias, call.reduction, chunk_size)
     out = fused_linear_distill(
-        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, a, log_c, w,
-        teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform, gamma,
-        tau, reduction, need_input_grad, need_param_grad, name, chunk_size, ignore_index, norm_value, norm_t,
+        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), call.labels, call.a,
+        call.log_c, call.w, *teachers, call.gamma, call.tau, call.reduction, need_input_grad, need_param_grad,
+        call.backend, chunk_size, call.ignore_index, call.norm_value, call.norm_t,
     )  # fmt: skip
     return LossOutput(out[0], out[1], out[2], out[3])
 

@@ -16,6 +16,8 @@ inputs pass the full checks raises nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -38,14 +40,9 @@ def normalize_validate(validate: object) -> str:
     raise ValueError(f"validate must be True, False or one of {VALIDATE_MODES}, got {validate!r}")
 
 
-def row_status(loss_rows: Tensor, labels: Tensor | None, a: Tensor, m: int, ignore_index: int) -> Tensor:
-    """(B,) bool: rows whose loss is not finite, whose label is outside ``[0, m)`` (and not ``ignore_index``)
-    or whose ``a`` lies outside ``[0, 1]``. Device operations only."""
-    bad = ~torch.isfinite(loss_rows)
-    if labels is not None:
-        bad |= ((labels < 0) | (labels >= m)) & (labels != ignore_index)
-    bad |= ~((a >= 0) & (a <= 1))
-    return bad
+def _bad_labels(labels: Tensor, m: int, ignore_index: int) -> Tensor:
+    """(B,) bool: labels outside ``[0, m)`` and not ``ignore_index`` (device operations only)."""
+    return ((labels < 0) | (labels >= m)) & (labels != ignore_index)
 
 
 def _check_finite(name: str, t: Tensor, *, allow_neg_inf: bool) -> None:
@@ -76,7 +73,7 @@ def check_probs(name: str, probs: Tensor) -> None:
 
 def check_labels(labels: Tensor, m: int, ignore_index: int) -> None:
     """Labels in ``[0, m)`` or equal to ``ignore_index`` (one read of B values)."""
-    bad = ((labels < 0) | (labels >= m)) & (labels != ignore_index)
+    bad = _bad_labels(labels, m, ignore_index)
     if bad.any():
         shown = labels[labels != ignore_index]
         raise ValueError(
@@ -124,6 +121,7 @@ def raise_for_inputs(
 
 def enforce(
     mode: str,
+    loss: Tensor,
     loss_rows: Tensor,
     student: Tensor,
     teacher: Tensor | None,
@@ -131,13 +129,37 @@ def enforce(
     labels: Tensor | None,
     a: Tensor,
     ignore_index: int,
+    *,
+    labels_checked: bool = False,
+    a_checked: bool = False,
 ) -> None:
-    """Read the status of a finished call as ``mode`` asks (see the module docstring)."""
+    """Read the status of a finished call as ``mode`` asks (see the module docstring).
+
+    ``loss`` is the reduced loss (or ``loss_rows`` for ``reduction="none"``): a non-finite ``loss_i`` makes
+    it non-finite, so one value says whether any row needs a look (a finite sum of huge rows that overflows
+    only costs the full checks, which then find nothing). ``labels_checked``/``a_checked``: the caller has
+    checked the labels (the C++ kernel's guard, or a read before the kernel) or ``a`` (a constant).
+    """
     if mode == "off" or student.device.type == "meta":
         return  # meta tensors hold no values: nothing to read (shapes were checked before the op)
     if teacher is not None and teacher_is_probs:
         check_probs("teacher_probs", teacher if labels is None else teacher[labels != ignore_index])
-    bad = row_status(loss_rows, labels, a, student.shape[-1], ignore_index).any()
+    if loss.device.type == "cpu" and mode == "sync":
+        # On CPU every read is free of synchronisation: a few host reads, no (B,) temporaries.
+        ok = bool(torch.isfinite(loss).all()) if loss.dim() else math.isfinite(float(loss))
+        if ok and not a_checked:
+            low, high = torch.aminmax(a)
+            ok = float(low) >= 0 and float(high) <= 1  # False for a NaN
+        if ok and not labels_checked:
+            ok = not bool(_bad_labels(labels, student.shape[-1], ignore_index).any())
+        if not ok:
+            raise_for_inputs(student, teacher, teacher_is_probs, labels, a, ignore_index)
+        return
+    bad = ~torch.isfinite(loss).all()
+    if not labels_checked and labels is not None:
+        bad |= _bad_labels(labels, student.shape[-1], ignore_index).any()
+    if not a_checked:
+        bad |= ~((a >= 0) & (a <= 1)).all()
     if mode == "async" and bad.device.type != "cpu":
         torch._assert_async(~bad, "rkd distill_loss: invalid input values (run with validate=True for details)")
         return

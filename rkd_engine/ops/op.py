@@ -11,6 +11,8 @@ out of place. With ``reduction="none"`` the backward multiplies out of place (on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,10 @@ from rkd_engine.ops import checks
 from rkd_engine.ops.constants import REDUCTIONS  # noqa: F401  (re-exported: rkd_engine.ops.REDUCTIONS)
 from rkd_engine.ops.dispatch import backend_module
 
-_N_ARGS = 16  # arguments of rkd::distill
+if TYPE_CHECKING:
+    from rkd_engine.ops.call import FusedCall
+
+_N_ARGS = 17  # arguments of rkd::distill
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,41 +72,54 @@ def _forward(
     normalizer=0.0,
     normalizer_t=None,
     validate="off",
+    a_checked=False,
 ):
     """The body of ``rkd::distill`` (shared by the op and its eager fast path ``call_distill``).
 
     ``validate`` reads the call's status as ``rkd_engine.ops.checks.enforce`` says (``"off"``, ``"sync"``,
-    ``"async"``): inside the op, so the checks hold under ``torch.compile`` too.
+    ``"async"``): inside the op, so the checks hold under ``torch.compile`` too. ``a_checked``: the caller
+    has checked ``a`` on the host (a constant in [0, 1]), so the status does not look at it.
     """
-    if validate != "off" and labels is not None and labels.device.type == "cpu":
-        # On CPU reading B labels first is free, and the C++ kernel's memory guard would raise on a bad one.
+    on_cpu = student.device.type == "cpu"
+    if validate != "off" and labels is not None and on_cpu and backend != "cpp":
+        # On CPU reading B labels first is free; the C++ kernel checks them itself (see below).
         checks.check_labels(labels, student.shape[-1], ignore_index)
     grad_scale, scale = 1.0, None
     if reduction == "mean":
         grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
-    loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
-        student,
-        teacher,
-        labels,
-        a,
-        log_c,
-        w,
-        gamma=gamma,
-        tau=tau,
-        teacher_is_probs=teacher_is_probs,
-        grad_scale=grad_scale,
-        need_grad=need_grad,
-        ignore_index=ignore_index,
-        scale=scale,
-    )
-    if validate != "off":
-        checks.enforce(validate, loss_rows, student, teacher, teacher_is_probs, labels, a, ignore_index)
+    try:
+        loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
+            student,
+            teacher,
+            labels,
+            a,
+            log_c,
+            w,
+            gamma=gamma,
+            tau=tau,
+            teacher_is_probs=teacher_is_probs,
+            grad_scale=grad_scale,
+            need_grad=need_grad,
+            ignore_index=ignore_index,
+            scale=scale,
+        )
+    except RuntimeError:
+        if validate != "off" and labels is not None and on_cpu:
+            # The C++ kernel refuses a label outside [0, m) before it reads a row: name it as distill_loss does.
+            checks.check_labels(labels, student.shape[-1], ignore_index)
+        raise
     if reduction == "mean":
-        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
+        loss = loss_rows.sum().mul_(grad_scale if scale is None else scale)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
         loss = loss_rows
+    if validate != "off":
+        labels_checked = labels is None or on_cpu
+        checks.enforce(
+            validate, loss, loss_rows, student, teacher, teacher_is_probs, labels, a, ignore_index,
+            labels_checked=labels_checked, a_checked=a_checked,
+        )  # fmt: skip
     return loss, grad, mass, risk, error
 
 
@@ -123,6 +141,7 @@ def distill(
     normalizer: float = 0.0,
     normalizer_t: Tensor | None = None,
     validate: str = "off",
+    a_checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused distillation loss (reduced), its saved gradient, and per-class ``mass``, ``risk``, ``error``.
 
@@ -146,6 +165,7 @@ def distill(
         normalizer,
         normalizer_t,
         validate,
+        a_checked,
     )
 
 
@@ -167,6 +187,7 @@ def _distill_fake(
     normalizer=0.0,
     normalizer_t=None,
     validate="off",
+    a_checked=False,
 ):
     rows, m = student.shape
     acc = acc_dtype(student.dtype)
@@ -212,18 +233,24 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
             "higher-order derivatives."
         )
     acc = acc_dtype(grad.dtype)
-    go = g_loss if g_loss.dtype == acc else g_loss.to(acc)
-    scalar = go.dim() == 0
-    go = go.expand(ctx.rows) if scalar else go
+    scalar = g_loss.dim() == 0
     nones = (None,) * (_N_ARGS - 1)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if (
+    in_place = not (
         ctx.reduction == "none"
         or type(grad) is not torch.Tensor
         or torch.compiler.is_compiling()
         or wrapped(grad)
         or wrapped(g_loss)
-    ):
+    )
+    if in_place and ctx.applied is None and scalar and g_loss.device.type == "cpu" and type(g_loss) is torch.Tensor:
+        if g_loss.item() == 1.0:
+            # loss.backward() of a mean or sum on CPU: reading the scalar is free, and 1 scales nothing.
+            ctx.applied = 1.0
+            return (grad, *nones)
+    go = g_loss if g_loss.dtype == acc else g_loss.to(acc)
+    go = go.expand(ctx.rows) if scalar else go
+    if not in_place:
         # Out of place: under tracing (torch.compile, AOTAutograd: functional or fake tensor subclasses)
         # a graph may not mutate a saved forward output, and the compiler fuses this multiply; with
         # per-row losses, Jacobian-style use (gradcheck, vmap over upstream gradients) must stay exact;
@@ -232,21 +259,13 @@ def _backward(ctx, g_loss, g_grad, g_mass, g_risk, g_error):
     if ctx.applied is None:
         # First backward: scale the saved gradient in place; rows whose upstream gradient is exactly 1
         # (loss.backward()) are skipped on device. `.data` keeps the saved tensor's version unchanged.
-        if (
-            scalar
-            and g_loss.device.type == "cpu"
-            and type(g_loss) is torch.Tensor
-            and not torch._C._functorch.is_functorch_wrapped_tensor(g_loss)
-            and g_loss.item() == 1.0
-        ):
-            # loss.backward() of a mean or sum on CPU: reading the scalar is free, and 1 scales nothing.
-            ctx.applied = go
-            return (grad, *nones)
         ctx.applied = go.contiguous()
         backend_module(ctx.backend).scale_rows_(grad.data, ctx.applied)
         return (grad, *nones)
     # A later backward through a retained graph (retain_graph=True, gradcheck, Jacobians): the saved
     # gradient holds go_1 * dloss/df; undo go_1 out of place. Not a hot path, so the check may sync.
+    if isinstance(ctx.applied, float):
+        return (grad * go.unsqueeze(-1).to(grad.dtype), *nones)  # the first backward scaled by 1: nothing to undo
     if bool((ctx.applied == 0).any()):
         raise RuntimeError(
             "rkd::distill: a second backward through a retained graph cannot recover rows whose first "
@@ -271,6 +290,22 @@ class _DistillFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+class _EagerDistillFunction(torch.autograd.Function):
+    """``_DistillFunction`` in the ``forward(ctx, ...)`` form, for plain eager calls outside functorch
+    transforms: ``Function.apply`` binds the arguments of a ``setup_context``-form function to its signature
+    with ``inspect`` on every call (some 30 us); this form goes straight to the autograd node."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, *grads):
@@ -304,7 +339,7 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # form, which functorch can run (the custom op's generated autograd cannot), with the reference
         # backend (PyTorch operations, which vmap can batch; the kernels take plain storage) and no status
         # read (a host read of a batched value is not allowed under vmap).
-        args = list(args) + [-100, 0.0, None, "off"][len(args) - 12 :]
+        args = list(args) + [-100, 0.0, None, "off", False][len(args) - 12 :]
         args[11], args[15] = "reference", "off"
         return _DistillFunction.apply(*args)
     if (
@@ -322,6 +357,19 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(student, teacher, labels, a, log_c, w):
-            return _DistillFunction.apply(*args)
+            return _EagerDistillFunction.apply(*args)
         return _forward(*args)
     return distill(*args)
+
+
+def call_fused(
+    call: FusedCall, student: Tensor, teacher: Tensor | None, teacher_is_probs: bool, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``call_distill`` on a checked call description (``rkd_engine.ops.call.FusedCall``): the op's
+    arguments are taken from it, none is checked again."""
+    return call_distill(
+        student if student.is_contiguous() else student.contiguous(),
+        teacher if teacher is None or teacher.is_contiguous() else teacher.contiguous(),
+        call.labels, call.a, call.log_c, call.w, call.gamma, call.tau, teacher_is_probs, call.reduction,
+        need_grad, call.backend, call.ignore_index, call.norm_value, call.norm_t, call.validate,
+    )  # fmt: skip
