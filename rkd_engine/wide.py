@@ -6,9 +6,11 @@ Two ops on top of the fused per-row kernel of every backend (``fused_forward``, 
   gives ``k`` distinct classes ``K_i`` and their (already tempered) probabilities ``p_ij``; the target is
   ``p~_ij = p_ij / sum_{K_i} p_ik`` on ``K_i`` (``"renormalize"``) or ``p_ij`` on ``K_i`` and
   ``(1 - sum_{K_i} p_ik) / (m - k)`` elsewhere (``"uniform"``), then ``q_i = (1 - a_i) e_{y_i} + a_i p~_i``
-  as for a dense teacher. The dense ``p~`` of a small chunk of rows is written into one reused buffer
-  (sized to stay in cache on CPU) and the backend's kernel runs on that chunk in its ``teacher_probs``
-  mode, so loss, gradient and statistics are exactly those of the target and no (B, m) teacher exists.
+  as for a dense teacher. On the C++ and Triton backends a sparse kernel reads the ``k`` entries of each
+  row and the student row (``rkd_engine.ops.topk``): no dense teacher is formed. Elsewhere (``reference``,
+  the executable definition, and ``cuda``) the dense ``p~`` of a chunk of rows is written into one reused
+  buffer and the backend's dense kernel runs on that chunk in its ``teacher_probs`` mode
+  (``_expanded_topk``). Either way loss, gradient and statistics are exactly those of the target.
 - ``rkd::fused_linear_distill``: ``fused_linear_distill_loss``. Chunk of rows by chunk, the student's
   scores ``f = X W^T + b`` (one matrix product into a reused buffer), the teacher's (dense logits, top-k,
   or its own head ``g = X_t W_t^T + b_t`` under no grad), the fused kernel, which overwrites the scores
@@ -44,7 +46,8 @@ __all__ = [
 
 TOPK_TAILS: tuple[str, ...] = ("renormalize", "uniform")
 
-# Rows per chunk of the top-k expansion on CPU. Each chunk costs one call of the kernel (a parallel region,
+# Rows per chunk of the top-k expansion (backends without a sparse top-k kernel; on CPU the reference).
+# Each chunk costs one call of the kernel (a parallel region,
 # per-call workspaces): on the shared 2-core EPYC, loaded, at (4096, 32000) fp32 and k = 128, chunks of
 # 32 / 128 / 512 rows took 10.3 / 5.6 / 5.0 s a step (dense teacher logits: 3.9 s), so chunks are large.
 _TOPK_CPU_CHUNK_BYTES = 64 << 20
