@@ -51,6 +51,7 @@ struct TopkVec<float> {
 template <>
 struct TopkVec<double> {
   typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
   static constexpr int W = 4;
   static inline V exp2(V y) {
     V out;
@@ -95,23 +96,33 @@ struct TopkRow {
   int64_t y, am;
 };
 
-// Pass A: maxima of f - log c and f over the (padded) scratch copy X.
+// Pass A: maxima of f - log c and f over the (padded) scratch copy X, and the argmax of f (first index on
+// ties: each lane keeps its first maximum, then the smallest index among the lanes holding the maximum).
 template <class T>
 inline void topk_maxima(const T* X, const T* lc, int64_t mp, TopkRow<T>& row) {
   using V = typename TopkVec<T>::V;
+  using I = typename TopkVec<T>::I;
+  using Idx = decltype(I{}[0]);
   constexpr int W = TopkVec<T>::W;
   const V ninf = V{} - std::numeric_limits<T>::infinity();
-  V vz0 = ninf, vz1 = ninf, vf0 = ninf, vf1 = ninf;
-  for (int64_t j = 0; j < mp; j += 2 * W) {
-    const V x0 = vload(X + j), x1 = vload(X + j + W);
-    const V z0 = x0 - vload(lc + j), z1 = x1 - vload(lc + j + W);
-    vz0 = z0 > vz0 ? z0 : vz0;
-    vz1 = z1 > vz1 ? z1 : vz1;
-    vf0 = x0 > vf0 ? x0 : vf0;
-    vf1 = x1 > vf1 ? x1 : vf1;
+  V vz = ninf, vf = ninf;
+  I vi = {}, lane = {};
+  for (int l = 0; l < W; ++l) lane[l] = static_cast<Idx>(l);
+  for (int64_t j = 0; j < mp; j += W) {
+    const V x = vload(X + j);
+    const V z = x - vload(lc + j);
+    vz = z > vz ? z : vz;
+    const auto gt = x > vf;
+    vf = gt ? x : vf;
+    vi = gt ? lane + static_cast<Idx>(j) : vi;
   }
-  row.r = vmax_lanes<T>(vz0 > vz1 ? vz0 : vz1);
-  row.rf = vmax_lanes<T>(vf0 > vf1 ? vf0 : vf1);
+  row.r = vmax_lanes<T>(vz);
+  row.rf = vmax_lanes<T>(vf);
+  int64_t am = mp;
+  for (int l = 0; l < W; ++l) {
+    if (vf[l] == row.rf && static_cast<int64_t>(vi[l]) < am) am = static_cast<int64_t>(vi[l]);
+  }
+  row.am = am < mp ? am : 0;
 }
 
 // Pass A: the exponential sums (and exp(u), exp(u / tau) kept in S, St for the gradient), and with a
@@ -226,13 +237,6 @@ void topk_row(const TopkArgs& args, int64_t i, T a_i, int64_t y, T* scratch, int
     topk_sums<T, Tau1, NeedGrad, true>(X, lc, w, tm, mp, row.r, kt, S, St, sums);
   } else {
     topk_sums<T, Tau1, NeedGrad, false>(X, lc, w, tm, mp, row.r, kt, S, St, sums);
-  }
-  row.am = 0;
-  for (int64_t j = 0; j < m; ++j) {
-    if (X[j] == row.rf) {
-      row.am = j;
-      break;
-    }
   }
   row.sz = sums[0];
   row.szt = sums[1];
