@@ -9,7 +9,9 @@ Two families of cases, forward+backward, every method computing the same gradien
   (``logits``), a teacher head on its own features (``head``, ``H_t = H``), or top-k probabilities
   (``topk16``, ``topk128``; the eager methods use the dense target ``reference.topk_target``).
 * ``loss``: ``(rows, m)``, the loss alone into the student scores: a dense teacher (``dense-logits``,
-  ``dense-probs``) against the top-k teacher (``topk16``, ``topk128``) for ``eager``, ``compile``, ``rkd``.
+  ``dense-probs``) against the top-k teacher (``topk16``, ``topk128``) for ``eager``, ``compile``, ``rkd``
+  (on CPU the sparse top-k kernel, which reads k entries a row) and, for top-k, ``rkd-expand`` (the dense
+  expansion: a dense target per chunk of rows, then the dense kernel; backends without a sparse kernel).
 
 Time is the median of interleaved rounds (every method once per round, so load on a shared machine hits
 all alike); the load average is recorded. Peak memory is measured as ``bench_loss.py`` does (resident
@@ -29,6 +31,7 @@ when installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -41,7 +44,7 @@ from pathlib import Path
 import torch
 from _common import ROOT, PeakMemory, environment, load_average, pyplot, sync, write_results
 
-from rkd_engine import distill_loss, reference
+from rkd_engine import distill_loss, reference, wide
 from rkd_engine.wide import fused_linear_distill_loss
 
 GAMMA = 2.0
@@ -211,7 +214,27 @@ def loss_case(rows: int, m: int, teacher: str, dtype: torch.dtype, device: str):
 
         return step
 
-    return {"eager": run(eager_loss), "compile": run(compiled), "rkd": run(rkd_loss)}, (f,), teacher_bytes
+    methods = {"eager": run(eager_loss), "compile": run(compiled), "rkd": run(rkd_loss)}
+    if "topk" in state:
+
+        def expanded_loss():
+            with _topk_expansion():
+                return rkd_loss()
+
+        methods["rkd-expand"] = run(expanded_loss)
+    return methods, (f,), teacher_bytes
+
+
+@contextlib.contextmanager
+def _topk_expansion():
+    """Run the top-k teacher through the dense expansion (a dense target per chunk of rows, then the dense
+    kernel: the path of backends without a sparse top-k kernel, and of every backend before it), to compare."""
+    saved = wide.has_sparse_topk
+    wide.has_sparse_topk = lambda backend: False
+    try:
+        yield
+    finally:
+        wide.has_sparse_topk = saved
 
 
 # ------------------------------------------------------------------------------------- measuring

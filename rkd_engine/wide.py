@@ -6,9 +6,11 @@ Two ops on top of the fused per-row kernel of every backend (``fused_forward``, 
   gives ``k`` distinct classes ``K_i`` and their (already tempered) probabilities ``p_ij``; the target is
   ``p~_ij = p_ij / sum_{K_i} p_ik`` on ``K_i`` (``"renormalize"``) or ``p_ij`` on ``K_i`` and
   ``(1 - sum_{K_i} p_ik) / (m - k)`` elsewhere (``"uniform"``), then ``q_i = (1 - a_i) e_{y_i} + a_i p~_i``
-  as for a dense teacher. The dense ``p~`` of a small chunk of rows is written into one reused buffer
-  (sized to stay in cache on CPU) and the backend's kernel runs on that chunk in its ``teacher_probs``
-  mode, so loss, gradient and statistics are exactly those of the target and no (B, m) teacher exists.
+  as for a dense teacher. On the C++ and Triton backends a sparse kernel reads the ``k`` entries of each
+  row and the student row (``rkd_engine.ops.topk``): no dense teacher is formed. Elsewhere (``reference``,
+  the executable definition, and ``cuda``) the dense ``p~`` of a chunk of rows is written into one reused
+  buffer and the backend's dense kernel runs on that chunk in its ``teacher_probs`` mode
+  (``_expanded_topk``). Either way loss, gradient and statistics are exactly those of the target.
 - ``rkd::fused_linear_distill``: ``fused_linear_distill_loss``. Chunk of rows by chunk, the student's
   scores ``f = X W^T + b`` (one matrix product into a reused buffer), the teacher's (dense logits, top-k,
   or its own head ``g = X_t W_t^T + b_t`` under no grad), the fused kernel, which overwrites the scores
@@ -33,6 +35,7 @@ from rkd_engine.ops.call import check_scores, describe_call
 from rkd_engine.ops.call import check_tensor as _tensor
 from rkd_engine.ops.checks import PROB_SUM_TOL as _PROB_SUM_TOL
 from rkd_engine.ops.op import _mean_scale, call_fused
+from rkd_engine.ops.topk import has_sparse_topk, sparse_topk_forward
 
 __all__ = [
     "TOPK_TAILS",
@@ -43,7 +46,8 @@ __all__ = [
 
 TOPK_TAILS: tuple[str, ...] = ("renormalize", "uniform")
 
-# Rows per chunk of the top-k expansion on CPU. Each chunk costs one call of the kernel (a parallel region,
+# Rows per chunk of the top-k expansion (backends without a sparse top-k kernel; on CPU the reference).
+# Each chunk costs one call of the kernel (a parallel region,
 # per-call workspaces): on the shared 2-core EPYC, loaded, at (4096, 32000) fp32 and k = 128, chunks of
 # 32 / 128 / 512 rows took 10.3 / 5.6 / 5.0 s a step (dense teacher logits: 3.9 s), so chunks are large.
 _TOPK_CPU_CHUNK_BYTES = 64 << 20
@@ -143,59 +147,64 @@ def _topk_chunk(device: torch.device, m: int, elem: int, rows: int) -> int:
     return _rows_per_chunk(budget, m, elem, rows, minimum=1)
 
 
+def _reduce(loss_rows: Tensor, reduction: str, grad_scale: float, scale: Tensor | None) -> Tensor:
+    """The loss of ``reduction`` from per-row losses (``grad_scale``, ``scale``: the mean's ``_mean_scale``)."""
+    if reduction == "mean":
+        return loss_rows.sum() * (grad_scale if scale is None else scale)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows
+
+
+def _expanded_topk(student, indices, probs, uniform, labels, a, log_c, w, tau, need_grad, backend, chunk, ignore_index,
+                   grad_scale, scale, grad_out=None):  # fmt: skip
+    """The top-k loss through a backend's dense kernel: the dense target of a chunk of rows at a time is written
+    into one reused buffer (the ``reference`` backend's definition, and ``cuda``'s way)."""
+    rows, m = student.shape
+    module = backend_module(backend)
+    values, tail = _topk_parts(probs, uniform, m, acc_dtype(student.dtype))
+    values = values.to(student.dtype)
+    tail = None if tail is None else tail.to(student.dtype)
+    grad = (torch.empty_like(student) if grad_out is None else grad_out) if need_grad else student.new_empty(0)
+    loss_rows = torch.empty(rows, dtype=acc_dtype(student.dtype), device=student.device)
+    stats = [torch.zeros(m, dtype=loss_rows.dtype, device=student.device) for _ in range(3)]
+    chunk = max(1, min(chunk, rows))
+    buf = student.new_zeros(chunk, m) if tail is None else student.new_empty(chunk, m)
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        part = None if tail is None else tail[start:end]
+        target = _expand_topk_(buf[: end - start], indices[start:end], values[start:end], part)
+        out = module.fused_forward(
+            student[start:end], target, None if labels is None else labels[start:end], a[start:end], log_c, w,
+            gamma=1.0, tau=tau, teacher_is_probs=True, grad_scale=grad_scale, need_grad=need_grad,
+            grad_out=grad[start:end] if need_grad else None, ignore_index=ignore_index, scale=scale,
+        )  # fmt: skip
+        _clear_topk_(target, indices[start:end], part)
+        loss_rows[start:end] = out[0]
+        for acc, new in zip(stats, out[2:], strict=True):
+            acc += new
+    return loss_rows, grad, *stats
+
+
 def _topk_forward(
     student, indices, probs, uniform, labels, a, log_c, w, tau, reduction, need_grad, backend, chunk,
     ignore_index, normalizer, normalizer_t,
 ):  # fmt: skip
-    rows, m = student.shape
-    acc = acc_dtype(student.dtype)
-    module = backend_module(backend)
-    values, tail = _topk_parts(probs, uniform, m, acc)
-    values = values.to(student.dtype)
-    tail = None if tail is None else tail.to(student.dtype)
-    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
-    loss_rows = torch.empty(rows, dtype=acc, device=student.device)
-    mass = torch.zeros(m, dtype=acc, device=student.device)
-    risk = torch.zeros_like(mass)
-    error = torch.zeros_like(mass)
-    chunk = max(1, min(chunk, rows))
-    buf = student.new_zeros(chunk, m) if tail is None else student.new_empty(chunk, m)
+    """The body of ``rkd::distill_topk``: the backend's sparse kernel where it has one, else the expansion."""
     grad_scale, scale = 1.0, None
     if reduction == "mean":
         grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
-    for start in range(0, rows, chunk):
-        end = min(start + chunk, rows)
-        target = _expand_topk_(
-            buf[: end - start], indices[start:end], values[start:end], None if tail is None else tail[start:end]
-        )
-        out = module.fused_forward(
-            student[start:end],
-            target,
-            None if labels is None else labels[start:end],
-            a[start:end],
-            log_c,
-            w,
-            gamma=1.0,
-            tau=tau,
-            teacher_is_probs=True,
-            grad_scale=grad_scale,
-            need_grad=need_grad,
-            grad_out=grad[start:end] if need_grad else None,
-            ignore_index=ignore_index,
-            scale=scale,
-        )
-        _clear_topk_(target, indices[start:end], tail)
-        loss_rows[start:end] = out[0]
-        mass += out[2]
-        risk += out[3]
-        error += out[4]
-    if reduction == "mean":
-        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
+    if has_sparse_topk(backend):
+        loss_rows, grad, mass, risk, error = sparse_topk_forward(
+            backend, student, indices, probs, uniform, labels, a, log_c, w, tau=tau, grad_scale=grad_scale,
+            need_grad=need_grad, ignore_index=ignore_index, scale=scale,
+        )  # fmt: skip
     else:
-        loss = loss_rows
-    return loss, grad, mass, risk, error
+        loss_rows, grad, mass, risk, error = _expanded_topk(
+            student, indices, probs, uniform, labels, a, log_c, w, tau, need_grad, backend, chunk, ignore_index,
+            grad_scale, scale,
+        )  # fmt: skip
+    return _reduce(loss_rows, reduction, grad_scale, scale), grad, mass, risk, error
 
 
 @torch.library.custom_op("rkd::distill_topk", mutates_args=())
@@ -328,114 +337,104 @@ def topk_distill_loss(
 
 
 # ------------------------------------------------------------------------------ fused output layer
+class _HeadGrads:
+    """The gradients of the fused layer, chunk by chunk: ``dX = G W`` per chunk, ``dW += G^T X`` and
+    ``db += sum_i G_i`` in the accumulation dtype across chunks, rounded once at the end."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, need_input: bool, need_param: bool) -> None:
+        acc = acc_dtype(x.dtype)
+        self.x, self.weight, self.bias, self.acc = x, weight, bias, acc
+        self.grad_x = torch.empty_like(x) if need_input else None
+        self.grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_param else None
+        self.grad_b = (
+            torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_param and bias is not None else None
+        )
+
+    def add(self, g: Tensor, start: int, end: int) -> None:
+        """Add the chunk of rows ``[start, end)`` whose score gradient is ``g``."""
+        if self.grad_x is not None:
+            torch.mm(g, self.weight, out=self.grad_x[start:end])
+        if self.grad_w is not None:
+            xs = self.x[start:end]
+            if g.dtype == self.acc:
+                self.grad_w.addmm_(g.t(), xs)
+            else:  # bf16 / fp16: the product in fp32, so the sum over chunks is rounded once
+                self.grad_w.addmm_(g.t().to(self.acc), xs.to(self.acc))
+            if self.grad_b is not None:
+                self.grad_b += g.sum(0, dtype=self.acc)
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dX, dW, db)``, each an empty tensor where not computed."""
+        grad_x = self.grad_x if self.grad_x is not None else self.x.new_empty(0)
+        grad_w = self.grad_w.to(self.weight.dtype) if self.grad_w is not None else self.weight.new_empty(0)
+        grad_b = self.grad_b.to(self.bias.dtype) if self.grad_b is not None else self.weight.new_empty(0)
+        return grad_x, grad_w, grad_b
+
+
+def _scores_(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out = x W^T + b`` (one matrix product into ``out``)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _linear_chunk(f, rows, teacher, topk, labels, a, log_c, w, gamma, tau, need_grad, backend, ignore_index,
+                  grad_scale, scale):  # fmt: skip
+    """The fused loss of one chunk of scores ``f`` (rows ``rows``), its gradient written over ``f``."""
+    labels = None if labels is None else labels[rows]
+    grad_out = f if need_grad else None  # G = dloss/df overwrites the scores
+    if topk is not None:
+        indices, probs, uniform = topk[0][rows], topk[1][rows], topk[2]
+        if has_sparse_topk(backend):
+            return sparse_topk_forward(
+                backend, f, indices, probs, uniform, labels, a[rows], log_c, w, tau=tau, grad_scale=grad_scale,
+                need_grad=need_grad, grad_out=grad_out, ignore_index=ignore_index, scale=scale,
+            )  # fmt: skip
+        return _expanded_topk(
+            f, indices, probs, uniform, labels, a[rows], log_c, w, tau, need_grad, backend, f.shape[0],
+            ignore_index, grad_scale, scale, grad_out=grad_out,
+        )  # fmt: skip
+    return backend_module(backend).fused_forward(
+        f, teacher, labels, a[rows], log_c, w, gamma=gamma, tau=tau, teacher_is_probs=False, grad_scale=grad_scale,
+        need_grad=need_grad, grad_out=grad_out, ignore_index=ignore_index, scale=scale,
+    )  # fmt: skip
+
+
 def _linear_forward(
     x, weight, bias, labels, a, log_c, w, teacher_logits, teacher_x, teacher_weight_, teacher_bias,
     indices, probs, uniform, gamma, tau, reduction, need_input_grad, need_param_grad, backend, chunk,
     ignore_index, normalizer, normalizer_t,
 ):  # fmt: skip
-    rows = x.shape[0]
-    m = weight.shape[0]
-    dtype = x.dtype
-    acc = acc_dtype(dtype)
-    module = backend_module(backend)
-    need_grad = need_input_grad or need_param_grad
+    rows, m = x.shape[0], weight.shape[0]
+    acc = acc_dtype(x.dtype)
     grad_scale, scale = 1.0, None
     if reduction == "mean":
         grad_scale, scale = _mean_scale(x, labels, ignore_index, normalizer, normalizer_t)
     chunk = max(1, min(chunk, rows))
     scores = x.new_empty(chunk, m)
-    teacher_buf = None
-    values = tail = None
-    if indices is not None:
-        values, tail = _topk_parts(probs, uniform, m, acc)
-        values = values.to(dtype)
-        tail = None if tail is None else tail.to(dtype)
-        teacher_buf = x.new_zeros(chunk, m) if tail is None else x.new_empty(chunk, m)
-    elif teacher_x is not None:
-        teacher_buf = x.new_empty(chunk, m)
-    grad_x = torch.empty_like(x) if need_input_grad else x.new_empty(0)
-    grad_w = grad_b = None
-    if need_param_grad:
-        # fp32 accumulators across chunks (the weight's own storage when it is already fp32 / fp64)
-        grad_w = torch.zeros(m, weight.shape[1], dtype=acc, device=x.device)
-        grad_b = torch.zeros(m, dtype=acc, device=x.device) if bias is not None else None
+    teacher_buf = x.new_empty(chunk, m) if teacher_x is not None else None
+    topk = None if indices is None else (indices, probs, uniform)
+    grads = _HeadGrads(x, weight, bias, need_input_grad, need_param_grad)
     loss_rows = torch.empty(rows, dtype=acc, device=x.device)
-    mass = torch.zeros(m, dtype=acc, device=x.device)
-    risk = torch.zeros_like(mass)
-    error = torch.zeros_like(mass)
-    weight_t = weight.t()
+    stats = [torch.zeros(m, dtype=acc, device=x.device) for _ in range(3)]
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
-        xs = x[start:end]
-        f = scores[: end - start]
-        if bias is None:
-            torch.mm(xs, weight_t, out=f)
-        else:
-            torch.addmm(bias, xs, weight_t, out=f)
-        teacher, is_probs = None, False
-        if indices is not None:
-            teacher, is_probs = (
-                _expand_topk_(
-                    teacher_buf[: end - start],
-                    indices[start:end],
-                    values[start:end],
-                    None if tail is None else tail[start:end],
-                ),
-                True,
-            )
-        elif teacher_x is not None:
-            teacher = teacher_buf[: end - start]
-            xt = teacher_x[start:end]
-            if teacher_bias is None:
-                torch.mm(xt, teacher_weight_.t(), out=teacher)
-            else:
-                torch.addmm(teacher_bias, xt, teacher_weight_.t(), out=teacher)
+        part = slice(start, end)
+        f = _scores_(scores[: end - start], x[part], weight, bias)
+        teacher = None
+        if teacher_x is not None:
+            teacher = _scores_(teacher_buf[: end - start], teacher_x[part], teacher_weight_, teacher_bias)
         elif teacher_logits is not None:
-            teacher = teacher_logits[start:end]
-        out = module.fused_forward(
-            f,
-            teacher,
-            None if labels is None else labels[start:end],
-            a[start:end],
-            log_c,
-            w,
-            gamma=gamma,
-            tau=tau,
-            teacher_is_probs=is_probs,
-            grad_scale=grad_scale,
-            need_grad=need_grad,
-            grad_out=f if need_grad else None,  # G = dloss/df overwrites the scores
-            ignore_index=ignore_index,
-            scale=scale,
-        )
-        if indices is not None:
-            _clear_topk_(teacher, indices[start:end], tail)
-        loss_rows[start:end] = out[0]
-        mass += out[2]
-        risk += out[3]
-        error += out[4]
-        if need_input_grad:
-            torch.mm(f, weight, out=grad_x[start:end])
-        if need_param_grad:
-            if f.dtype == acc:
-                grad_w.addmm_(f.t(), xs)
-            else:  # bf16 / fp16: the product in fp32, so the sum over chunks is rounded once
-                grad_w.addmm_(f.t().to(acc), xs.to(acc))
-            if grad_b is not None:
-                grad_b += f.sum(0, dtype=acc)
-    if reduction == "mean":
-        loss = loss_rows.sum() * (grad_scale if scale is None else scale)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows
-    if need_param_grad:
-        grad_w = grad_w.to(weight.dtype)
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else weight.new_empty(0)
-    else:
-        grad_w = weight.new_empty(0)
-        grad_b = weight.new_empty(0)
-    return loss, mass, risk, error, grad_x, grad_w, grad_b
+            teacher = teacher_logits[part]
+        out = _linear_chunk(
+            f, part, teacher, topk, labels, a, log_c, w, gamma, tau, need_input_grad or need_param_grad, backend,
+            ignore_index, grad_scale, scale,
+        )  # fmt: skip
+        loss_rows[part] = out[0]
+        for total, new in zip(stats, out[2:], strict=True):
+            total += new
+        grads.add(f, start, end)
+    return _reduce(loss_rows, reduction, grad_scale, scale), *stats, *grads.result()
 
 
 @torch.library.custom_op("rkd::fused_linear_distill", mutates_args=())
@@ -540,6 +539,72 @@ def _head(name: str, weight: object, bias: object, x: Tensor, x_name: str) -> tu
     return weight, bias
 
 
+def _one_teacher(teacher_logits, teacher_input, teacher_topk, teacher_head_weight, teacher_head_bias) -> list[str]:
+    """The names of the teachers given to the fused layer (at most one may be)."""
+    given = [n for n, v in (("teacher_logits", teacher_logits), ("teacher_input", teacher_input),
+                            ("teacher_topk", teacher_topk)) if v is not None]  # fmt: skip
+    if len(given) > 1:
+        raise ValueError(
+            f"pass one teacher (teacher_logits, teacher_input + teacher_head_weight, or teacher_topk), got {given}"
+        )
+    if (teacher_head_weight is not None or teacher_head_bias is not None) and teacher_input is None:
+        raise ValueError("teacher_head_weight / teacher_head_bias need teacher_input (the teacher's features)")
+    return given
+
+
+def _linear_teacher_args(x, m, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, teacher_topk,
+                         topk_tail, check_values):  # fmt: skip
+    """The teacher of ``fused_linear_distill_loss``, checked: ``(logits, X_t, W_t, b_t, indices, probs,
+    uniform)``, the absent ones ``None``."""
+    rows = x.shape[0]
+    device, dtype = x.device, x.dtype
+    indices = probs = None
+    uniform = False
+    if teacher_logits is not None:
+        _check_like("teacher_logits", _tensor("teacher_logits", teacher_logits), (rows, m), device, "student_input")
+        if teacher_logits.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher_logits.dtype}")
+        teacher_logits = teacher_logits.detach().to(dtype).contiguous()
+        if check_values:
+            _check_finite("teacher_logits", teacher_logits, allow_neg_inf=True)
+    if teacher_input is not None:
+        xt = _tensor("teacher_input", teacher_input)
+        if xt.dim() != 2 or xt.shape[0] != rows:
+            raise ValueError(f"teacher_input must have shape ({rows}, H_t), got {tuple(xt.shape)}")
+        if teacher_head_weight is None:
+            raise ValueError("teacher_input needs teacher_head_weight (m, H_t)")
+        teacher_input = xt.detach().to(dtype).contiguous()
+        tw = _tensor("teacher_head_weight", teacher_head_weight).detach().to(dtype)
+        tb = None if teacher_head_bias is None else _tensor("teacher_head_bias", teacher_head_bias).detach().to(dtype)
+        tw, tb = _head("teacher_head", tw, tb, teacher_input, "teacher_input")
+        if tw.shape[0] != m:
+            raise ValueError(
+                f"teacher_head_weight must have {m} rows (classes) like student_head_weight, got {tw.shape[0]}"
+            )
+        teacher_head_weight, teacher_head_bias = tw.contiguous(), None if tb is None else tb.contiguous()
+    if teacher_topk is not None:
+        indices, probs, uniform = _topk_args(teacher_topk, topk_tail, rows, m, device, "student_input", check_values)
+    return teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs, uniform
+
+
+def _linear_plan(x: Tensor, weight: Tensor, bias: Tensor | None, reduction: str, chunk_size: int | None):
+    """``(need_input_grad, need_param_grad, chunk_size)`` of the fused layer."""
+    rows, m = x.shape[0], weight.shape[0]
+    grad_on = torch.is_grad_enabled()
+    need_input_grad = grad_on and x.requires_grad
+    need_param_grad = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if reduction == "none" and (need_input_grad or need_param_grad):
+        raise ValueError(
+            "reduction='none' cannot be differentiated through the fused layer (the weight gradient is summed "
+            "over rows in the forward): use 'mean' or 'sum', or call it under torch.no_grad()"
+        )
+    if chunk_size is None:
+        chunk_size = _rows_per_chunk(_LINEAR_CHUNK_BYTES, m, x.element_size(), rows)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return need_input_grad, need_param_grad, chunk_size
+
+
 def fused_linear_distill_loss(
     student_input: Tensor,
     student_head_weight: Tensor,
@@ -593,71 +658,27 @@ def fused_linear_distill_loss(
     x = check_scores("student_input", student_input, "(B, H)")
     weight, bias = _head("student_head", student_head_weight, student_head_bias, x, "student_input")
     rows, m = x.shape[0], weight.shape[0]
-    device, dtype = x.device, x.dtype
-
-    given = [n for n, v in (("teacher_logits", teacher_logits), ("teacher_input", teacher_input),
-                            ("teacher_topk", teacher_topk)) if v is not None]  # fmt: skip
-    if len(given) > 1:
-        raise ValueError(
-            f"pass one teacher (teacher_logits, teacher_input + teacher_head_weight, or teacher_topk), got {given}"
-        )
-    if (teacher_head_weight is not None or teacher_head_bias is not None) and teacher_input is None:
-        raise ValueError("teacher_head_weight / teacher_head_bias need teacher_input (the teacher's features)")
+    given = _one_teacher(teacher_logits, teacher_input, teacher_topk, teacher_head_weight, teacher_head_bias)
     call = describe_call(
-        rows, m, device, dtype, "student_input", labels=labels, has_teacher=bool(given),
+        rows, m, x.device, x.dtype, "student_input", labels=labels, has_teacher=bool(given),
         teacher_names="teacher_logits, teacher_input or teacher_topk", teacher_weight=teacher_weight,
         class_costs=class_costs, class_weights=class_weights, temperature=temperature,
         student_temperature=student_temperature, reduction=reduction, backend=backend, validate=validate,
         ignore_index=ignore_index, normalizer=normalizer, host_checks=True,
     )  # fmt: skip
-    check_values = call.check_values
-    indices = probs = None
-    uniform = False
-    if teacher_logits is not None:
-        _check_like("teacher_logits", _tensor("teacher_logits", teacher_logits), (rows, m), device, "student_input")
-        if teacher_logits.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher_logits.dtype}")
-        teacher_logits = teacher_logits.detach().to(dtype).contiguous()
-        if check_values:
-            _check_finite("teacher_logits", teacher_logits, allow_neg_inf=True)
-    if teacher_input is not None:
-        xt = _tensor("teacher_input", teacher_input)
-        if xt.dim() != 2 or xt.shape[0] != rows:
-            raise ValueError(f"teacher_input must have shape ({rows}, H_t), got {tuple(xt.shape)}")
-        if teacher_head_weight is None:
-            raise ValueError("teacher_input needs teacher_head_weight (m, H_t)")
-        teacher_input = xt.detach().to(dtype).contiguous()
-        tw = _tensor("teacher_head_weight", teacher_head_weight).detach().to(dtype)
-        tb = None if teacher_head_bias is None else _tensor("teacher_head_bias", teacher_head_bias).detach().to(dtype)
-        tw, tb = _head("teacher_head", tw, tb, teacher_input, "teacher_input")
-        if tw.shape[0] != m:
-            raise ValueError(
-                f"teacher_head_weight must have {m} rows (classes) like student_head_weight, got {tw.shape[0]}"
-            )
-        teacher_head_weight, teacher_head_bias = tw.contiguous(), None if tb is None else tb.contiguous()
-    if teacher_topk is not None:
-        indices, probs, uniform = _topk_args(teacher_topk, topk_tail, rows, m, device, "student_input", check_values)
+    teachers = _linear_teacher_args(
+        x, m, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, teacher_topk, topk_tail,
+        call.check_values,
+    )  # fmt: skip
     if call.a_const == 0.0:
-        teacher_logits = teacher_input = teacher_head_weight = teacher_head_bias = indices = probs = None
-    if check_values:
+        teachers = (None,) * 6 + (False,)
+    if call.check_values:
         _check_finite("student_input", x)
-    grad_on = torch.is_grad_enabled()
-    need_input_grad = grad_on and x.requires_grad
-    need_param_grad = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if reduction == "none" and (need_input_grad or need_param_grad):
-        raise ValueError(
-            "reduction='none' cannot be differentiated through the fused layer (the weight gradient is summed "
-            "over rows in the forward): use 'mean' or 'sum', or call it under torch.no_grad()"
-        )
-    if chunk_size is None:
-        chunk_size = _rows_per_chunk(_LINEAR_CHUNK_BYTES, m, x.element_size(), rows)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    need_input_grad, need_param_grad, chunk_size = _linear_plan(x, weight, bias, call.reduction, chunk_size)
     out = fused_linear_distill(
         x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), call.labels, call.a,
-        call.log_c, call.w, teacher_logits, teacher_input, teacher_head_weight, teacher_head_bias, indices, probs,
-        uniform, call.gamma, call.tau, call.reduction, need_input_grad, need_param_grad, call.backend, chunk_size,
-        call.ignore_index, call.norm_value, call.norm_t,
+        call.log_c, call.w, *teachers, call.gamma, call.tau, call.reduction, need_input_grad, need_param_grad,
+        call.backend, chunk_size, call.ignore_index, call.norm_value, call.norm_t,
     )  # fmt: skip
     return LossOutput(out[0], out[1], out[2], out[3])
 

@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "distill_kernel.h"
+#include "distill_topk_bind.h"
 
 namespace rkd::cpu {
 namespace {
@@ -412,4 +413,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "(max_single_tile, tile): rows of up to max_single_tile classes are held whole, wider ones tiled.");
   mod.def("set_tiling", &rkd::cpu::set_tiling, py::arg("max_single_tile"), py::arg("tile"),
           "Change the tiling (for tests of the tiled path; the defaults are the tuned ones).");
+  rkd::cpu::bind_topk(mod);
 }
