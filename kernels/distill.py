@@ -66,7 +66,6 @@ __all__ = [
     "MAX_CLASSES",
     "NARROW_MAX_CLASSES",
     "FusedConfig",
-    "dro_block",
     "fused_config",
     "scale_rows_config",
 ]
@@ -192,11 +191,6 @@ def scale_rows_config(m: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of ``_scale_rows_kernel``: column tiles of up to 4096 elements."""
     block = min(4096, max(16, _pow2(m)))
     return block, 4 if block <= 1024 else 8
-
-
-def dro_block(m: int) -> int:
-    """Tile of the single-program DRO update."""
-    return min(1024, max(16, _pow2(m)))
 
 
 @triton.jit

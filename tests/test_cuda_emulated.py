@@ -89,7 +89,6 @@ class Emulated:
         ]
         lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
-        lib.emu_dro_update.argtypes = [p, p, p, i64, f32, f32]
         lib.emu_configure.argtypes = [i32, i32]
         self.lib = lib
 
@@ -291,20 +290,6 @@ def test_scale_rows(emulated, dtype):
         want = (grad.float() * go[:, None]).to(dtype)
         emulated.lib.emu_scale_rows(DTYPE_CODES[dtype], grad.data_ptr(), 4, m, go.data_ptr())
         assert torch.equal(grad, want)
-
-
-def test_dro_update(emulated):
-    gen = torch.Generator().manual_seed(0)
-    for m in (1, 6, 3000):
-        weights = torch.softmax(torch.randn(m, generator=gen), 0)
-        mass = torch.rand(m, generator=gen) * 10
-        mass[::3] = 0.0
-        risk = mass * torch.rand(m, generator=gen)
-        want = reference.dro_update(weights.double(), risk.double(), mass.double(), alpha=0.7, step_size=0.5)
-        got = weights.clone()
-        emulated.lib.emu_dro_update(got.data_ptr(), risk.data_ptr(), mass.data_ptr(), m, 0.7, 0.5)
-        assert torch.equal(got[mass == 0], weights[mass == 0])
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("m", [37, 1000, 4104], ids=["warp", "block", "streaming"])

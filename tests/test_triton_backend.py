@@ -259,35 +259,6 @@ def test_scale_rows_skips_unit_rows():
         assert torch.equal(grad[0], before[0]) and torch.equal(grad[3], before[3])
 
 
-@pytest.mark.parametrize("m", [1, 7, 2500])
-@pytest.mark.parametrize("as_tensors", [False, True])
-def test_dro_update_matches_reference(m, as_tensors):
-    gen = torch.Generator().manual_seed(m)
-    weights = torch.softmax(torch.randn(m, generator=gen), 0)
-    mass = torch.rand(m, generator=gen) * 5
-    mass[::4] = 0.0  # absent classes keep their weight exactly
-    risk = mass * torch.rand(m, generator=gen)
-    alpha, step = 0.7, 0.3
-    want = reference.dro_update(weights, risk, mass, alpha=alpha, step_size=step)
-    weights, risk, mass = weights.to(DEVICE), risk.to(DEVICE), mass.to(DEVICE)
-    kwargs = {"alpha": alpha, "step_size": step}
-    if as_tensors:
-        kwargs = {k: torch.tensor(v, device=DEVICE) for k, v in kwargs.items()}
-    before = weights.clone()
-    triton_backend.dro_update_(weights, risk, mass, **kwargs)
-    torch.testing.assert_close(weights.cpu(), want, rtol=2e-6, atol=1e-7)
-    absent = (mass == 0).cpu()
-    assert torch.equal(weights.cpu()[absent], before.cpu()[absent])
-
-
-def test_dro_update_all_absent_is_a_no_op():
-    weights = torch.full((5,), 0.2, device=DEVICE)
-    triton_backend.dro_update_(
-        weights, torch.zeros(5, device=DEVICE), torch.zeros(5, device=DEVICE), alpha=1.0, step_size=0.1
-    )
-    assert torch.all(weights == 0.2)
-
-
 def test_limits_and_reasons(monkeypatch):
     distill = _distill()
     with pytest.raises(ValueError, match="262144"):

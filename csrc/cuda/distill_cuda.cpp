@@ -1,5 +1,5 @@
 // Torch glue of the rkd CUDA kernels: argument checks, output and workspace allocation, the current CUDA
-// stream, and the Python binding `rkd_engine._C_cuda` (fused_forward, scale_rows_, dro_update_).
+// stream, and the Python binding `rkd_engine._C_cuda` (fused_forward, scale_rows_).
 // The kernels themselves (distill_kernels.cu) know nothing of torch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -139,19 +139,6 @@ void scale_rows_(const Tensor& grad, const Tensor& go) {
                        current_stream());
 }
 
-void dro_update_(const Tensor& weights, const Tensor& risk, const Tensor& mass, double alpha, double step_size) {
-  TORCH_CHECK_VALUE(weights.is_cuda(), "weights must be a CUDA tensor, got one on ", weights.device());
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() >= 1, "weights must have shape (m,) with m >= 1, got ",
-                    weights.sizes());
-  const int64_t m = weights.size(0);
-  check_vector(weights, m, at::kFloat, weights, "weights");
-  check_vector(risk, m, at::kFloat, weights, "risk");
-  check_vector(mass, m, at::kFloat, weights, "mass");
-  const c10::cuda::CUDAGuard guard(weights.device());
-  rkd_cuda::dro_update(weights.data_ptr<float>(), risk.data_ptr<float>(), mass.data_ptr<float>(), m,
-                       static_cast<float>(alpha), static_cast<float>(step_size), current_stream());
-}
-
 std::string fused_forward_path(const Tensor& student, bool has_teacher) {
   TORCH_CHECK_VALUE(student.is_cuda() && student.dim() == 2, "student must be a (B, m) CUDA tensor");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -171,7 +158,7 @@ std::string fused_forward_path(const Tensor& student, bool has_teacher) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "rkd CUDA kernels (sm_90): the fused distillation loss, row scaling and the DRO step";
+  module.doc() = "rkd CUDA kernels (sm_90): the fused distillation loss, and the row scaling";
   module.attr("MAX_CLASSES") = rkd_cuda::kMaxClasses;
   module.def("fused_forward", &fused_forward, "Loss per row, grad_scale * dloss/df and mass, risk, error",
              pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("labels"), pybind11::arg("a"),
@@ -181,9 +168,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("scale") = pybind11::none());
   module.def("scale_rows_", &scale_rows_, "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1",
              pybind11::arg("grad"), pybind11::arg("go"));
-  module.def("dro_update_", &dro_update_, "One exponentiated-gradient step on the class weights, in place",
-             pybind11::arg("weights"), pybind11::arg("risk"), pybind11::arg("mass"), pybind11::arg("alpha"),
-             pybind11::arg("step_size"));
   module.def("fused_forward_path", &fused_forward_path,
              "The code path and launch shape fused_forward takes for a student like this one (teacher logits, "
              "gradient written over the student)",

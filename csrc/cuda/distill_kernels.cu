@@ -1,5 +1,5 @@
 // rkd CUDA kernels for sm_90 (H100, H200): the fused robust-distillation loss of docs/loss.md,
-// the in-place row scaling of its saved gradient, and the DRO weight step of section 4.
+// and the in-place row scaling of its saved gradient.
 // Plain CUDA C++: no torch header, so CI compiles this file with nvcc on a machine without a GPU.
 //
 // ---------------------------------------------------------------------------------------------------
@@ -92,7 +92,6 @@ constexpr int kColsumColumns = 32;  // column-sum block: 32 columns x 8 lanes ov
 constexpr int kColsumLanes = 8;
 constexpr int kScaleThreads = 256;
 constexpr int kScaleVectorsPerThread = 4;
-constexpr int kDroThreads = 1024;
 constexpr int kMaxGridY = 65535;
 
 constexpr float kInf = __builtin_huge_valf();
@@ -927,44 +926,6 @@ __global__ void __launch_bounds__(kScaleThreads)
   }
 }
 
-// ---- DRO step ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / kWarpSize;
-  v = lane < warps ? scratch[lane] : 0.0f;
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return __shfl_sync(kFullMask, v, 0);
-}
-
-__global__ void __launch_bounds__(kDroThreads)
-    dro_update_kernel(float* __restrict__ weights, const float* __restrict__ risk, const float* __restrict__ mass,
-                      int64_t m, float step) {
-  __shared__ float scratch[2][kDroThreads / kWarpSize];
-  float old_present = 0.0f;
-  float new_present = 0.0f;
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    const float mj = mass[j];
-    if (mj > 0.0f) {
-      const float wj = weights[j];
-      old_present += wj;
-      new_present += wj * expf(step * (risk[j] / mj));
-    }
-  }
-  old_present = block_sum(old_present, scratch[0]);
-  new_present = block_sum(new_present, scratch[1]);
-  const float scale = new_present > 0.0f ? old_present / new_present : 0.0f;
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    const float mj = mass[j];
-    if (mj > 0.0f) weights[j] = weights[j] * expf(step * (risk[j] / mj)) * scale;
-  }
-}
-
 // ---- host side ------------------------------------------------------------------------------------------
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -1320,13 +1281,6 @@ void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_
       run_scale_rows<__nv_bfloat16>(grad, stride, go, rows, cols, stream);
       break;
   }
-}
-
-void dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha, float step_size,
-                cudaStream_t stream) {
-  if (classes < 1) throw std::invalid_argument("rkd CUDA kernels: dro_update needs at least one class");
-  dro_update_kernel<<<1, kDroThreads, 0, stream>>>(weights, risk, mass, classes, step_size * alpha);
-  check_cuda(cudaGetLastError(), "launching dro_update_kernel");
 }
 
 std::string fused_forward_path(const FusedArgs& args) {

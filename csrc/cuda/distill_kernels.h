@@ -62,12 +62,6 @@ void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_byte
 void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_t rows, int64_t cols,
                 cudaStream_t stream);
 
-// One exponentiated-gradient step on the class weights lambda (docs/dro.md), in place, in one
-// block: R_j = risk_j / mass_j where mass_j > 0; lambda_j <- lambda_j exp(step_size * alpha * R_j),
-// renormalised over the classes present; a class with mass_j <= 0 keeps its weight exactly.
-void dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha,
-                float step_size, cudaStream_t stream);
-
 // Which code path and launch shape fused_forward takes for `args` on the current device, in words
 // (for benchmarks and bug reports).
 std::string fused_forward_path(const FusedArgs& args);

@@ -173,20 +173,6 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     _require().scale_rows_(grad, go)
 
 
-def dro_update_(weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float, step_size: float) -> None:
-    """One exponentiated-gradient step on ``lambda`` in place (``rkd_engine.reference.dro_update``), one block.
-
-    ``R_j = risk_numerator_j / mass_j`` where ``mass_j > 0``; ``lambda_j <- lambda_j exp(step_size alpha R_j)``
-    renormalised over the classes present, so a class with zero mass keeps its weight exactly. ``weights``,
-    ``risk_numerator`` and ``mass`` are contiguous (m,) float32 CUDA tensors on one device; ``alpha`` and
-    ``step_size`` are numbers. Enqueued on the current stream: no host synchronisation.
-    """
-    for name, value in (("alpha", alpha), ("step_size", step_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    _require().dro_update_(weights, risk_numerator, mass, alpha=float(alpha), step_size=float(step_size))
-
-
 def fused_forward_path(student: Tensor, *, has_teacher: bool = True) -> str:
     """In words, the code path and launch shape the kernels take for a student like ``student`` (for benchmarks)."""
     return _require().fused_forward_path(student, has_teacher=has_teacher)

@@ -65,11 +65,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _kernels() -> tuple[ModuleType, ModuleType]:
-    """The kernel modules, imported (with Triton) at the first launch."""
-    from rkd_engine.kernels import distill, dro
+def _kernels() -> ModuleType:
+    """The kernel module, imported (with Triton) at the first launch."""
+    from rkd_engine.kernels import distill
 
-    return distill, dro
+    return distill
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
@@ -179,7 +179,7 @@ def fused_forward(
     if scale is not None:
         _check_vector("scale", scale.reshape(-1), 1, torch.float32, device, required=True)
 
-    distill, _ = _kernels()
+    distill = _kernels()
     acc = torch.float32
     loss = torch.empty(rows, dtype=acc, device=device)
     new_stat = torch.zeros if rows == 0 else torch.empty  # stage 2 writes every class
@@ -270,41 +270,7 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     rows, m = grad.shape
     if rows == 0 or m == 0:
         return
-    distill, _ = _kernels()
+    distill = _kernels()
     block, num_warps = distill.scale_rows_config(m)
     with _on(grad.device):
         distill._scale_rows_kernel[(rows,)](grad, grad.stride(0), go, m, BLOCK=block, num_warps=num_warps)
-
-
-def dro_update_(
-    weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float | Tensor, step_size: float | Tensor
-) -> None:
-    """One exponentiated-gradient step on ``lambda`` in place (``rkd_engine.reference.dro_update``).
-
-    ``weights``, ``risk_numerator`` and ``mass`` are (m,) fp32 contiguous on one device; ``alpha`` and
-    ``step_size`` are numbers or one-element fp32 tensors on that device (read on device, never on host).
-    """
-    if not isinstance(weights, Tensor) or weights.dim() != 1:
-        raise ValueError("weights must be a (m,) tensor")
-    m = weights.shape[0]
-    _check_runnable(weights.device, weights.dtype, m)
-    for name, t in (("weights", weights), ("risk_numerator", risk_numerator), ("mass", mass)):
-        _check_vector(name, t, m, torch.float32, weights.device, required=True)
-    if m == 0:
-        return
-    distill, dro = _kernels()
-    scalars = {"alpha": alpha, "step_size": step_size}
-    as_tensors = [isinstance(v, Tensor) for v in scalars.values()]
-    if any(as_tensors):
-        if not all(as_tensors):
-            raise TypeError("alpha and step_size must both be numbers or both be tensors")
-        for name, v in scalars.items():
-            _check_vector(name, v.reshape(-1), 1, torch.float32, weights.device, required=True)
-        coef, step_ptr, alpha_ptr = 0.0, step_size, alpha
-    else:
-        coef, step_ptr, alpha_ptr = float(step_size) * float(alpha), weights, weights
-    with _on(weights.device):
-        dro._dro_update_kernel[(1,)](
-            weights, risk_numerator, mass, m, coef, step_ptr, alpha_ptr,
-            COEF_PTR=any(as_tensors), BLOCK=distill.dro_block(m), num_warps=4,
-        )  # fmt: skip

@@ -98,9 +98,4 @@ void emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t cols, const flo
   rkd_cuda::scale_rows(static_cast<rkd_cuda::DType>(dtype), grad, cols, go, rows, cols, nullptr);
 }
 
-void emu_dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha,
-                    float step_size) {
-  rkd_cuda::dro_update(weights, risk, mass, classes, alpha, step_size, nullptr);
-}
-
 }  // extern "C"
