@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from rkd_engine.losses import LossOutput, RobustDistillationLoss, _check_normalizer
 from rkd_engine.ops import REDUCTIONS, acc_dtype, backend_module, select_backend
+from rkd_engine.ops.checks import PROB_SUM_UNCHECKED
 from rkd_engine.ops.op import _mean_scale, call_distill
 
 __all__ = [
@@ -292,6 +293,7 @@ def _topk_forward(
             grad_out=grad[start:end] if need_grad else None,
             ignore_index=ignore_index,
             scale=scale,
+            prob_tol=PROB_SUM_UNCHECKED,  # a top-k target sums to less than 1 where there is no tail
         )
         _clear_topk_(target, indices[start:end], tail)
         loss_rows[start:end] = out[0]
@@ -540,6 +542,7 @@ def _linear_forward(
             grad_out=f if need_grad else None,  # G = dloss/df overwrites the scores
             ignore_index=ignore_index,
             scale=scale,
+            prob_tol=PROB_SUM_UNCHECKED,  # probabilities here are a top-k target (see _topk_forward)
         )
         if indices is not None:
             _clear_topk_(teacher, indices[start:end], tail)

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_values import BAD_ROW, value_cases
 
 from rkd_engine import reference
+from rkd_engine.ops import checks
+from rkd_engine.ops.checks import PROB_SUM_TOL
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "cuda" / "distill_kernels.cu"
@@ -86,6 +89,7 @@ class Emulated:
             i32,
             i64,
             p,
+            f32,
         ]
         lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
@@ -142,6 +146,7 @@ class Emulated:
             512,
             ignore_index,
             ptr(scale),
+            PROB_SUM_TOL[f.dtype],
         )
         if failed:
             raise ValueError(message.value.decode())
@@ -329,3 +334,23 @@ def test_all_inf_student_row_is_nan(emulated, m, tau):
     ok = [0, 2, 4]
     torch.testing.assert_close(loss[ok].double(), want.loss[ok], rtol=5e-5, atol=1e-5)
     torch.testing.assert_close(grad[ok].double(), want.grad[ok], rtol=5e-4, atol=1e-5)
+
+
+BAD_CASES = value_cases()
+
+
+@pytest.mark.parametrize("m", [9, 300, 4104], ids=["warp", "block", "streaming"])
+@pytest.mark.parametrize("match,inputs", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+def test_bad_values_are_flagged_in_the_kernels_pass(emulated, m, match, inputs):
+    """Bad teacher probabilities and a bad teacher row with a_i = 0 give that row (only) a NaN loss on every
+    code path, from which the status names the argument and the row. The rows are widened with masked
+    classes (-inf scores and logits, zero probabilities), which change nothing that is checked."""
+    f, g, y, a, probs = (inputs[k] for k in ("student", "teacher", "labels", "a", "probs"))
+    pad = m - f.shape[1]
+    f = torch.cat([f, torch.full((f.shape[0], pad), float("-inf"))], 1)
+    g = torch.cat([g, torch.full((g.shape[0], pad), 0.0 if probs else float("-inf"))], 1)
+    loss = emulated.fused_forward(f, g, y, a, None, None, gamma=2.0, tau=1.5, probs=probs)[0]
+    others = torch.arange(f.shape[0]) != BAD_ROW
+    assert torch.isnan(loss[BAD_ROW]) and torch.isfinite(loss[others]).all()
+    with pytest.raises(ValueError, match=match):
+        checks.enforce("sync", loss, f, g, probs, y, a, -100)

@@ -48,7 +48,7 @@ void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
     const Tensor& student, const std::optional<Tensor>& teacher, const std::optional<Tensor>& labels, const Tensor& a,
     const std::optional<Tensor>& log_c, const std::optional<Tensor>& w, double gamma, double tau,
-    bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<Tensor>& grad_out,
+    bool teacher_is_probs, double grad_scale, bool need_grad, double prob_tol, const std::optional<Tensor>& grad_out,
     int64_t ignore_index, const std::optional<Tensor>& scale) {
   TORCH_CHECK_VALUE(student.is_cuda(), "student must be a CUDA tensor, got one on ", student.device());
   TORCH_CHECK_VALUE(student.dim() == 2, "student must have shape (B, m), got ", student.sizes());
@@ -115,6 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
   args.grad_scale = static_cast<float>(grad_scale);
   args.scale = scale ? scale->data_ptr<float>() : nullptr;
   args.ignore_index = ignore_index;
+  args.prob_tol = static_cast<float>(prob_tol);
   args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.grad_stride = m;
   args.loss = loss.data_ptr<float>();
@@ -164,7 +165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("labels"), pybind11::arg("a"),
              pybind11::arg("log_c"), pybind11::arg("w"), pybind11::arg("gamma"), pybind11::arg("tau"),
              pybind11::arg("teacher_is_probs"), pybind11::arg("grad_scale"), pybind11::arg("need_grad"),
-             pybind11::arg("grad_out") = pybind11::none(), pybind11::arg("ignore_index") = -100,
+             pybind11::arg("prob_tol"), pybind11::arg("grad_out") = pybind11::none(), pybind11::arg("ignore_index") = -100,
              pybind11::arg("scale") = pybind11::none());
   module.def("scale_rows_", &scale_rows_, "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1",
              pybind11::arg("grad"), pybind11::arg("go"));

@@ -39,6 +39,9 @@ struct FusedArgs {
   float grad_scale = 1.0f;
   const float* scale = nullptr;  // () device scalar multiplying the gradient too, or nullptr
   int64_t ignore_index = -100;   // rows whose label equals it contribute nothing (loss 0, zero gradient row)
+  // Teacher probabilities: a row with a negative entry or a sum off 1 by more than this gets a NaN loss (as
+  // does a teacher-logit row with a NaN or +inf, or -inf everywhere), whatever its a: the call's status.
+  float prob_tol = 0.0f;
 
   void* grad = nullptr;  // (B, m) output in the student dtype, or nullptr (no gradient). May equal student.
   int64_t grad_stride = 0;

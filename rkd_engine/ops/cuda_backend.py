@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.checks import PROB_SUM_TOL
 from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -129,6 +130,7 @@ def fused_forward(
     grad_out: Tensor | None = None,
     ignore_index: int = -100,
     scale: Tensor | None = None,
+    prob_tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` for CUDA tensors; the contract of ``rkd_engine.reference.fused_rows``.
 
@@ -157,6 +159,7 @@ def fused_forward(
             teacher_is_probs=bool(teacher_is_probs),
             grad_scale=float(grad_scale),
             need_grad=bool(need_grad),
+            prob_tol=PROB_SUM_TOL[student.dtype] if prob_tol is None else float(prob_tol),
             grad_out=grad_out if need_grad else None,
             ignore_index=int(ignore_index),
             scale=scale,

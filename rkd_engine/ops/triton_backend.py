@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.checks import PROB_SUM_TOL
 from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -126,32 +127,8 @@ def _check_runnable(device: torch.device, dtype: torch.dtype, m: int) -> None:
         raise BackendUnavailableError("triton", device, dtype, m, reason)
 
 
-def fused_forward(
-    student: Tensor,
-    teacher: Tensor | None,
-    labels: Tensor | None,
-    a: Tensor,
-    log_c: Tensor | None,
-    w: Tensor | None,
-    *,
-    gamma: float,
-    tau: float,
-    teacher_is_probs: bool,
-    grad_scale: float,
-    need_grad: bool,
-    grad_out: Tensor | None = None,
-    config: FusedConfig | None = None,
-    ignore_index: int = -100,
-    scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (docs/loss.md).
-
-    The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
-    the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,
-    overrides the default one, e.g. to force the two-pass path on small inputs (tests). A row labelled
-    ``ignore_index`` contributes nothing; ``scale``, a 0-d fp32 tensor on the device, multiplies the
-    gradient (read by the kernels, not the host).
-    """
+def _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, need_grad, grad_out, scale):
+    """The backend contract's checks of a fused call (types, shapes, dtypes, devices, scalars), on the host."""
     if not isinstance(student, Tensor) or student.dim() != 2:
         raise ValueError(f"student must be a (B, m) tensor, got {getattr(student, 'shape', type(student).__name__)}")
     if not student.is_contiguous():
@@ -178,6 +155,38 @@ def fused_forward(
         _check_matrix("grad_out", grad_out, student)
     if scale is not None:
         _check_vector("scale", scale.reshape(-1), 1, torch.float32, device, required=True)
+
+
+def fused_forward(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None,
+    a: Tensor,
+    log_c: Tensor | None,
+    w: Tensor | None,
+    *,
+    gamma: float,
+    tau: float,
+    teacher_is_probs: bool,
+    grad_scale: float,
+    need_grad: bool,
+    grad_out: Tensor | None = None,
+    config: FusedConfig | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
+    prob_tol: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (docs/loss.md).
+
+    The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
+    the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,
+    overrides the default one, e.g. to force the two-pass path on small inputs (tests). A row labelled
+    ``ignore_index`` contributes nothing; ``scale``, a 0-d fp32 tensor on the device, multiplies the
+    gradient (read by the kernels, not the host).
+    """
+    _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, need_grad, grad_out, scale)
+    rows, m = student.shape
+    device = student.device
 
     distill = _kernels()
     acc = torch.float32
@@ -207,7 +216,8 @@ def fused_forward(
         "HAS_W": w is not None,
         "HAS_TAU": float(tau) != 1.0,
     }
-    extra = (scale if scale is not None else a, int(ignore_index))
+    tol = PROB_SUM_TOL[student.dtype] if prob_tol is None else float(prob_tol)
+    extra = (scale if scale is not None else a, int(ignore_index), tol)
     inv_gamma = 1.0 / float(gamma) if gamma > 0 else 1.0
     scalars = (inv_gamma, float(tau), 1.0 / float(tau), float(grad_scale))
     grad_arg = grad if need_grad else dummy
@@ -232,13 +242,13 @@ def _launch_fused(
     """The kernels of one fused call: the narrow kernel or the two wide passes, then stage 2."""
     rows, m = student.shape
     inv_gamma, tau, inv_tau, grad_scale = scalars
-    scale_arg, ignore_index = extra
+    scale_arg, ignore_index, prob_tol = extra
     has_scale = scale_arg is not common[3]
     stride_o = grad_arg.stride(0) if need_grad else m
     if not cfg.wide:
         distill._fused_narrow_kernel[(cfg.programs,)](
             student, student.stride(0), *common, grad_arg, stride_o, loss, parts,
-            rows, m, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index,
+            rows, m, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index, prob_tol,
             **flags, NEED_GRAD=bool(need_grad), HAS_SCALE=has_scale,
             BLOCK_R=cfg.block_r, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -246,7 +256,7 @@ def _launch_fused(
         row_stats = torch.empty(rows, 8, dtype=torch.float32, device=student.device)
         distill._wide_rows_kernel[(_cdiv(rows, cfg.block_r1),)](
             student, student.stride(0), *common, loss, row_stats,
-            rows, m, inv_gamma, tau, inv_tau, ignore_index,
+            rows, m, inv_gamma, tau, inv_tau, ignore_index, prob_tol,
             **flags, BLOCK_R=cfg.block_r1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps1,
         )  # fmt: skip
         grid = (_cdiv(m, cfg.block_m), cfg.programs)
