@@ -66,7 +66,6 @@ __all__ = [
     "MAX_CLASSES",
     "NARROW_MAX_CLASSES",
     "FusedConfig",
-    "dro_block",
     "fused_config",
     "scale_rows_config",
 ]
@@ -194,11 +193,6 @@ def scale_rows_config(m: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8
 
 
-def dro_block(m: int) -> int:
-    """Tile of the single-program DRO update."""
-    return min(1024, max(16, _pow2(m)))
-
-
 @triton.jit
 def _max3(a0, b0, c0, a1, b1, c1):
     return tl.maximum(a0, a1), tl.maximum(b0, b1), tl.maximum(c0, c1)
@@ -295,6 +289,109 @@ def _store_stats(part_ptr, slot, m, cols, col_ok, acc_mass, acc_risk, acc_error)
 
 
 @triton.jit
+def _class_vectors(logc_ptr, w_ptr, cols, col_ok, HAS_LOGC: tl.constexpr, HAS_W: tl.constexpr):
+    """``log c`` (0 without costs) and ``w`` (1 without weights) on the columns ``cols``."""
+    log_c = tl.zeros(cols.shape, tl.float32)
+    if HAS_LOGC:
+        log_c = tl.load(logc_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+    else:
+        w = tl.full(cols.shape, 1.0, tl.float32)
+    return log_c, w
+
+
+@triton.jit
+def _grad_scale(grad_scale, scale_ptr, HAS_SCALE: tl.constexpr):
+    """The gradient's scale: ``grad_scale``, times the device scalar at ``scale_ptr`` when there is one."""
+    if HAS_SCALE:
+        grad_scale = grad_scale * tl.load(scale_ptr)
+    return grad_scale
+
+
+@triton.jit
+def _load_scores(
+    f_ptr,
+    stride_f,
+    g_ptr,
+    stride_g,
+    rows64,
+    cols,
+    row_ok,
+    col_ok,
+    HAS_TEACHER: tl.constexpr,
+    TEACHER_PROBS: tl.constexpr,
+):
+    """A [R, N] tile of student scores and teacher values as fp32: ``f`` is ``-inf`` outside the row, ``g``
+    too for logits (0 for probabilities); without a teacher ``g`` is ``f`` (it stands in for the teacher in
+    the fused reductions; the results are unused)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    f = tl.load(f_ptr + rows64[:, None] * stride_f + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    f = tl.where(col_ok[None, :], f, float("-inf"))
+    g = f
+    if HAS_TEACHER:
+        g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if not TEACHER_PROBS:
+            g = tl.where(col_ok[None, :], g, float("-inf"))
+    return f, g
+
+
+@triton.jit
+def _teacher_max_input(g, TEACHER_PROBS: tl.constexpr):
+    """What the maxima round reduces for the teacher: ``g`` for logits; ``-p`` for probabilities, whose
+    maximum is then > 0 exactly when an entry is negative (see ``_flag_teacher``)."""
+    if TEACHER_PROBS:
+        return -g
+    return g
+
+
+@triton.jit
+def _flag_teacher(loss, sum_g, g_top, prob_tol, HAS_TEACHER: tl.constexpr, TEACHER_PROBS: tl.constexpr):
+    """``loss`` with NaN in the rows whose teacher is invalid, whatever ``a`` (the call's status, see
+    ``rkd_engine.ops.checks``), from the row's sums: logits with a NaN or ``+inf``, or ``-inf`` everywhere,
+    make ``sum_g`` (the sum of ``exp((g - max g) / gamma)``) NaN or 0; probabilities are flagged for a
+    negative entry (``g_top = max(-p) > 0``) or a sum off 1 by more than ``prob_tol`` (NaN included)."""
+    if HAS_TEACHER:
+        if TEACHER_PROBS:
+            bad = (g_top > 0.0) | ~(tl.abs(sum_g - 1.0) <= prob_tol)
+        else:
+            bad = ~(sum_g > 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    return loss
+
+
+@triton.jit
+def _store_grad(grad_ptr, stride_o, rows64, cols, mask, keep, grad):
+    """Store a [R, N] gradient tile in the gradient's dtype, 0 in the rows not kept (``ignore_index``)."""
+    grad = tl.where(keep[:, None], grad, 0.0)
+    tl.store(grad_ptr + rows64[:, None] * stride_o + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_stats(
+    acc_mass,
+    acc_risk,
+    acc_error,
+    p,
+    a,
+    onehot,
+    mask,
+    nls,
+    cols,
+    pred,
+    HAS_TEACHER: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+):
+    """Add a tile's target ``q`` (``_target``, 0 outside ``mask``) to the per-class sums: mass, risk
+    ``q (-log s)``, error (``q`` off the argmax ``pred``)."""
+    q = _target(p, a, onehot, mask, HAS_TEACHER, HAS_LABELS)
+    acc_mass += q
+    acc_risk += tl.where(q > 0.0, q * nls, 0.0)
+    acc_error += tl.where(cols[None, :] != pred[:, None], q, 0.0)
+    return acc_mass, acc_risk, acc_error
+
+
+@triton.jit
 def _fused_narrow_kernel(
     f_ptr,  # student f: (B, m) fp32/bf16/fp16, row stride stride_f, column stride 1
     stride_f,
@@ -316,6 +413,7 @@ def _fused_narrow_kernel(
     grad_scale,
     scale_ptr,  # a 0-d fp32 tensor multiplying the gradient (read when HAS_SCALE)
     ignore_index,  # rows labelled so contribute nothing (with HAS_LABELS)
+    prob_tol,  # teacher probabilities: a row whose sum is off 1 by more gets a NaN loss
     HAS_TEACHER: tl.constexpr,
     TEACHER_PROBS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -332,14 +430,8 @@ def _fused_narrow_kernel(
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_M)
     col_ok = cols < m
-    if HAS_SCALE:
-        grad_scale = grad_scale * tl.load(scale_ptr)
-    if HAS_LOGC:
-        log_c = tl.load(logc_ptr + cols, mask=col_ok, other=0.0)
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    else:
-        w = tl.full([BLOCK_M], 1.0, tl.float32)
+    grad_scale = _grad_scale(grad_scale, scale_ptr, HAS_SCALE)
+    log_c, w = _class_vectors(logc_ptr, w_ptr, cols, col_ok, HAS_LOGC, HAS_W)
     acc_mass = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     acc_risk = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     acc_error = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
@@ -348,19 +440,13 @@ def _fused_narrow_kernel(
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
-        f = tl.load(f_ptr + rows64[:, None] * stride_f + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        f = tl.where(col_ok[None, :], f, float("-inf"))
+        f, g = _load_scores(f_ptr, stride_f, g_ptr, stride_g, rows64, cols, row_ok, col_ok, HAS_TEACHER, TEACHER_PROBS)
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
         f_adj = f
         if HAS_LOGC:
             f_adj = f - log_c[None, :]
-        g = f  # stands in for an absent teacher in the fused reductions below (results unused)
-        if HAS_TEACHER:
-            g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if not TEACHER_PROBS:
-                g = tl.where(col_ok[None, :], g, float("-inf"))
         # Two reduction rounds per row (all maxima, then all sums): each costs one pass through shared memory.
-        f_max, f_adj_max, g_max = tl.reduce((f, f_adj, g), 1, _max3)
+        f_max, f_adj_max, g_max = tl.reduce((f, f_adj, _teacher_max_input(g, TEACHER_PROBS)), 1, _max3)
         z = f - f_max[:, None]
         z_top = tl.zeros([BLOCK_R], tl.float32)  # max_j z_ij: exactly 0 without log c
         if HAS_LOGC:
@@ -405,6 +491,7 @@ def _fused_narrow_kernel(
             inv_g = 1.0 / sum_g
         wp = sum_wg * inv_g
         loss = _row_loss(a, lse_z, lse_t, z_y, w_y, wp, sum_wgz * inv_g, tau, inv_tau, HAS_TEACHER, HAS_LABELS, HAS_TAU)
+        loss = _flag_teacher(loss, sum_g, g_max, prob_tol, HAS_TEACHER, TEACHER_PROBS)
         tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
         p = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
         if HAS_TEACHER:
@@ -413,16 +500,77 @@ def _fused_narrow_kernel(
 
         if NEED_GRAD:
             grad = _grad_rows(s, s_t, p, w, wp, a, w_y, onehot, tau, grad_scale, HAS_TEACHER, HAS_LABELS, HAS_TAU)
-            grad = tl.where(keep[:, None], grad, 0.0)
-            tl.store(
-                grad_ptr + rows64[:, None] * stride_o + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask
-            )
+            _store_grad(grad_ptr, stride_o, rows64, cols, mask, keep, grad)
 
-        q = _target(p, a, onehot, mask & keep[:, None], HAS_TEACHER, HAS_LABELS)
-        acc_mass += q
-        acc_risk += tl.where(q > 0.0, q * nls, 0.0)
-        acc_error += tl.where(cols[None, :] != pred[:, None], q, 0.0)
+        acc_mass, acc_risk, acc_error = _add_stats(
+            acc_mass, acc_risk, acc_error, p, a, onehot, mask & keep[:, None], nls, cols, pred, HAS_TEACHER, HAS_LABELS
+        )
     _store_stats(part_ptr, pid, m, cols, col_ok, acc_mass, acc_risk, acc_error)
+
+
+@triton.jit
+def _wide_tile_update(
+    f, v, g, c, w, pred, f_max, v_max, sum_z, sum_t, g_max, sum_g, sum_wg, sum_wgv, inv_gamma, inv_tau,
+    HAS_TEACHER: tl.constexpr, TEACHER_PROBS: tl.constexpr, HAS_W: tl.constexpr, HAS_TAU: tl.constexpr,
+):  # fmt: skip
+    """Wide pass 1: fold one column tile (scores ``f``, ``v = (f - f_ref) - log c``, teacher ``g``, columns
+    ``c``, weights ``w``) into a row's running maxima and rescaled sums; returns the new state."""
+    # Two reduction rounds per tile (maxima, then sums), each one pass through shared memory.
+    t_f_max, t_v_max, t_g_max = tl.reduce((f, v, _teacher_max_input(g, TEACHER_PROBS)), 1, _max3)
+    new_v_max = tl.maximum(v_max, t_v_max)
+    e_v = tl.exp(v - new_v_max[:, None])
+    e_t = e_v
+    if HAS_TAU:
+        e_t = tl.exp((v - new_v_max[:, None]) * inv_tau)
+    first = tl.where(f == t_f_max[:, None], c[None, :], 2147483647)
+    e_g = e_v
+    wg = e_v
+    wgv = e_v
+    rescale = tl.full(v_max.shape, 1.0, tl.float32)
+    if HAS_TEACHER:
+        e_g = g
+        new_g_max = tl.maximum(g_max, t_g_max)  # probabilities: the running max of -p (see _flag_teacher)
+        if not TEACHER_PROBS:
+            rescale = tl.exp((g_max - new_g_max) * inv_gamma)
+            e_g = tl.exp((g - new_g_max[:, None]) * inv_gamma)
+        g_max = new_g_max
+        wg = e_g
+        if HAS_W:
+            wg = w[None, :] * e_g
+        wgv = tl.where(e_g > 0.0, wg * v, 0.0)
+    t_arg, t_sum_z, t_sum_t, t_sum_g, t_sum_wg, t_sum_wgv = tl.reduce((first, e_v, e_t, e_g, wg, wgv), 1, _min_sum5)
+    pred = tl.where(t_f_max > f_max, t_arg, pred)  # strict: an earlier tile keeps its first index on ties
+    f_max = tl.maximum(f_max, t_f_max)
+    sum_z = sum_z * tl.exp(v_max - new_v_max) + t_sum_z
+    if HAS_TAU:
+        sum_t = sum_t * tl.exp((v_max - new_v_max) * inv_tau) + t_sum_t
+    if HAS_TEACHER:
+        sum_g = sum_g * rescale + t_sum_g
+        sum_wg = sum_wg * rescale + t_sum_wg
+        sum_wgv = sum_wgv * rescale + t_sum_wgv
+    return pred, f_max, new_v_max, sum_z, sum_t, g_max, sum_g, sum_wg, sum_wgv
+
+
+@triton.jit
+def _label_terms(
+    f_row, y_ptr, logc_ptr, w_ptr, rows, row_ok, f_max, m, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_LOGC: tl.constexpr, HAS_W: tl.constexpr,
+):  # fmt: skip
+    """Wide pass 1: each row's ``z_y``, ``w_y`` (0 and 1 without labels) and whether it is kept (its label
+    is not ``ignore_index``)."""
+    z_y = tl.zeros(f_max.shape, tl.float32)
+    w_y = tl.full(f_max.shape, 1.0, tl.float32)
+    keep = row_ok
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        keep = row_ok & (y != ignore_index)
+        y_ok = row_ok & (y >= 0) & (y < m)
+        z_y = tl.load(f_row + y, mask=y_ok, other=0.0).to(tl.float32) - f_max
+        if HAS_LOGC:
+            z_y = z_y - tl.load(logc_ptr + y, mask=y_ok, other=0.0)
+        if HAS_W:
+            w_y = tl.load(w_ptr + y, mask=y_ok, other=0.0)
+    return z_y, w_y, keep
 
 
 @triton.jit
@@ -443,6 +591,7 @@ def _wide_rows_kernel(
     tau,
     inv_tau,
     ignore_index,
+    prob_tol,  # teacher probabilities: a row whose sum is off 1 by more gets a NaN loss
     HAS_TEACHER: tl.constexpr,
     TEACHER_PROBS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -458,7 +607,6 @@ def _wide_rows_kernel(
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
     f_row = f_ptr + rows64 * stride_f
-    g_row = g_ptr + rows64 * stride_g
     cols = tl.arange(0, BLOCK_N)
 
     f0 = tl.load(f_row[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < m)[None, :], other=float("-inf"))
@@ -477,51 +625,15 @@ def _wide_rows_kernel(
     for start in range(0, m, BLOCK_N):
         c = start + cols
         c_ok = c < m
-        mask = row_ok[:, None] & c_ok[None, :]
-        f = tl.load(f_row[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        f = tl.where(c_ok[None, :], f, float("-inf"))
+        f, g = _load_scores(f_ptr, stride_f, g_ptr, stride_g, rows64, c, row_ok, c_ok, HAS_TEACHER, TEACHER_PROBS)
+        log_c, w = _class_vectors(logc_ptr, w_ptr, c, c_ok, HAS_LOGC, HAS_W)
         v = f - f_ref[:, None]
         if HAS_LOGC:
-            v = v - tl.load(logc_ptr + c, mask=c_ok, other=0.0)[None, :]
-        g = f  # stands in for an absent teacher in the fused reductions (results unused)
-        if HAS_TEACHER:
-            g = tl.load(g_row[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            if not TEACHER_PROBS:
-                g = tl.where(c_ok[None, :], g, float("-inf"))
-        # Two reduction rounds per tile (maxima, then sums), each one pass through shared memory.
-        t_f_max, t_v_max, t_g_max = tl.reduce((f, v, g), 1, _max3)
-        new_v_max = tl.maximum(v_max, t_v_max)
-        e_v = tl.exp(v - new_v_max[:, None])
-        e_t = e_v
-        if HAS_TAU:
-            e_t = tl.exp((v - new_v_max[:, None]) * inv_tau)
-        first = tl.where(f == t_f_max[:, None], c[None, :], 2147483647)
-        e_g = e_v
-        wg = e_v
-        wgv = e_v
-        rescale = tl.full([BLOCK_R], 1.0, tl.float32)
-        if HAS_TEACHER:
-            e_g = g
-            if not TEACHER_PROBS:
-                new_g_max = tl.maximum(g_max, t_g_max)
-                rescale = tl.exp((g_max - new_g_max) * inv_gamma)
-                e_g = tl.exp((g - new_g_max[:, None]) * inv_gamma)
-                g_max = new_g_max
-            wg = e_g
-            if HAS_W:
-                wg = tl.load(w_ptr + c, mask=c_ok, other=0.0)[None, :] * e_g
-            wgv = tl.where(e_g > 0.0, wg * v, 0.0)
-        t_arg, t_sum_z, t_sum_t, t_sum_g, t_sum_wg, t_sum_wgv = tl.reduce((first, e_v, e_t, e_g, wg, wgv), 1, _min_sum5)
-        pred = tl.where(t_f_max > f_max, t_arg, pred)  # strict: an earlier tile keeps its first index on ties
-        f_max = tl.maximum(f_max, t_f_max)
-        sum_z = sum_z * tl.exp(v_max - new_v_max) + t_sum_z
-        if HAS_TAU:
-            sum_t = sum_t * tl.exp((v_max - new_v_max) * inv_tau) + t_sum_t
-        v_max = new_v_max
-        if HAS_TEACHER:
-            sum_g = sum_g * rescale + t_sum_g
-            sum_wg = sum_wg * rescale + t_sum_wg
-            sum_wgv = sum_wgv * rescale + t_sum_wgv
+            v = v - log_c[None, :]
+        pred, f_max, v_max, sum_z, sum_t, g_max, sum_g, sum_wg, sum_wgv = _wide_tile_update(
+            f, v, g, c, w, pred, f_max, v_max, sum_z, sum_t, g_max, sum_g, sum_wg, sum_wgv, inv_gamma, inv_tau,
+            HAS_TEACHER, TEACHER_PROBS, HAS_W, HAS_TAU,
+        )  # fmt: skip
 
     shift = f_max - f_ref  # z = v - shift
     lse_z = (v_max - shift) + tl.log(sum_z)
@@ -529,24 +641,16 @@ def _wide_rows_kernel(
     if HAS_TAU:
         lse_t = (v_max - shift) * inv_tau + tl.log(sum_t)
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
-    z_y = tl.zeros([BLOCK_R], tl.float32)
-    w_y = tl.full([BLOCK_R], 1.0, tl.float32)
-    keep = row_ok
-    if HAS_LABELS:
-        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
-        keep = row_ok & (y != ignore_index)
-        y_ok = row_ok & (y >= 0) & (y < m)
-        z_y = tl.load(f_row + y, mask=y_ok, other=0.0).to(tl.float32) - f_max
-        if HAS_LOGC:
-            z_y = z_y - tl.load(logc_ptr + y, mask=y_ok, other=0.0)
-        if HAS_W:
-            w_y = tl.load(w_ptr + y, mask=y_ok, other=0.0)
+    z_y, w_y, keep = _label_terms(
+        f_row, y_ptr, logc_ptr, w_ptr, rows, row_ok, f_max, m, ignore_index, HAS_LABELS, HAS_LOGC, HAS_W
+    )
     inv_g = tl.full([BLOCK_R], 1.0, tl.float32)
     if HAS_TEACHER and not TEACHER_PROBS:
         inv_g = 1.0 / sum_g
     wp = sum_wg * inv_g
     wpz = (sum_wgv - shift * sum_wg) * inv_g  # sum_j w_j p_ij z_ij over p_ij > 0
     loss = _row_loss(a, lse_z, lse_t, z_y, w_y, wp, wpz, tau, inv_tau, HAS_TEACHER, HAS_LABELS, HAS_TAU)
+    loss = _flag_teacher(loss, sum_g, g_max, prob_tol, HAS_TEACHER, TEACHER_PROBS)
     tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
     out = stat_ptr + rows64 * 8
     tl.store(out, f_max, mask=row_ok)
@@ -598,14 +702,8 @@ def _wide_grad_kernel(
     pid_r = tl.program_id(1)
     cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < m
-    if HAS_SCALE:
-        grad_scale = grad_scale * tl.load(scale_ptr)
-    if HAS_LOGC:
-        log_c = tl.load(logc_ptr + cols, mask=col_ok, other=0.0)
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    else:
-        w = tl.full([BLOCK_N], 1.0, tl.float32)
+    grad_scale = _grad_scale(grad_scale, scale_ptr, HAS_SCALE)
+    log_c, w = _class_vectors(logc_ptr, w_ptr, cols, col_ok, HAS_LOGC, HAS_W)
     acc_mass = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     acc_risk = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     acc_error = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -652,14 +750,10 @@ def _wide_grad_kernel(
                 s_t = tl.exp(z * inv_tau - lse_t[:, None])
         if NEED_GRAD:
             grad = _grad_rows(s, s_t, p, w, wp, a, w_y, onehot, tau, grad_scale, HAS_TEACHER, HAS_LABELS, HAS_TAU)
-            grad = tl.where(keep[:, None], grad, 0.0)
-            tl.store(
-                grad_ptr + rows64[:, None] * stride_o + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask
-            )
-        q = _target(p, a, onehot, mask & keep[:, None], HAS_TEACHER, HAS_LABELS)
-        acc_mass += q
-        acc_risk += tl.where(q > 0.0, q * nls, 0.0)
-        acc_error += tl.where(cols[None, :] != pred[:, None], q, 0.0)
+            _store_grad(grad_ptr, stride_o, rows64, cols, mask, keep, grad)
+        acc_mass, acc_risk, acc_error = _add_stats(
+            acc_mass, acc_risk, acc_error, p, a, onehot, mask & keep[:, None], nls, cols, pred, HAS_TEACHER, HAS_LABELS
+        )
     _store_stats(part_ptr, pid_r, m, cols, col_ok, acc_mass, acc_risk, acc_error)
 
 

@@ -34,6 +34,7 @@ from rkd_engine.ops.call import check_like as _check_like
 from rkd_engine.ops.call import check_scores, describe_call
 from rkd_engine.ops.call import check_tensor as _tensor
 from rkd_engine.ops.checks import PROB_SUM_TOL as _PROB_SUM_TOL
+from rkd_engine.ops.checks import PROB_SUM_UNCHECKED
 from rkd_engine.ops.op import _mean_scale, call_fused
 from rkd_engine.ops.topk import has_sparse_topk, sparse_topk_forward
 
@@ -178,6 +179,7 @@ def _expanded_topk(student, indices, probs, uniform, labels, a, log_c, w, tau, n
             student[start:end], target, None if labels is None else labels[start:end], a[start:end], log_c, w,
             gamma=1.0, tau=tau, teacher_is_probs=True, grad_scale=grad_scale, need_grad=need_grad,
             grad_out=grad[start:end] if need_grad else None, ignore_index=ignore_index, scale=scale,
+            prob_tol=PROB_SUM_UNCHECKED,  # a top-k target sums to less than 1 where there is no tail
         )  # fmt: skip
         _clear_topk_(target, indices[start:end], part)
         loss_rows[start:end] = out[0]

@@ -11,7 +11,6 @@ of the gradient to the student dtype.
 
 from __future__ import annotations
 
-import math
 import os
 import zlib
 
@@ -404,31 +403,12 @@ def test_scale_rows(cuda, m, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 100, 4097, 262144])
-def test_dro_update(cuda, m):
-    gen = torch.Generator().manual_seed(m)
-    weights = torch.softmax(torch.randn(m, generator=gen), 0).cuda()
-    mass = (torch.rand(m, generator=gen) * 10).cuda()
-    mass[::3] = 0.0
-    risk = mass * torch.rand(m, generator=gen).cuda()
-    want = reference.dro_update(weights.double(), risk.double(), mass.double(), alpha=0.7, step_size=0.5)
-    got = weights.clone()
-    cuda.dro_update_(got, risk, mass, alpha=0.7, step_size=0.5)
-    assert torch.equal(got[mass == 0], weights[mass == 0])
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
-    present = mass > 0
-    if present.any():
-        assert math.isclose(got[present].sum().item(), weights[present].sum().item(), rel_tol=1e-5)
-
-
-@pytest.mark.gpu
 def test_no_host_synchronisation(cuda):
-    """The fused forward, the row scaling and the DRO step only enqueue work (no device-to-host copy or sync)."""
+    """The fused forward and the row scaling only enqueue work (no device-to-host copy or sync)."""
     f, g, y = make_inputs(64, 1000, torch.bfloat16, "cuda", "normal", seed=9)
     teacher, labels, a, log_c, w = _setup("hinton-mix", 64, 1000, 9)
     wide, gw, yw = make_inputs(4, 8192, torch.bfloat16, "cuda", "normal", seed=10)
     aw = torch.full((4,), 0.5, device="cuda")
-    weights = torch.full((1000,), 1e-3, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -437,11 +417,9 @@ def test_no_host_synchronisation(cuda):
                 f, g, y, a, log_c, w, gamma=2.0, tau=1.0, teacher_is_probs=False, grad_scale=1.0 / 64, need_grad=True
             )
             cuda.scale_rows_(grad, torch.full((64,), 2.0, device="cuda"))
-            cuda.dro_update_(weights, error, mass, alpha=0.5, step_size=0.1)
             cuda.fused_forward(
                 wide, gw, yw, aw, None, None, gamma=1.0, tau=2.0, teacher_is_probs=False, grad_scale=1.0, need_grad=True
             )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert torch.isfinite(weights).all()

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_values import BAD_ROW, value_cases
 from conftest import GPU_GRAD_TOL, GPU_STAT_TOL
 
 from rkd_engine import reference
+from rkd_engine.ops import checks
+from rkd_engine.ops.checks import PROB_SUM_TOL
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "cuda" / "distill_kernels.cu"
@@ -84,10 +87,10 @@ class Emulated:
             i32,
             i64,
             p,
+            f32,
         ]
         lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
-        lib.emu_dro_update.argtypes = [p, p, p, i64, f32, f32]
         lib.emu_configure.argtypes = [i32, i32]
         self.lib = lib
 
@@ -141,6 +144,7 @@ class Emulated:
             512,
             ignore_index,
             ptr(scale),
+            PROB_SUM_TOL[f.dtype],
         )
         if failed:
             raise ValueError(message.value.decode())
@@ -291,20 +295,6 @@ def test_scale_rows(emulated, dtype):
         assert torch.equal(grad, want)
 
 
-def test_dro_update(emulated):
-    gen = torch.Generator().manual_seed(0)
-    for m in (1, 6, 3000):
-        weights = torch.softmax(torch.randn(m, generator=gen), 0)
-        mass = torch.rand(m, generator=gen) * 10
-        mass[::3] = 0.0
-        risk = mass * torch.rand(m, generator=gen)
-        want = reference.dro_update(weights.double(), risk.double(), mass.double(), alpha=0.7, step_size=0.5)
-        got = weights.clone()
-        emulated.lib.emu_dro_update(got.data_ptr(), risk.data_ptr(), mass.data_ptr(), m, 0.7, 0.5)
-        assert torch.equal(got[mass == 0], weights[mass == 0])
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
-
-
 @pytest.mark.parametrize("m", [37, 1000, 4104], ids=["warp", "block", "streaming"])
 def test_ignored_rows_and_device_scale(emulated, m):
     """Rows labelled ignore_index give loss 0, a zero gradient row and no statistics; ``scale`` (a device
@@ -342,3 +332,23 @@ def test_all_inf_student_row_is_nan(emulated, m, tau):
     ok = [0, 2, 4]
     torch.testing.assert_close(loss[ok].double(), want.loss[ok], rtol=5e-5, atol=1e-5)
     torch.testing.assert_close(grad[ok].double(), want.grad[ok], rtol=5e-4, atol=1e-5)
+
+
+BAD_CASES = value_cases()
+
+
+@pytest.mark.parametrize("m", [9, 300, 4104], ids=["warp", "block", "streaming"])
+@pytest.mark.parametrize("match,inputs", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+def test_bad_values_are_flagged_in_the_kernels_pass(emulated, m, match, inputs):
+    """Bad teacher probabilities and a bad teacher row with a_i = 0 give that row (only) a NaN loss on every
+    code path, from which the status names the argument and the row. The rows are widened with masked
+    classes (-inf scores and logits, zero probabilities), which change nothing that is checked."""
+    f, g, y, a, probs = (inputs[k] for k in ("student", "teacher", "labels", "a", "probs"))
+    pad = m - f.shape[1]
+    f = torch.cat([f, torch.full((f.shape[0], pad), float("-inf"))], 1)
+    g = torch.cat([g, torch.full((g.shape[0], pad), 0.0 if probs else float("-inf"))], 1)
+    loss = emulated.fused_forward(f, g, y, a, None, None, gamma=2.0, tau=1.5, probs=probs)[0]
+    others = torch.arange(f.shape[0]) != BAD_ROW
+    assert torch.isnan(loss[BAD_ROW]) and torch.isfinite(loss[others]).all()
+    with pytest.raises(ValueError, match=match):
+        checks.enforce("sync", loss, f, g, probs, y, a, -100)

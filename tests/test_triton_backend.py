@@ -18,10 +18,11 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton", reason="triton is not installed")
 
+from bad_values import BAD_ROW, value_cases
 from conftest import TOLERANCES, make_inputs
 
 from rkd_engine import reference
-from rkd_engine.ops import triton_backend
+from rkd_engine.ops import checks, triton_backend
 
 LARGE = os.environ.get("RKD_TEST_LARGE", "0") == "1"
 
@@ -259,35 +260,6 @@ def test_scale_rows_skips_unit_rows():
         assert torch.equal(grad[0], before[0]) and torch.equal(grad[3], before[3])
 
 
-@pytest.mark.parametrize("m", [1, 7, 2500])
-@pytest.mark.parametrize("as_tensors", [False, True])
-def test_dro_update_matches_reference(m, as_tensors):
-    gen = torch.Generator().manual_seed(m)
-    weights = torch.softmax(torch.randn(m, generator=gen), 0)
-    mass = torch.rand(m, generator=gen) * 5
-    mass[::4] = 0.0  # absent classes keep their weight exactly
-    risk = mass * torch.rand(m, generator=gen)
-    alpha, step = 0.7, 0.3
-    want = reference.dro_update(weights, risk, mass, alpha=alpha, step_size=step)
-    weights, risk, mass = weights.to(DEVICE), risk.to(DEVICE), mass.to(DEVICE)
-    kwargs = {"alpha": alpha, "step_size": step}
-    if as_tensors:
-        kwargs = {k: torch.tensor(v, device=DEVICE) for k, v in kwargs.items()}
-    before = weights.clone()
-    triton_backend.dro_update_(weights, risk, mass, **kwargs)
-    torch.testing.assert_close(weights.cpu(), want, rtol=2e-6, atol=1e-7)
-    absent = (mass == 0).cpu()
-    assert torch.equal(weights.cpu()[absent], before.cpu()[absent])
-
-
-def test_dro_update_all_absent_is_a_no_op():
-    weights = torch.full((5,), 0.2, device=DEVICE)
-    triton_backend.dro_update_(
-        weights, torch.zeros(5, device=DEVICE), torch.zeros(5, device=DEVICE), alpha=1.0, step_size=0.1
-    )
-    assert torch.all(weights == 0.2)
-
-
 def test_limits_and_reasons(monkeypatch):
     distill = _distill()
     with pytest.raises(ValueError, match="262144"):
@@ -386,3 +358,23 @@ def test_ignored_rows_and_device_scale(path):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol["rtol"], atol=tol["atol"])
     assert torch.equal(loss[[0, rows - 1]], torch.zeros(2, device=DEVICE))
     assert torch.equal(grad[[0, rows - 1]].abs(), torch.zeros(2, m, device=DEVICE))
+
+
+BAD_CASES = value_cases()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("match,inputs", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+def test_bad_values_are_flagged_in_the_kernels_pass(path, match, inputs):
+    """Bad teacher probabilities and a bad teacher row with a_i = 0 give that row (only) a NaN loss on both
+    paths, from which the status names the argument and the row (as tests/test_validate.py on CPU)."""
+    f, g, y, a = (inputs[k].to(DEVICE) for k in ("student", "teacher", "labels", "a"))
+    config = None if path == "narrow" else _wide_config(*f.shape, block=4)
+    loss = triton_backend.fused_forward(
+        f, g, y, a, None, None, gamma=2.0, tau=1.5, teacher_is_probs=inputs["probs"], grad_scale=1.0,
+        need_grad=True, config=config,
+    )[0]  # fmt: skip
+    others = torch.arange(f.shape[0], device=DEVICE) != BAD_ROW
+    assert torch.isnan(loss[BAD_ROW]) and torch.isfinite(loss[others]).all()
+    with pytest.raises(ValueError, match=match):
+        checks.enforce("sync", loss, f, g, inputs["probs"], y, a, -100)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bad_values import BAD_ROW, ROWS, distill_kwargs, value_cases
 from conftest import backend_devices
 
 from rkd_engine import distill_loss
+from rkd_engine.ops import checks
 
 
 def _bad_student(device):
@@ -53,3 +55,33 @@ def test_bad_mode_is_named():
     f, g = _bad_student("cpu")
     with pytest.raises(ValueError, match="validate must be"):
         distill_loss(f, teacher_logits=g, validate="yes")
+
+
+CASES = value_cases()
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("match,inputs", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_values_are_flagged_by_the_kernels_pass(backend, device, match, inputs):
+    """Bad teacher probabilities, and a bad teacher row whose term is unused (a_i = 0), come from the status:
+    the kernel gives that row (only) a NaN loss, and validate=True names the argument and the row."""
+    f = inputs["student"].to(device)
+    kwargs = distill_kwargs(inputs, device)
+    with pytest.raises(ValueError, match=match):
+        distill_loss(f, **kwargs, backend=backend)
+    out = distill_loss(f, **kwargs, backend=backend, validate=False, reduction="none")
+    others = torch.arange(ROWS, device=device) != BAD_ROW
+    assert torch.isnan(out.loss[BAD_ROW]) and torch.isfinite(out.loss[others]).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_teacher_probs_take_no_separate_pass(backend, device, monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("valid teacher_probs were checked in a separate pass")
+
+    monkeypatch.setattr(checks, "check_probs", no_pass)
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(5, 7, generator=gen).to(device)
+    p = torch.softmax(torch.randn(5, 7, generator=gen), -1).to(device)
+    out = distill_loss(f, teacher_probs=p, backend=backend, reduction="none")
+    assert torch.isfinite(out.loss).all()

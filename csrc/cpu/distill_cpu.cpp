@@ -222,11 +222,12 @@ void merge_blocks(const T* stats, int64_t blocks, int64_t m, int64_t m_pad, T* m
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
-    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-    const at::Tensor& a, const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double gamma,
-    double tau, bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<at::Tensor>& grad_out,
-    int64_t ignore_index) {
+// The binding's checks of one call: devices, shapes, dtypes and scalars, the guards of the memory the
+// kernel reads (value checks are the caller's, from the row losses: rkd_engine/ops/checks.py).
+DType check_fused_inputs(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                         const std::optional<at::Tensor>& labels, const at::Tensor& a,
+                         const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double gamma,
+                         double tau, bool teacher_is_probs, double grad_scale, double prob_tol) {
   TORCH_CHECK(student.device().is_cpu(), "rkd_engine._C: student scores must be a CPU tensor, got ",
               student.device());
   TORCH_CHECK(student.dim() == 2, "rkd_engine._C: student scores must have shape (B, m), got ", student.sizes());
@@ -236,7 +237,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   const int64_t m = student.size(1);
   TORCH_CHECK(m >= 1, "rkd_engine._C: student scores need at least one class (m >= 1), got m = ", m);
   const at::ScalarType acc = code == kFloat64 ? at::kDouble : at::kFloat;
-  const auto acc_opts = student.options().dtype(acc);
   TORCH_CHECK(teacher.has_value() || labels.has_value(), "rkd_engine._C: need labels, a teacher, or both");
   if (teacher.has_value()) check_matrix(*teacher, "teacher", student);
   if (labels.has_value()) check_vector(*labels, "labels", rows, at::kLong);
@@ -247,7 +247,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   TORCH_CHECK(!teacher.has_value() || teacher_is_probs || (std::isfinite(gamma) && gamma > 0),
               "rkd_engine._C: gamma must be finite and > 0, got ", gamma);
   TORCH_CHECK(std::isfinite(grad_scale), "rkd_engine._C: grad_scale must be finite, got ", grad_scale);
+  TORCH_CHECK(std::isfinite(prob_tol) && prob_tol >= 0, "rkd_engine._C: prob_tol must be finite and >= 0, got ",
+              prob_tol);
+  return code;
+}
 
+// One workspace per call: padded log c and w, per-block accumulators (mass, risk, hit), per-thread scratch.
+struct Workspace {
+  at::Tensor buffer;
+  char* lc_pad;
+  char* w_pad;
+  char* stats;    // blocks x 3 x m_pad accumulators
+  char* scratch;  // threads x scratch_len
+  int64_t m_pad, elem, threads, blocks, tile, scratch_len;
+};
+
+Workspace make_workspace(int64_t rows, int64_t m, DType code, const at::TensorOptions& acc_opts,
+                         const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w) {
+  Workspace ws;
+  ws.m_pad = round_up(m, kPad);
+  ws.elem = code == kFloat64 ? 8 : 4;
+  ws.threads = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows,
+                                                      rows * (m + kRowWork) / kMinParallelWork}));
+  ws.blocks = num_blocks(rows, ws.m_pad, ws.threads, ws.elem);
+  ws.tile = tile_len(m, tiling().max_single, tiling().tile);
+  ws.scratch_len = kScratchBuffers * ws.tile;
+  ws.buffer = at::empty({2 * ws.m_pad + ws.blocks * 3 * ws.m_pad + ws.threads * ws.scratch_len}, acc_opts);
+  ws.lc_pad = static_cast<char*>(ws.buffer.data_ptr());
+  ws.w_pad = ws.lc_pad + ws.m_pad * ws.elem;
+  ws.stats = ws.w_pad + ws.m_pad * ws.elem;
+  ws.scratch = ws.stats + ws.blocks * 3 * ws.m_pad * ws.elem;
+  if (code == kFloat64) {
+    copy_padded(reinterpret_cast<double*>(ws.lc_pad), log_c, m, ws.m_pad, 0.0);
+    copy_padded(reinterpret_cast<double*>(ws.w_pad), w, m, ws.m_pad, 1.0);
+  } else {
+    copy_padded(reinterpret_cast<float*>(ws.lc_pad), log_c, m, ws.m_pad, 0.0f);
+    copy_padded(reinterpret_cast<float*>(ws.w_pad), w, m, ws.m_pad, 1.0f);
+  }
+  return ws;
+}
+
+// A gradient of 8 MiB or more leaves the caches before anything reads it: write it around them
+// (non-temporal stores, some 10% faster at 16 MiB here). Not into memory the OS has yet to map,
+// though: first-touch page faults under streaming stores cost more than the kernel. A fresh
+// allocation of 32 MiB or more is such memory (glibc maps it anew each time); grad_out and
+// smaller allocations (reused heap memory) are not.
+bool stream_gradient(int64_t grad_bytes, bool need_grad, bool into_grad_out) {
+  constexpr int64_t kStreamBytes = int64_t(8) << 20;
+  constexpr int64_t kFreshMapBytes = int64_t(32) << 20;
+  return need_grad && grad_bytes >= kStreamBytes && (into_grad_out || grad_bytes < kFreshMapBytes);
+}
+
+// Runs the row kernel over every block of rows (threads claim blocks as they finish) and raises for the
+// first label outside [0, m) (the kernel skips such rows: the check guards memory, not values).
+void run_blocks(const FusedArgs& args, const Workspace& ws, RowsFn fn) {
+  const int64_t rows = args.rows;
+  const int64_t m_pad = ws.m_pad;
+  const int64_t elem = ws.elem;
+  std::vector<int64_t> bad_rows(static_cast<size_t>(ws.blocks), -1);
+  std::atomic<int64_t> next_block{0};
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b = next_block.fetch_add(1); b < ws.blocks; b = next_block.fetch_add(1)) {
+        char* st = ws.stats + b * 3 * m_pad * elem;
+        std::memset(st, 0, static_cast<size_t>(3 * m_pad * elem));
+        ChunkOut out{ws.scratch + t * ws.scratch_len * elem, st, st + m_pad * elem, st + 2 * m_pad * elem, -1};
+        fn(args, rows * b / ws.blocks, rows * (b + 1) / ws.blocks, out);
+        bad_rows[b] = out.bad_row;
+      }
+    }
+  };
+  if (ws.threads == 1) {
+    work(0, 1);  // small problems: no parallel region at all
+  } else if (rows > 0) {
+    at::parallel_for(0, ws.threads, 1, work);
+  }
+  for (const int64_t bad : bad_rows) {
+    TORCH_CHECK(bad < 0, "rkd_engine._C: labels must be in [0, ", args.m, "), got labels[", bad, "] = ",
+                args.labels[bad]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& a, const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double gamma,
+    double tau, bool teacher_is_probs, double grad_scale, bool need_grad, double prob_tol,
+    const std::optional<at::Tensor>& grad_out, int64_t ignore_index) {
+  const DType code =
+      check_fused_inputs(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, grad_scale, prob_tol);
+  const int64_t rows = student.size(0);
+  const int64_t m = student.size(1);
+  const auto acc_opts = student.options().dtype(code == kFloat64 ? at::kDouble : at::kFloat);
   at::Tensor grad;
   if (need_grad) {
     if (grad_out.has_value()) {
@@ -263,91 +353,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   at::Tensor mass = at::empty({m}, acc_opts);
   at::Tensor risk = at::empty({m}, acc_opts);
   at::Tensor error = at::empty({m}, acc_opts);
-
-  // One workspace: padded log c and w, per-block accumulators (mass, risk, hit), per-thread scratch.
-  const int64_t m_pad = round_up(m, kPad);
-  const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows, rows * (m + kRowWork) / kMinParallelWork}));
-  const int64_t blocks = num_blocks(rows, m_pad, threads, elem);
-  const int64_t tile = tile_len(m, tiling().max_single, tiling().tile);
-  const int64_t scratch_len = kScratchBuffers * tile;
-  at::Tensor workspace = at::empty({2 * m_pad + blocks * 3 * m_pad + threads * scratch_len}, acc_opts);
-  char* lc_pad = static_cast<char*>(workspace.data_ptr());
-  char* w_pad = lc_pad + m_pad * elem;
-  char* stats = w_pad + m_pad * elem;
-  char* scratch = stats + blocks * 3 * m_pad * elem;
-  if (code == kFloat64) {
-    copy_padded(reinterpret_cast<double*>(lc_pad), log_c, m, m_pad, 0.0);
-    copy_padded(reinterpret_cast<double*>(w_pad), w, m, m_pad, 1.0);
-  } else {
-    copy_padded(reinterpret_cast<float*>(lc_pad), log_c, m, m_pad, 0.0f);
-    copy_padded(reinterpret_cast<float*>(w_pad), w, m, m_pad, 1.0f);
-  }
+  const Workspace ws = make_workspace(rows, m, code, acc_opts, log_c, w);
 
   FusedArgs args;
   args.student = student.data_ptr();
   args.teacher = teacher.has_value() ? teacher->data_ptr() : nullptr;
   args.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   args.a = a.data_ptr();
-  args.log_c = lc_pad;
-  args.w = w_pad;
+  args.log_c = ws.lc_pad;
+  args.w = ws.w_pad;
   args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.loss = loss.data_ptr();
   args.rows = rows;
   args.m = m;
-  args.tile = tile;
+  args.tile = ws.tile;
   args.gamma = gamma;
   args.tau = tau;
   args.grad_scale = grad_scale;
   args.ignore_index = ignore_index;
+  args.prob_tol = prob_tol;
   args.teacher_is_probs = teacher_is_probs;
   args.need_grad = need_grad;
   args.has_log_c = log_c.has_value();
   args.has_w = w.has_value();
-  // A gradient of 8 MiB or more leaves the caches before anything reads it: write it around them
-  // (non-temporal stores, some 10% faster at 16 MiB here). Not into memory the OS has yet to map,
-  // though: first-touch page faults under streaming stores cost more than the kernel. A fresh
-  // allocation of 32 MiB or more is such memory (glibc maps it anew each time); grad_out and
-  // smaller allocations (reused heap memory) are not.
-  constexpr int64_t kStreamBytes = int64_t(8) << 20;
-  constexpr int64_t kFreshMapBytes = int64_t(32) << 20;
-  const int64_t grad_bytes = rows * m * static_cast<int64_t>(student.element_size());
-  args.stream_grad =
-      need_grad && grad_bytes >= kStreamBytes && (grad_out.has_value() || grad_bytes < kFreshMapBytes);
-
-  const RowsFn fn = table_with(code)->rows[code];
-  std::vector<int64_t> bad_rows(static_cast<size_t>(blocks), -1);
-  std::atomic<int64_t> next_block{0};
-  auto work = [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
-        char* st = stats + b * 3 * m_pad * elem;
-        std::memset(st, 0, static_cast<size_t>(3 * m_pad * elem));
-        ChunkOut out{scratch + t * scratch_len * elem, st, st + m_pad * elem, st + 2 * m_pad * elem, -1};
-        fn(args, rows * b / blocks, rows * (b + 1) / blocks, out);
-        bad_rows[b] = out.bad_row;
-      }
-    }
-  };
-  if (threads == 1) {
-    work(0, 1);  // small problems: no parallel region at all
-  } else if (rows > 0) {
-    at::parallel_for(0, threads, 1, work);
-  }
-  for (const int64_t bad : bad_rows) {
-    TORCH_CHECK(bad < 0, "rkd_engine._C: labels must be in [0, ", m, "), got labels[", bad,
-                "] = ", labels->data_ptr<int64_t>()[bad]);
-  }
+  args.stream_grad = stream_gradient(rows * m * static_cast<int64_t>(student.element_size()), need_grad,
+                                     grad_out.has_value());
+  run_blocks(args, ws, table_with(code)->rows[code]);
   if (rows == 0) {
     mass.zero_();
     risk.zero_();
     error.zero_();
   } else if (code == kFloat64) {
-    merge_blocks(reinterpret_cast<const double*>(stats), blocks, m, m_pad, mass.data_ptr<double>(),
+    merge_blocks(reinterpret_cast<const double*>(ws.stats), ws.blocks, m, ws.m_pad, mass.data_ptr<double>(),
                  risk.data_ptr<double>(), error.data_ptr<double>());
   } else {
-    merge_blocks(reinterpret_cast<const float*>(stats), blocks, m, m_pad, mass.data_ptr<float>(),
+    merge_blocks(reinterpret_cast<const float*>(ws.stats), ws.blocks, m, ws.m_pad, mass.data_ptr<float>(),
                  risk.data_ptr<float>(), error.data_ptr<float>());
   }
   return {loss, grad, mass, risk, error};
@@ -397,11 +437,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "Fused distillation loss on CPU (rkd): loss, gradient and per-class statistics in one pass.";
   mod.def("fused_forward", &rkd::cpu::fused_forward, py::arg("student"), py::arg("teacher"), py::arg("labels"),
           py::arg("a"), py::arg("log_c"), py::arg("w"), py::kw_only(), py::arg("gamma"), py::arg("tau"),
-          py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("grad_out") = py::none(),
-          py::arg("ignore_index") = -100,
+          py::arg("teacher_is_probs"), py::arg("grad_scale"), py::arg("need_grad"), py::arg("prob_tol"),
+          py::arg("grad_out") = py::none(), py::arg("ignore_index") = -100,
           py::call_guard<py::gil_scoped_release>(),
           "(loss, grad, mass, risk, error) of docs/loss.md for CPU tensors "
-          "(see rkd_engine.reference.fused_rows).");
+          "(see rkd_engine.reference.fused_rows); a row of teacher probabilities with a negative entry or a "
+          "sum off 1 by more than prob_tol, or a bad teacher row whatever a, gets a NaN loss.");
   mod.def("scale_rows_", &rkd::cpu::scale_rows_, py::arg("grad"), py::arg("go"),
           py::call_guard<py::gil_scoped_release>(), "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1.");
   mod.def("cpu_isa", &rkd::cpu::cpu_isa,

@@ -6,6 +6,13 @@
 
 #include <cstdint>
 
+// Helpers of the row kernel that must be inlined into it (they split it along its passes at no cost).
+#if defined(__GNUC__) || defined(__clang__)
+#define RKD_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RKD_ALWAYS_INLINE inline
+#endif
+
 namespace rkd::cpu {
 
 // Input dtypes, in the order of KernelTable's arrays.
@@ -71,6 +78,8 @@ struct FusedArgs {
   double tau;
   double grad_scale;
   int64_t ignore_index;  // rows whose label equals it are skipped: loss 0, a zero gradient row, no statistics
+  double prob_tol;       // teacher probabilities: a row whose sum is off 1 by more (or with a negative entry)
+                         // gets a NaN loss (rkd_engine.ops.checks.PROB_SUM_TOL for the input dtype)
   bool teacher_is_probs;
   bool need_grad;
   bool has_log_c;

@@ -1,32 +1,11 @@
-// AVX2 + FMA + F16C row kernels (float32, bfloat16, float16 inputs; float32 arithmetic).
-//
-// The whole file after the standard headers is compiled for that target with a pragma, so the package
-// itself needs no -mavx2 (which would let the compiler use AVX2 anywhere) and still runs on any x86-64:
-// distill_cpu.cpp calls these kernels only when the running CPU reports avx2, fma and f16c. No torch
-// header is included after the pragma, and everything compiled for AVX2 lives in rkd::cpu::avx2, so no
-// inline function shared with other translation units is ever emitted with AVX2 instructions.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
+// AVX2 + FMA + F16C row kernels (float32, bfloat16, float16 inputs; float32 arithmetic), compiled for
+// that target by the scaffold of distill_isa_begin.h and called only where the running CPU has it.
+#define RKD_ISA avx2
+#define RKD_ISA_TARGET "avx2,fma,f16c"
+#define RKD_ISA_HAS_F64 0
+#include "distill_isa_begin.h"
 
-#include "distill_kernel.h"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define RKD_HAVE_AVX2_KERNELS 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-// GCC builds _mm*_mul_ps and _mm*_add_ps from generic vector arithmetic, which -ffp-contract=fast (its
-// default) may fuse into FMAs differently in each instantiation of the row kernel: off, so that the
-// variants of one call (need_grad or not, streamed or not) round identically and every FMA is written.
-#pragma GCC optimize("fp-contract=off")
-#endif
-#include <immintrin.h>
-
+#if RKD_ISA_ENABLED
 namespace rkd::cpu::avx2 {
 
 struct VecAvx2 {
@@ -177,31 +156,7 @@ struct VecAvx2 {
 
 using VF = VecAvx2;
 
-#include "distill_rows.h"
-
 }  // namespace rkd::cpu::avx2
+#endif  // RKD_ISA_ENABLED
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif  // x86-64 with GCC or clang
-
-namespace rkd::cpu {
-
-const KernelTable* avx2_kernels() {
-#ifdef RKD_HAVE_AVX2_KERNELS
-  using avx2::VF;
-  static const KernelTable table = {
-      "avx2",
-      {&avx2::run_rows<VF, float>, &avx2::run_rows<VF, bf16_t>, &avx2::run_rows<VF, fp16_t>, nullptr},
-      {&avx2::scale_row<VF, float>, &avx2::scale_row<VF, bf16_t>, &avx2::scale_row<VF, fp16_t>, nullptr},
-  };
-  return &table;
-#else
-  return nullptr;
-#endif
-}
-
-}  // namespace rkd::cpu
+#include "distill_isa_end.h"

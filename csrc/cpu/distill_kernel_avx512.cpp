@@ -1,38 +1,16 @@
-// AVX-512 (F, DQ, BW, VL) + FMA + F16C row kernels (float32, bfloat16, float16 inputs; float32 arithmetic).
-//
-// Same design as distill_kernel_avx2.cpp: the whole file after the standard headers is compiled for that
-// target with a pragma, so the package itself needs no -mavx512f and still runs on any x86-64:
-// distill_cpu.cpp calls these kernels only when the running CPU (and OS) reports avx512f, avx512dq,
-// avx512bw, avx512vl, fma and f16c. No torch header is included after the pragma, and everything
-// compiled for AVX-512 lives in rkd::cpu::avx512, so no inline function shared with other translation
-// units is ever emitted with AVX-512 instructions.
+// AVX-512 (F, DQ, BW, VL) + FMA + F16C row kernels (float32, bfloat16, float16 inputs; float32 arithmetic),
+// compiled for that target by the scaffold of distill_isa_begin.h and called only where the running CPU
+// (and OS) reports avx512f, avx512dq, avx512bw, avx512vl, fma and f16c.
 //
 // 16 lanes per vector; compares and blends use mask registers, the partial last vector of a row is
 // stored with a masked store. The arithmetic is operation for operation that of the AVX2 and generic
 // kernels (same exponential), so the three paths agree to rounding of the horizontal sums.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
+#define RKD_ISA avx512
+#define RKD_ISA_TARGET "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c"
+#define RKD_ISA_HAS_F64 0
+#include "distill_isa_begin.h"
 
-#include "distill_kernel.h"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define RKD_HAVE_AVX512_KERNELS 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
-// GCC builds _mm*_mul_ps and _mm*_add_ps from generic vector arithmetic, which -ffp-contract=fast (its
-// default) may fuse into FMAs differently in each instantiation of the row kernel: off, so that the
-// variants of one call (need_grad or not, streamed or not) round identically and every FMA is written.
-#pragma GCC optimize("fp-contract=off")
-#endif
-#include <immintrin.h>
-
+#if RKD_ISA_ENABLED
 namespace rkd::cpu::avx512 {
 
 struct VecAvx512 {
@@ -213,31 +191,7 @@ struct VecAvx512 {
 
 using VF = VecAvx512;
 
-#include "distill_rows.h"
-
 }  // namespace rkd::cpu::avx512
+#endif  // RKD_ISA_ENABLED
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif  // x86-64 with GCC or clang
-
-namespace rkd::cpu {
-
-const KernelTable* avx512_kernels() {
-#ifdef RKD_HAVE_AVX512_KERNELS
-  using avx512::VF;
-  static const KernelTable table = {
-      "avx512",
-      {&avx512::run_rows<VF, float>, &avx512::run_rows<VF, bf16_t>, &avx512::run_rows<VF, fp16_t>, nullptr},
-      {&avx512::scale_row<VF, float>, &avx512::scale_row<VF, bf16_t>, &avx512::scale_row<VF, fp16_t>, nullptr},
-  };
-  return &table;
-#else
-  return nullptr;
-#endif
-}
-
-}  // namespace rkd::cpu
+#include "distill_isa_end.h"

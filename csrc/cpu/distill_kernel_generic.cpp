@@ -3,15 +3,11 @@
 // the float exponential below is the same algorithm, operation for operation.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#define RKD_ISA generic
+#define RKD_ISA_HAS_F64 1
+#include "distill_isa_begin.h"
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-
-#include "distill_kernel.h"
-
+#if RKD_ISA_ENABLED
 namespace rkd::cpu::generic {
 
 // 2^y for float (see kExp2Magic in distill_kernel.h): y < kExp2Lo gives exactly 0 (-inf too), NaN stays
@@ -185,23 +181,7 @@ struct VecGeneric {
 using VF = VecGeneric<float, 8>;
 using VD = VecGeneric<double, 4>;
 
-#include "distill_rows.h"
-
 }  // namespace rkd::cpu::generic
+#endif  // RKD_ISA_ENABLED
 
-namespace rkd::cpu {
-
-const KernelTable* generic_kernels() {
-  using generic::VD;
-  using generic::VF;
-  static const KernelTable table = {
-      "generic",
-      {&generic::run_rows<VF, float>, &generic::run_rows<VF, bf16_t>, &generic::run_rows<VF, fp16_t>,
-       &generic::run_rows<VD, double>},
-      {&generic::scale_row<VF, float>, &generic::scale_row<VF, bf16_t>, &generic::scale_row<VF, fp16_t>,
-       &generic::scale_row<VD, double>},
-  };
-  return &table;
-}
-
-}  // namespace rkd::cpu
+#include "distill_isa_end.h"

@@ -41,6 +41,7 @@ struct Sums {
   T sg = 0;    // sum_j e_j, e_j = exp((g_j - Rg) / gamma)   (unused for teacher probabilities: S_g = 1)
   T swg = 0;   // sum_j w_j e_j
   T swgu = 0;  // sum_{j: w_j e_j > 0} w_j e_j u_j (not kept where pass B sums the loss, see loss_in_b)
+  T sneg = 0;  // teacher probabilities: sum_j max(-p_j, 0), > 0 when an entry is negative (sg is then sum_j p_j)
 };
 
 // Whether the loss of a teacher row is summed in pass B (tau = 1, no w): there it is sum_j q_j (L - u_j),
@@ -201,7 +202,8 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
   using V = typename VT::V;
   const V vr = VT::set1(r), vrg = VT::set1(rg), vkg = VT::set1(kg);
   const V vkt = VT::set1(kt), vl2e = VT::set1(log2e<T>());
-  V sz = VT::zero(), szt = VT::zero(), sg = VT::zero(), swg = VT::zero(), swgu = VT::zero();
+  V sz = VT::zero(), szt = VT::zero(), sg = VT::zero(), swg = VT::zero(), swgu = VT::zero(), sneg = VT::zero();
+  const V one = VT::set1(T(1));
   for (int64_t j = j0; j < j1; j += VT::W) {
     if (PfElem > 0) {
       __builtin_prefetch(pf_f + j * PfElem, 0, 3);
@@ -221,7 +223,9 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
       const V e = Probs ? VT::load(g_in + j) : VT::exp2(VT::mul(VT::sub(VT::load(g_in + j), vrg), vkg));
       if (StoreU) VT::store(E + j, e);
       if (Acc) {
-        if (!Probs) sg = VT::add(sg, e);
+        // Probabilities: sg sums p and sneg the negative parts, the row's validity (probs_row_ok).
+        sg = VT::add(sg, e);
+        if (Probs) sneg = VT::fma_if_pos(VT::sub(VT::zero(), e), one, sneg);
         const V we = HasW ? VT::mul(VT::load(w + j), e) : e;
         if (HasW || Probs) swg = VT::add(swg, we);
         if (!loss_in_b<Tau1, HasW>()) swgu = VT::fma_if_pos(we, u, swgu);
@@ -232,8 +236,9 @@ inline void tile_exp(const typename VT::T* f_in, const typename VT::T* g_in, typ
     out.sz += VT::hsum(sz);
     if (!Tau1) out.szt += VT::hsum(szt);
     if (Soft) {
-      const T tsg = Probs ? T(0) : VT::hsum(sg);
+      const T tsg = VT::hsum(sg);
       out.sg += tsg;
+      if (Probs) out.sneg += VT::hsum(sneg);
       out.swg += (HasW || Probs) ? VT::hsum(swg) : tsg;
       if (!loss_in_b<Tau1, HasW>()) out.swgu += VT::hsum(swgu);
     }
@@ -317,39 +322,69 @@ inline void for_vectors(int64_t n, int64_t s0, int64_t s1, int64_t s2, Body&& bo
   for (; j < n; j += W) body(j, std::false_type{});
 }
 
-// One row. Soft: the teacher term is present (a teacher is given and a_i > 0); otherwise only the
-// label term. y < 0: no labels. Writes loss[i], grad row i (NeedGrad) and adds to the accumulators.
-template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
-void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename VT::T a_i, int64_t y,
-                typename VT::T* scratch, const ChunkOut& acc) {
+// Pointers of one row, shared by its passes.
+template <class VT, class In>
+struct RowIO {
   using T = typename VT::T;
-  using V = typename VT::V;
-  constexpr int W = VT::W;
-  const int64_t m = c.m;
-  const In* f = static_cast<const In*>(args.student) + i * m;
-  const In* g = Soft ? static_cast<const In*>(args.teacher) + i * m : nullptr;
-  In* grad = NeedGrad ? static_cast<In*>(args.grad) + i * m : nullptr;
-  T* mass = static_cast<T*>(acc.mass);
-  T* risk = static_cast<T*>(acc.risk);
-  T* hit = static_cast<T*>(acc.hit);
-  T* U = scratch;
-  T* E = U + c.tile;
-  T* S = E + c.tile;
-  T* St = S + c.tile;
-  const T ninf = neg_inf<T>();
-  const T hw = y >= 0 ? T(1) - a_i : T(0);  // weight of the label term
-  const T sw = Soft ? a_i : T(0);           // weight of the teacher term
-  const bool single = c.ntiles == 1;
-  // Rows held whole prefetch the next ones during their exponential pass (wide rows rely on the
-  // hardware prefetchers); the last row prefetches itself, harmlessly.
-  const int64_t next = i + 1 < args.rows ? m : 0;
-  const char* pf_f = reinterpret_cast<const char*>(f + next);
-  const char* pf_g = Soft ? reinterpret_cast<const char*>(g + next) : nullptr;
-  // Non-temporal gradient stores need every vector aligned: true when the row start is.
-  const bool stream =
-      NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(grad) % VT::template stream_align<In>() == 0;
+  const In* f;
+  const In* g;  // the teacher row (Soft), else nullptr
+  In* grad;     // the gradient row (NeedGrad), else nullptr
+  T* U;         // scratch: u (pass A), or the tile copy of f
+  T* E;         // scratch: e (pass A), or the tile copy of g
+  T* S;         // scratch: exp(u)
+  T* St;        // scratch: exp(u / tau)
+  T* mass;
+  T* risk;
+  T* hit;
+  const char* pf_f;  // the next row, prefetched during pass A (single-tile rows)
+  const char* pf_g;
+  bool stream;  // non-temporal gradient stores
+};
 
-  // ---- pass A: maxima, argmax and the sums, tile by tile (online rescaling across tiles)
+// What pass A leaves of a row: its maxima, argmax and sums.
+template <class T>
+struct RowA {
+  T re = 0;       // r = max (f - lc) as rounded, the student's shift (0 for a row of -inf)
+  T rge = 0;      // max g, the teacher's shift (0 for a row of -inf)
+  bool empty;     // the student row is -inf everywhere (after log c)
+  int64_t am = 0;  // argmax f, first index on ties
+  Sums<T> s;
+};
+
+// Pass A's reads of one tile of the row: tf = max f, tz = max (f - lc) (with log c), tg = max g (teacher
+// logits), and the scratch copies U, E that exp_pass reads where the row is not read in place.
+template <class VT, class In, bool Soft, bool Probs>
+RKD_ALWAYS_INLINE void pass_a_load(const RowIO<VT, In>& io, const Consts<VT>& c, int64_t off, int64_t n,
+                                   int64_t npad, typename VT::T& tf, typename VT::T& tz, typename VT::T& tg) {
+  using T = typename VT::T;
+  const T ninf = neg_inf<T>();
+  if (Soft && !Probs && read_in_place<VT, In>(n)) {
+    const T* ft = reinterpret_cast<const T*>(io.f + off);
+    const T* gt = reinterpret_cast<const T*>(io.g + off);
+    if (c.has_lc) {
+      load_tiles_fg<VT, true>(ft, gt, n, npad, io.U, io.E, c.lc + off, &tf, &tz, &tg);
+    } else {
+      load_tiles_fg<VT, false>(ft, gt, n, npad, io.U, io.E, c.lc + off, &tf, &tz, &tg);
+    }
+    return;
+  }
+  tf = load_tile<VT, true>(io.f + off, n, npad, io.U, ninf, c.has_lc ? c.lc + off : nullptr, &tz);
+  if (Soft) {
+    if (Probs) {
+      load_tile<VT, false>(io.g + off, n, npad, io.E, T(0), nullptr, nullptr);
+    } else {
+      tg = load_tile<VT, true>(io.g + off, n, npad, io.E, ninf, nullptr, nullptr);
+    }
+  }
+}
+
+// Pass A: maxima, argmax and the sums, tile by tile (online rescaling across tiles). Single-tile rows
+// also store u, e and the exponentials in scratch for pass B.
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
+RKD_ALWAYS_INLINE RowA<typename VT::T> pass_a(const RowIO<VT, In>& io, const Consts<VT>& c) {
+  using T = typename VT::T;
+  const T ninf = neg_inf<T>();
+  const int64_t m = c.m;
   // rf: max f (for the argmax); r: max (f - lc) as rounded, the student's shift; rg: max g.
   T rf = ninf, r = ninf, rg = ninf, re = 0, rge = 0;
   int64_t am = 0;
@@ -361,29 +396,12 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
     T tz = ninf;  // max_j (f_j - lc_j) over the tile
     T tf = ninf;
     T tg = ninf;
-    if (Soft && !Probs && read_in_place<VT, In>(n)) {
-      const T* ft = reinterpret_cast<const T*>(f + off);
-      const T* gt = reinterpret_cast<const T*>(g + off);
-      if (c.has_lc) {
-        load_tiles_fg<VT, true>(ft, gt, n, npad, U, E, c.lc + off, &tf, &tz, &tg);
-      } else {
-        load_tiles_fg<VT, false>(ft, gt, n, npad, U, E, c.lc + off, &tf, &tz, &tg);
-      }
-    } else {
-      tf = load_tile<VT, true>(f + off, n, npad, U, ninf, c.has_lc ? c.lc + off : nullptr, &tz);
-    }
-    if (Soft && !(!Probs && read_in_place<VT, In>(n))) {
-      if (Probs) {
-        load_tile<VT, false>(g + off, n, npad, E, T(0), nullptr, nullptr);
-      } else {
-        tg = load_tile<VT, true>(g + off, n, npad, E, ninf, nullptr, nullptr);
-      }
-    }
+    pass_a_load<VT, In, Soft, Probs>(io, c, off, n, npad, tf, tz, tg);
     // Student frame: u = (f - r) - lc with r = max (f - lc) so far. Subtracting r before lc keeps
     // f - r exact for large logits; an error in r itself shifts every u alike and cancels in
     // -log s = L - u. A larger r in a later tile lowers every earlier u by du: rescale their sums.
     if (tf > rf) {
-      am = off + VT::first_eq(read_in_place<VT, In>(n) ? reinterpret_cast<const T*>(f + off) : U, n, tf);
+      am = off + VT::first_eq(read_in_place<VT, In>(n) ? reinterpret_cast<const T*>(io.f + off) : io.U, n, tf);
       rf = tf;
     }
     const T tr = c.has_lc ? tz : tf;
@@ -408,103 +426,152 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
       rg = rg_new;
       rge = rg > ninf ? rg : T(0);
     }
-    if (single) {
-      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, true, NeedGrad, true>(f, g, scratch, c, off, n, npad, re, rge, s,
-                                                                            pf_f, pf_g);
+    T* scratch = io.U;
+    if (c.ntiles == 1) {
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, true, NeedGrad, true>(io.f, io.g, scratch, c, off, n, npad, re,
+                                                                            rge, s, io.pf_f, io.pf_g);
     } else {
-      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, false, false>(f, g, scratch, c, off, n, npad, re, rge, s);
+      exp_pass<VT, In, Soft, Probs, Tau1, HasW, true, false, false>(io.f, io.g, scratch, c, off, n, npad, re, rge, s);
     }
   }
+  RowA<T> out;
+  out.re = re;
+  out.rge = rge;
+  out.empty = r == ninf;
+  out.am = am;
+  out.s = s;
+  return out;
+}
 
-  // ---- per-row scalars
+// The per-row scalars of the loss and the gradient.
+template <class T>
+struct RowScalars {
+  T L;    // log sum_j exp(u_j): -log s_j = L - u_j
+  T Lt;   // log sum_j exp(u_j / tau)
+  T isz;  // 1 / sum_j exp(u_j)
+  T iszt;
+  T isg;  // 1 / S_g (1 for probabilities)
+  T wp;   // sum_j w_j p_j
+  T hw;   // weight of the label term, 1 - a (0 without a label)
+  T sw;   // weight of the teacher term, a (0 without a teacher)
+  T w_y;
+  T u_y;
+};
+
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool HasW>
+RKD_ALWAYS_INLINE RowScalars<typename VT::T> row_scalars(RowA<typename VT::T>& ra, const RowIO<VT, In>& io,
+                                                         const Consts<VT>& c, typename VT::T a_i, int64_t y) {
+  using T = typename VT::T;
+  Sums<T>& s = ra.s;
   // A student row that is -inf everywhere (after log c) has no softmax: its loss and gradient row are NaN,
   // as on every backend (without this, the padding lanes' exponentials would make a finite sz).
-  if (r == ninf) {
+  if (ra.empty) {
     s.sz = std::numeric_limits<T>::quiet_NaN();
     s.szt = s.sz;
   }
-  const T L = std::log(s.sz);  // -log s_j = L - u_j
-  const T Lt = Tau1 ? L : std::log(s.szt);
-  const T isz = T(1) / s.sz;
-  const T iszt = Tau1 ? isz : T(1) / s.szt;
-  const T isg = (Soft && !Probs) ? T(1) / s.sg : T(1);
-  const T wp = Soft ? s.swg * isg : T(0);  // sum_j w_j p_j
-  const T w_y = y >= 0 ? (HasW ? c.w[y] : T(1)) : T(0);
-  T u_y = 0;
-  if (y >= 0) u_y = single ? U[y] : (scalar_in<VT>(f + y) - re) - c.lc[y];
-  T loss = 0;
-  if (!Soft || !loss_in_b<Tau1, HasW>()) {
-    if (hw > 0) loss += hw * w_y * (L - u_y);
-    if (Soft) loss += sw * c.tau * c.tau * (Lt * wp - c.inv_tau * (s.swgu * isg));
-    static_cast<T*>(args.loss)[i] = loss;
-  }
+  RowScalars<T> rs;
+  rs.L = std::log(s.sz);
+  rs.Lt = Tau1 ? rs.L : std::log(s.szt);
+  rs.isz = T(1) / s.sz;
+  rs.iszt = Tau1 ? rs.isz : T(1) / s.szt;
+  rs.isg = (Soft && !Probs) ? T(1) / s.sg : T(1);
+  rs.wp = Soft ? s.swg * rs.isg : T(0);
+  rs.hw = y >= 0 ? T(1) - a_i : T(0);
+  rs.sw = Soft ? a_i : T(0);
+  rs.w_y = y >= 0 ? (HasW ? c.w[y] : T(1)) : T(0);
+  rs.u_y = 0;
+  if (y >= 0) rs.u_y = c.ntiles == 1 ? io.U[y] : (scalar_in<VT>(io.f + y) - ra.re) - c.lc[y];
+  return rs;
+}
 
-  // ---- pass B: gradient and per-class statistics
-  if (!Soft) {
-    // q = hw e_y: the statistics touch one class; the gradient is gs hw w_y (s - e_y).
-    if (hw != T(0)) {
-      mass[y] += hw;
-      if (hw > 0) risk[y] += hw * (L - u_y);
-      if (am == y) hit[y] += hw;
-    }
-    if (!NeedGrad) return;
-    const V c1 = VT::set1(c.gs * hw * w_y * isz);
-    const T at_y = c.gs * hw * w_y;
-    for (int64_t k = 0; k < c.ntiles; ++k) {
-      const int64_t off = k * c.tile;
-      const int64_t n = m - off < c.tile ? m - off : c.tile;
-      const int64_t npad = round_up(n, kPad);
-      if (!single) {
-        load_tile<VT, false>(f + off, n, npad, U, ninf, nullptr, nullptr);
-        exp_pass<VT, In, false, false, true, false, false, false, true>(f, g, scratch, c, off, n, npad, re, rge,
-                                                                        s);
-      }
-      const int64_t yl = y - off;
-      for_vectors<W>(n, vector_start<W>(yl, n), n % W != 0 ? n / W * W : -1, -1, [&](int64_t j, auto special) {
-        constexpr bool kSpecial = decltype(special)::value;
-        V gv = VT::mul(VT::load(S + j), c1);
-        if (kSpecial && yl >= j && yl < j + W) {
-          T tmp[W];
-          VT::store(tmp, gv);
-          tmp[yl - j] -= at_y;
-          gv = VT::load(tmp);
-        }
-        if (kSpecial && j + W > n) {
-          store_grad_partial<VT>(grad + off + j, gv, n - j, stream);
-        } else {
-          store_grad<VT>(grad + off + j, gv, stream);
-        }
-      });
-    }
-    return;
+// Pass B of a row without a teacher term: q = hw e_y touches one class of the statistics; the gradient
+// is gs hw w_y (s - e_y).
+template <class VT, class In, bool NeedGrad>
+RKD_ALWAYS_INLINE void hard_pass_b(const RowIO<VT, In>& io, const Consts<VT>& c, const RowA<typename VT::T>& ra,
+                                   const RowScalars<typename VT::T>& rs, int64_t y) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  const T hw = rs.hw;
+  if (hw != T(0)) {
+    io.mass[y] += hw;
+    if (hw > 0) io.risk[y] += hw * (rs.L - rs.u_y);
+    if (ra.am == y) io.hit[y] += hw;
   }
-
-  const V ca = VT::set1(sw * isg);  // q = e * ca (+ hw at y)
-  const V vL = VT::set1(L);
-  const V vgs = VT::set1(c.gs);
-  // tau = 1: grad = s Wq - w q with s = exp(u) / sz, Wq = hw w_y + a Wp.
-  const V cs = VT::set1(c.gs * (hw * w_y + sw * wp) * isz);
-  // tau != 1: grad = hw w_y s + a tau Wp s^tau - w (a tau p + hw e_y), all times gs.
-  const V c1 = VT::set1(c.gs * hw * w_y * isz);
-  const V c2 = VT::set1(c.gs * sw * c.tau * wp * iszt);
-  const V cq2 = VT::set1(c.gs * sw * c.tau * isg);
-  T q_am = 0;
-  V lsum = VT::zero();  // loss_in_b: sum_j q_j (L - u_j)
+  if (!NeedGrad) return;
+  const V c1 = VT::set1(c.gs * hw * rs.w_y * rs.isz);
+  const T at_y = c.gs * hw * rs.w_y;
+  Sums<T> unused = ra.s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
     const int64_t off = k * c.tile;
-    const int64_t n = m - off < c.tile ? m - off : c.tile;
+    const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
     const int64_t npad = round_up(n, kPad);
-    if (!single) {
-      load_tile<VT, false>(f + off, n, npad, U, ninf, nullptr, nullptr);
-      load_tile<VT, false>(g + off, n, npad, E, Probs ? T(0) : ninf, nullptr, nullptr);
-      exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(f, g, scratch, c, off, n, npad, re, rge, s);
+    if (c.ntiles != 1) {
+      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
+      exp_pass<VT, In, false, false, true, false, false, false, true>(io.f, io.g, io.U, c, off, n, npad, ra.re,
+                                                                      ra.rge, unused);
+    }
+    const int64_t yl = y - off;
+    for_vectors<W>(n, vector_start<W>(yl, n), n % W != 0 ? n / W * W : -1, -1, [&](int64_t j, auto special) {
+      constexpr bool kSpecial = decltype(special)::value;
+      V gv = VT::mul(VT::load(io.S + j), c1);
+      if (kSpecial && yl >= j && yl < j + W) {
+        T tmp[W];
+        VT::store(tmp, gv);
+        tmp[yl - j] -= at_y;
+        gv = VT::load(tmp);
+      }
+      if (kSpecial && j + W > n) {
+        store_grad_partial<VT>(io.grad + off + j, gv, n - j, io.stream);
+      } else {
+        store_grad<VT>(io.grad + off + j, gv, io.stream);
+      }
+    });
+  }
+}
+
+// Pass B of a row with a teacher term: q, the gradient and the statistics, class by class. Returns the
+// row's loss where pass B sums it (loss_in_b), else 0.
+template <class VT, class In, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
+RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Consts<VT>& c,
+                                             const RowA<typename VT::T>& ra, const RowScalars<typename VT::T>& rs,
+                                             int64_t y) {
+  using T = typename VT::T;
+  using V = typename VT::V;
+  constexpr int W = VT::W;
+  const T hw = rs.hw;
+  const V ca = VT::set1(rs.sw * rs.isg);  // q = e * ca (+ hw at y)
+  const V vL = VT::set1(rs.L);
+  const V vgs = VT::set1(c.gs);
+  // tau = 1: grad = s Wq - w q with s = exp(u) / sz, Wq = hw w_y + a Wp.
+  const V cs = VT::set1(c.gs * (hw * rs.w_y + rs.sw * rs.wp) * rs.isz);
+  // tau != 1: grad = hw w_y s + a tau Wp s^tau - w (a tau p + hw e_y), all times gs.
+  const V c1 = VT::set1(c.gs * hw * rs.w_y * rs.isz);
+  const V c2 = VT::set1(c.gs * rs.sw * c.tau * rs.wp * rs.iszt);
+  const V cq2 = VT::set1(c.gs * rs.sw * c.tau * rs.isg);
+  T q_am = 0;
+  V lsum = VT::zero();  // loss_in_b: sum_j q_j (L - u_j)
+  Sums<T> unused = ra.s;
+  for (int64_t k = 0; k < c.ntiles; ++k) {
+    const int64_t off = k * c.tile;
+    const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
+    const int64_t npad = round_up(n, kPad);
+    if (c.ntiles != 1) {
+      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
+      load_tile<VT, false>(io.g + off, n, npad, io.E, Probs ? T(0) : neg_inf<T>(), nullptr, nullptr);
+      exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(io.f, io.g, io.U, c, off, n, npad, ra.re,
+                                                                       ra.rge, unused);
     }
     const int64_t yl = y >= 0 && hw != T(0) ? y - off : -1;
-    const int64_t aml = am - off;
-    T* mass_t = mass + off;
-    T* risk_t = risk + off;
+    const int64_t aml = ra.am - off;
+    T* mass_t = io.mass + off;
+    T* risk_t = io.risk + off;
     const T* w_t = c.w + off;
-    In* grad_t = NeedGrad ? grad + off : nullptr;
+    const T* E = io.E;
+    const T* U = io.U;
+    const T* S = io.S;
+    const T* St = io.St;
+    In* grad_t = NeedGrad ? io.grad + off : nullptr;
     for_vectors<W>(n, vector_start<W>(yl, n), vector_start<W>(aml, n), n % W != 0 ? n / W * W : -1,
                    [&](int64_t j, auto special) {
                      constexpr bool kSpecial = decltype(special)::value;
@@ -542,15 +609,96 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
                          gv = VT::sub(VT::fmadd(VT::load(S + j), c1, VT::mul(VT::load(St + j), c2)), wq2);
                        }
                        if (kSpecial && j + W > n) {
-                         store_grad_partial<VT>(grad_t + j, gv, n - j, stream);
+                         store_grad_partial<VT>(grad_t + j, gv, n - j, io.stream);
                        } else {
-                         store_grad<VT>(grad_t + j, gv, stream);
+                         store_grad<VT>(grad_t + j, gv, io.stream);
                        }
                      }
                    });
   }
-  hit[am] += q_am;
-  if (loss_in_b<Tau1, HasW>()) static_cast<T*>(args.loss)[i] = VT::hsum(lsum);
+  io.hit[ra.am] += q_am;
+  return loss_in_b<Tau1, HasW>() ? VT::hsum(lsum) : T(0);
+}
+
+// Whether a row of teacher probabilities is one (from pass A's sums, no extra pass): no negative entry, and
+// a sum within `tol` of 1 (a NaN or an infinity makes the sum fail too).
+template <class T>
+inline bool probs_row_ok(const Sums<T>& s, T tol) {
+  return !(s.sneg > T(0)) && std::abs(s.sg - T(1)) <= tol;
+}
+
+// The status of a teacher row whose term the loss does not use (a_i = 0): read only for its validity, so
+// that a bad teacher value gives the row a NaN loss whatever a_i. Logits: no NaN or +inf, and not -inf
+// everywhere; probabilities: as probs_row_ok. `buf` holds W values of scratch.
+template <class VT, class In>
+bool teacher_row_ok(const In* g, int64_t m, bool probs, typename VT::T tol, typename VT::T* buf) {
+  using T = typename VT::T;
+  constexpr int W = VT::W;
+  const T inf = std::numeric_limits<T>::infinity();
+  T sum = 0, mx = -inf;
+  bool ok = true;
+  for (int64_t j = 0; j < m; j += W) {
+    const int64_t n = m - j < W ? m - j : W;
+    VT::store(buf, n == W ? VT::load_in(g + j) : VT::load_in_partial(g + j, n, T(0)));
+    for (int64_t l = 0; l < n; ++l) {
+      const T v = buf[l];
+      if (probs) {
+        ok = ok && v >= T(0);  // false for NaN
+        sum += v;
+      } else {
+        ok = ok && v == v && v < inf;
+        mx = v > mx ? v : mx;
+      }
+    }
+  }
+  return probs ? ok && std::abs(sum - T(1)) <= tol : ok && mx > -inf;
+}
+
+// One row. Soft: the teacher term is present (a teacher is given and a_i > 0); otherwise only the
+// label term. y < 0: no labels. Writes loss[i], grad row i (NeedGrad) and adds to the accumulators.
+// A row of teacher probabilities that is not one (probs_row_ok) gets a NaN loss: the call's status.
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
+void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename VT::T a_i, int64_t y,
+                typename VT::T* scratch, const ChunkOut& acc) {
+  using T = typename VT::T;
+  const int64_t m = c.m;
+  RowIO<VT, In> io;
+  io.f = static_cast<const In*>(args.student) + i * m;
+  io.g = Soft ? static_cast<const In*>(args.teacher) + i * m : nullptr;
+  io.grad = NeedGrad ? static_cast<In*>(args.grad) + i * m : nullptr;
+  io.U = scratch;
+  io.E = io.U + c.tile;
+  io.S = io.E + c.tile;
+  io.St = io.S + c.tile;
+  io.mass = static_cast<T*>(acc.mass);
+  io.risk = static_cast<T*>(acc.risk);
+  io.hit = static_cast<T*>(acc.hit);
+  // Rows held whole prefetch the next ones during their exponential pass (wide rows rely on the
+  // hardware prefetchers); the last row prefetches itself, harmlessly.
+  const int64_t next = i + 1 < args.rows ? m : 0;
+  io.pf_f = reinterpret_cast<const char*>(io.f + next);
+  io.pf_g = Soft ? reinterpret_cast<const char*>(io.g + next) : nullptr;
+  // Non-temporal gradient stores need every vector aligned: true when the row start is.
+  io.stream =
+      NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(io.grad) % VT::template stream_align<In>() == 0;
+
+  RowA<T> ra = pass_a<VT, In, Soft, Probs, Tau1, NeedGrad, HasW>(io, c);
+  const RowScalars<T> rs = row_scalars<VT, In, Soft, Probs, Tau1, HasW>(ra, io, c, a_i, y);
+  const Sums<T>& s = ra.s;
+  T* loss = static_cast<T*>(args.loss) + i;
+  if (!Soft || !loss_in_b<Tau1, HasW>()) {
+    T l = 0;
+    if (rs.hw > 0) l += rs.hw * rs.w_y * (rs.L - rs.u_y);
+    if (Soft) l += rs.sw * c.tau * c.tau * (rs.Lt * rs.wp - c.inv_tau * (s.swgu * rs.isg));
+    *loss = l;
+  }
+  if (!Soft) {
+    hard_pass_b<VT, In, NeedGrad>(io, c, ra, rs, y);
+    return;
+  }
+  const T lb = soft_pass_b<VT, In, Probs, Tau1, NeedGrad, HasW>(io, c, ra, rs, y);
+  if (loss_in_b<Tau1, HasW>()) *loss = lb;
+  if (Probs && !probs_row_ok(s, static_cast<T>(args.prob_tol))) *loss = std::numeric_limits<T>::quiet_NaN();
 }
 
 template <class VT, class In, bool Soft, bool Probs, bool Tau1>
@@ -617,8 +765,14 @@ void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) 
       }
     }
     const T a_i = a[i];
-    const Fn fn = (soft != nullptr && a_i > 0) ? soft : hard;
-    fn(args, c, i, a_i, y, scratch, out);
+    const bool soft_row = soft != nullptr && a_i > 0;
+    (soft_row ? soft : hard)(args, c, i, a_i, y, scratch, out);
+    // A teacher row the loss does not use is still checked: a bad value there is the caller's error too.
+    if (args.teacher != nullptr && !soft_row &&
+        !teacher_row_ok<VT>(static_cast<const In*>(args.teacher) + i * args.m, args.m, probs,
+                            static_cast<T>(args.prob_tol), scratch)) {
+      static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
+    }
   }
   if (args.stream_grad) VT::stream_fence();
 }

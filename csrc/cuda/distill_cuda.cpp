@@ -1,5 +1,5 @@
 // Torch glue of the rkd CUDA kernels: argument checks, output and workspace allocation, the current CUDA
-// stream, and the Python binding `rkd_engine._C_cuda` (fused_forward, scale_rows_, dro_update_).
+// stream, and the Python binding `rkd_engine._C_cuda` (fused_forward, scale_rows_).
 // The kernels themselves (distill_kernels.cu) know nothing of torch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -48,7 +48,7 @@ void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
     const Tensor& student, const std::optional<Tensor>& teacher, const std::optional<Tensor>& labels, const Tensor& a,
     const std::optional<Tensor>& log_c, const std::optional<Tensor>& w, double gamma, double tau,
-    bool teacher_is_probs, double grad_scale, bool need_grad, const std::optional<Tensor>& grad_out,
+    bool teacher_is_probs, double grad_scale, bool need_grad, double prob_tol, const std::optional<Tensor>& grad_out,
     int64_t ignore_index, const std::optional<Tensor>& scale) {
   TORCH_CHECK_VALUE(student.is_cuda(), "student must be a CUDA tensor, got one on ", student.device());
   TORCH_CHECK_VALUE(student.dim() == 2, "student must have shape (B, m), got ", student.sizes());
@@ -115,6 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
   args.grad_scale = static_cast<float>(grad_scale);
   args.scale = scale ? scale->data_ptr<float>() : nullptr;
   args.ignore_index = ignore_index;
+  args.prob_tol = static_cast<float>(prob_tol);
   args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.grad_stride = m;
   args.loss = loss.data_ptr<float>();
@@ -139,19 +140,6 @@ void scale_rows_(const Tensor& grad, const Tensor& go) {
                        current_stream());
 }
 
-void dro_update_(const Tensor& weights, const Tensor& risk, const Tensor& mass, double alpha, double step_size) {
-  TORCH_CHECK_VALUE(weights.is_cuda(), "weights must be a CUDA tensor, got one on ", weights.device());
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() >= 1, "weights must have shape (m,) with m >= 1, got ",
-                    weights.sizes());
-  const int64_t m = weights.size(0);
-  check_vector(weights, m, at::kFloat, weights, "weights");
-  check_vector(risk, m, at::kFloat, weights, "risk");
-  check_vector(mass, m, at::kFloat, weights, "mass");
-  const c10::cuda::CUDAGuard guard(weights.device());
-  rkd_cuda::dro_update(weights.data_ptr<float>(), risk.data_ptr<float>(), mass.data_ptr<float>(), m,
-                       static_cast<float>(alpha), static_cast<float>(step_size), current_stream());
-}
-
 std::string fused_forward_path(const Tensor& student, bool has_teacher) {
   TORCH_CHECK_VALUE(student.is_cuda() && student.dim() == 2, "student must be a (B, m) CUDA tensor");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -171,19 +159,16 @@ std::string fused_forward_path(const Tensor& student, bool has_teacher) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "rkd CUDA kernels (sm_90): the fused distillation loss, row scaling and the DRO step";
+  module.doc() = "rkd CUDA kernels (sm_90): the fused distillation loss, and the row scaling";
   module.attr("MAX_CLASSES") = rkd_cuda::kMaxClasses;
   module.def("fused_forward", &fused_forward, "Loss per row, grad_scale * dloss/df and mass, risk, error",
              pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("labels"), pybind11::arg("a"),
              pybind11::arg("log_c"), pybind11::arg("w"), pybind11::arg("gamma"), pybind11::arg("tau"),
              pybind11::arg("teacher_is_probs"), pybind11::arg("grad_scale"), pybind11::arg("need_grad"),
-             pybind11::arg("grad_out") = pybind11::none(), pybind11::arg("ignore_index") = -100,
+             pybind11::arg("prob_tol"), pybind11::arg("grad_out") = pybind11::none(), pybind11::arg("ignore_index") = -100,
              pybind11::arg("scale") = pybind11::none());
   module.def("scale_rows_", &scale_rows_, "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1",
              pybind11::arg("grad"), pybind11::arg("go"));
-  module.def("dro_update_", &dro_update_, "One exponentiated-gradient step on the class weights, in place",
-             pybind11::arg("weights"), pybind11::arg("risk"), pybind11::arg("mass"), pybind11::arg("alpha"),
-             pybind11::arg("step_size"));
   module.def("fused_forward_path", &fused_forward_path,
              "The code path and launch shape fused_forward takes for a student like this one (teacher logits, "
              "gradient written over the student)",

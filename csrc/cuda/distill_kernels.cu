@@ -1,5 +1,5 @@
 // rkd CUDA kernels for sm_90 (H100, H200): the fused robust-distillation loss of docs/loss.md,
-// the in-place row scaling of its saved gradient, and the DRO weight step of section 4.
+// and the in-place row scaling of its saved gradient.
 // Plain CUDA C++: no torch header, so CI compiles this file with nvcc on a machine without a GPU.
 //
 // ---------------------------------------------------------------------------------------------------
@@ -92,7 +92,6 @@ constexpr int kColsumColumns = 32;  // column-sum block: 32 columns x 8 lanes ov
 constexpr int kColsumLanes = 8;
 constexpr int kScaleThreads = 256;
 constexpr int kScaleVectorsPerThread = 4;
-constexpr int kDroThreads = 1024;
 constexpr int kMaxGridY = 65535;
 
 constexpr float kInf = __builtin_huge_valf();
@@ -111,12 +110,14 @@ struct Ctx {
   float tau;
   float inv_tau;
   float grad_scale;
+  float prob_tol;  // teacher probabilities: the largest |sum_j p_j - 1| of a valid row
   unsigned flags;
   __device__ __forceinline__ bool has(unsigned flag) const { return (flags & flag) != 0u; }
   __device__ __forceinline__ bool logits() const { return has(kHasTeacher) && !has(kTeacherProbs); }
 };
 
-// Partial reduction of a row (see the top of the file). arg < 0: no column seen yet.
+// Partial reduction of a row (see the top of the file). arg < 0: no column seen yet. For teacher
+// probabilities G is instead max(0, max_j -p_j): > 0 when an entry is negative (teacher_ok).
 struct alignas(16) RowState {
   float fmax;
   int arg;
@@ -289,6 +290,7 @@ __device__ __forceinline__ void merge(RowState& A, const RowState& B, const Ctx&
     const float va = A.Wg != 0.0f ? A.Vg - da * A.Wg : A.Vg;
     const float vb = B.Wg != 0.0f ? B.Vg - db * B.Wg : B.Vg;
     if (c.has(kTeacherProbs)) {
+      A.G = fmaxf(A.G, B.G);
       A.Sg += B.Sg;
       A.Wg += B.Wg;
       A.Vg = va + vb;
@@ -321,8 +323,9 @@ __device__ __forceinline__ void accumulate(RowState& st, const float (&f)[VEC], 
       st.arg = static_cast<int>(col0) + e;
     }
     vu = fmaxf(vu, u[e]);
-    vg = fmaxf(vg, g[e]);
+    vg = fmaxf(vg, c.has(kTeacherProbs) ? -g[e] : g[e]);
   }
+  if (c.has(kTeacherProbs)) st.G = fmaxf(st.G, vg);
   if (vu > st.M) {
     const float d = st.M - vu;  // < 0; -inf before the first column, where the sums are still 0
     st.S1 *= __expf(d);
@@ -340,8 +343,11 @@ __device__ __forceinline__ void accumulate(RowState& st, const float (&f)[VEC], 
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     const float d = st.M - u[e];
-    st.S1 += __expf(-d);
-    if (!c.has(kTauIsOne)) st.St += __expf(-d * c.inv_tau);
+    // A class the student masks (u = -inf) adds exactly 0, also while st.M is still -inf (a thread whose
+    // columns are all masked), where exp(-d) would be NaN.
+    const bool masked = u[e] == -kInf;
+    st.S1 += masked ? 0.0f : __expf(-d);
+    if (!c.has(kTauIsOne)) st.St += masked ? 0.0f : __expf(-d * c.inv_tau);
     if (c.has(kHasTeacher)) {
       float pe;
       if (c.has(kTeacherProbs)) {
@@ -352,7 +358,7 @@ __device__ __forceinline__ void accumulate(RowState& st, const float (&f)[VEC], 
       const float wpe = w[e] * pe;
       st.Sg += pe;
       st.Wg += wpe;
-      st.Vg += wpe * d;
+      st.Vg += wpe != 0.0f ? wpe * d : 0.0f;  // p = 0 adds 0 (not 0 * inf on a masked class); NaN stays
     }
   }
 }
@@ -450,13 +456,21 @@ __device__ __forceinline__ float grad_scale_of(const FusedParams<T>& p) {
   return p.scale != nullptr ? p.ctx.grad_scale * __ldg(p.scale) : p.ctx.grad_scale;
 }
 
+// Whether a row's teacher is valid, from its reduced state (no extra pass over the row). Logits: a NaN or
+// +inf makes Sg NaN, and a row of -inf everywhere leaves Sg = 0. Probabilities: no negative entry, and a
+// sum within prob_tol of 1 (a NaN or an infinity fails that too).
+__device__ __forceinline__ bool teacher_ok(const RowState& st, const Ctx& c) {
+  if (c.has(kTeacherProbs)) return !(st.G > 0.0f) && fabsf(st.Sg - 1.0f) <= c.prob_tol;
+  return st.Sg > 0.0f;
+}
+
 __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowInputs& ri, const Ctx& c, float gs,
                                                  float& loss) {
   RowScalars rs;
   rs.R = ri.R;
   rs.M = st.M;
-  // A student row that is -inf everywhere keeps M = -inf, so every d = M - u of accumulate() is NaN and so is
-  // S1: its loss and gradient row are NaN, as on every backend.
+  // A student row that is -inf everywhere keeps M = -inf and S1 = 0, so M - u_y, the teacher's sum Vg and every
+  // d = M - u of element() are NaN: its loss and gradient row are NaN, as on every backend.
   rs.log_s1 = logf(st.S1);
   rs.log_st = c.has(kTauIsOne) ? rs.log_s1 : logf(st.St);
   rs.G = st.G;
@@ -485,6 +499,8 @@ __device__ __forceinline__ RowScalars finish_row(const RowState& st, const RowIn
   if (c.has(kHasTeacher) && ri.a > 0.0f) {
     l += ri.a * c.tau * c.tau * ((st.Wg * rs.log_st + st.Vg * c.inv_tau) / sg);
   }
+  // A bad teacher row is the caller's error whatever a (its term may be unused): the call's status.
+  if (c.has(kHasTeacher) && !teacher_ok(st, c)) l = __builtin_nanf("");
   loss = l;
   return rs;
 }
@@ -558,6 +574,82 @@ __device__ __forceinline__ void resident_scores(const ResidentRow<T, VEC, V>& r,
   }
 }
 
+// Pass A of a resident row: the state of this thread's columns of the row whose scores `cur` holds.
+template <typename T, int VEC, int V>
+__device__ __forceinline__ RowState resident_state(const ResidentRow<T, VEC, V>& cur, const FusedParams<T>& p,
+                                                   const Ctx& c, int team, int t) {
+  RowState st = empty_state(c);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
+    if (col < p.m) {
+      float f[VEC], g[VEC], lc[VEC], w[VEC];
+      resident_scores(cur, k, c, f, g);
+      load_class_floats(p.log_c, col, 0.0f, lc);
+      load_class_floats(p.w, col, 1.0f, w);
+      accumulate(st, f, g, lc, w, col, cur.in.R, c);
+    }
+  }
+  return st;
+}
+
+// Pass B of a resident row: its gradient columns (stored when needed) and their statistics, added to this
+// thread's shared-memory slots `mine` (see resident_kernel).
+template <typename T, int VEC, int V>
+__device__ __forceinline__ void resident_outputs(ResidentRow<T, VEC, V>& cur, const FusedParams<T>& p, const Ctx& c,
+                                                 const RowScalars& rs, int64_t row, int team, int t, float* mine) {
+  T* out = c.has(kNeedGrad) ? p.grad + row * p.grad_stride : nullptr;
+  const float* log_c = launder_ptr(p.log_c);
+  const float* w_c = launder_ptr(p.w);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    launder(cur.f[k]);
+    launder(cur.g[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
+    if (col < p.m) {
+      float f[VEC], g[VEC], lc[VEC], w[VEC];
+      resident_scores(cur, k, c, f, g);
+      load_class_floats(log_c, col, 0.0f, lc);
+      load_class_floats(w_c, col, 1.0f, w);
+      Pack<T, VEC> o;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const ElementOut eo = element(rs, c, static_cast<int>(col) + e, f[e], g[e], lc[e], w[e]);
+        o.v[e] = from_float<T>(eo.grad);
+        float* slot = mine + (k * VEC + e) * team;
+        slot[0] += eo.q;
+        slot[V * VEC * team] += eo.risk;
+        slot[2 * V * VEC * team] += eo.error;
+      }
+      if (c.has(kNeedGrad)) store_pack<T, VEC>(out + col, o);
+    }
+  }
+}
+
+// A resident block's partial statistics: the sum over its teams of every column's slots, into row blockIdx.x
+// of the [parts][3][m] workspace.
+template <int VEC, int V>
+__device__ __forceinline__ void store_block_stats(const float* stats_smem, float* stats, int64_t m, int team,
+                                                  int teams, int slots) {
+  __syncthreads();
+  float* part = stats + static_cast<int64_t>(blockIdx.x) * kStatCount * m;
+  for (int i = threadIdx.x; i < slots; i += blockDim.x) {
+    const int tt = i % team;
+    const int e = (i / team) % VEC;
+    const int k = (i / (team * VEC)) % V;
+    const int s = i / (team * VEC * V);
+    const int64_t col = (static_cast<int64_t>(k) * team + tt) * VEC + e;
+    if (col < m) {
+      float sum = 0.0f;
+      for (int j = 0; j < teams; ++j) sum += stats_smem[j * slots + i];
+      part[s * m + col] = sum;
+    }
+  }
+}
+
 // Dynamic shared memory: per team, 3 x V x VEC x team floats of statistics, slot ((s V + k) VEC + e) team + t
 // for statistic s, vector k, element e of team thread t (consecutive threads, consecutive words); then,
 // with asynchronous copies, the rings of f and g: kResidentStages x V x blockDim vectors each.
@@ -582,60 +674,19 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
   if (threadIdx.x == 0) grad_scale = grad_scale_of(p);
   __syncthreads();
   const bool teacher = c.has(kHasTeacher);
-  const bool need_grad = c.has(kNeedGrad);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * teams + team_id;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * teams;
 
   int buf = 0;
   // Loss, gradient and statistics of one row whose scores `cur` holds.
   auto process = [&](int64_t row, ResidentRow<T, VEC, V>& cur) {
-    RowState st = empty_state(c);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
-      if (col < p.m) {
-        float f[VEC], g[VEC], lc[VEC], w[VEC];
-        resident_scores(cur, k, c, f, g);
-        load_class_floats(p.log_c, col, 0.0f, lc);
-        load_class_floats(p.w, col, 1.0f, w);
-        accumulate(st, f, g, lc, w, col, cur.in.R, c);
-      }
-    }
+    RowState st = resident_state(cur, p, c, team, t);
     team_allreduce(st, scratch[buf], team, c);
     buf ^= 1;
     float loss;
     const RowScalars rs = finish_row(st, cur.in, c, grad_scale, loss);
     if (t == 0) p.loss[row] = loss;
-
-    T* out = need_grad ? p.grad + row * p.grad_stride : nullptr;
-    const float* log_c = launder_ptr(p.log_c);
-    const float* w_c = launder_ptr(p.w);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      launder(cur.f[k]);
-      launder(cur.g[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
-      if (col < p.m) {
-        float f[VEC], g[VEC], lc[VEC], w[VEC];
-        resident_scores(cur, k, c, f, g);
-        load_class_floats(log_c, col, 0.0f, lc);
-        load_class_floats(w_c, col, 1.0f, w);
-        Pack<T, VEC> o;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const ElementOut eo = element(rs, c, static_cast<int>(col) + e, f[e], g[e], lc[e], w[e]);
-          o.v[e] = from_float<T>(eo.grad);
-          float* slot = mine + (k * VEC + e) * team;
-          slot[0] += eo.q;
-          slot[V * VEC * team] += eo.risk;
-          slot[2 * V * VEC * team] += eo.error;
-        }
-        if (need_grad) store_pack<T, VEC>(out + col, o);
-      }
-    }
+    resident_outputs(cur, p, c, rs, row, team, t, mine);
   };
 
   if constexpr (kAsyncCopies<T, VEC>) {
@@ -686,21 +737,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
     }
   }
 
-  // This block's partial statistics: the sum over its teams of every column's slots.
-  __syncthreads();
-  float* part = p.stats + static_cast<int64_t>(blockIdx.x) * kStatCount * p.m;
-  for (int i = threadIdx.x; i < slots; i += blockDim.x) {
-    const int tt = i % team;
-    const int e = (i / team) % VEC;
-    const int k = (i / (team * VEC)) % V;
-    const int s = i / (team * VEC * V);
-    const int64_t col = (static_cast<int64_t>(k) * team + tt) * VEC + e;
-    if (col < p.m) {
-      float sum = 0.0f;
-      for (int j = 0; j < teams; ++j) sum += stats_smem[j * slots + i];
-      part[s * p.m + col] = sum;
-    }
-  }
+  store_block_stats<VEC, V>(stats_smem, p.stats, p.m, team, teams, slots);
 }
 
 // ---- streaming path ------------------------------------------------------------------------------------
@@ -924,44 +961,6 @@ __global__ void __launch_bounds__(kScaleThreads)
       for (int e = 0; e < VEC; ++e) x[k].v[e] = from_float<T>(to_float(x[k].v[e]) * scale);
       store_pack<T, VEC>(r + col, x[k]);
     }
-  }
-}
-
-// ---- DRO step ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / kWarpSize;
-  v = lane < warps ? scratch[lane] : 0.0f;
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return __shfl_sync(kFullMask, v, 0);
-}
-
-__global__ void __launch_bounds__(kDroThreads)
-    dro_update_kernel(float* __restrict__ weights, const float* __restrict__ risk, const float* __restrict__ mass,
-                      int64_t m, float step) {
-  __shared__ float scratch[2][kDroThreads / kWarpSize];
-  float old_present = 0.0f;
-  float new_present = 0.0f;
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    const float mj = mass[j];
-    if (mj > 0.0f) {
-      const float wj = weights[j];
-      old_present += wj;
-      new_present += wj * expf(step * (risk[j] / mj));
-    }
-  }
-  old_present = block_sum(old_present, scratch[0]);
-  new_present = block_sum(new_present, scratch[1]);
-  const float scale = new_present > 0.0f ? old_present / new_present : 0.0f;
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    const float mj = mass[j];
-    if (mj > 0.0f) weights[j] = weights[j] * expf(step * (risk[j] / mj)) * scale;
   }
 }
 
@@ -1192,6 +1191,7 @@ FusedParams<T> make_params(const FusedArgs& args, const Plan& plan, void* worksp
   p.ctx.tau = args.tau;
   p.ctx.inv_tau = 1.0f / args.tau;
   p.ctx.grad_scale = args.grad_scale;
+  p.ctx.prob_tol = args.prob_tol;
   p.scale = args.scale;
   p.ignore_index = args.ignore_index;
   p.ctx.flags = flags;
@@ -1320,13 +1320,6 @@ void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_
       run_scale_rows<__nv_bfloat16>(grad, stride, go, rows, cols, stream);
       break;
   }
-}
-
-void dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha, float step_size,
-                cudaStream_t stream) {
-  if (classes < 1) throw std::invalid_argument("rkd CUDA kernels: dro_update needs at least one class");
-  dro_update_kernel<<<1, kDroThreads, 0, stream>>>(weights, risk, mass, classes, step_size * alpha);
-  check_cuda(cudaGetLastError(), "launching dro_update_kernel");
 }
 
 std::string fused_forward_path(const FusedArgs& args) {

@@ -39,6 +39,9 @@ struct FusedArgs {
   float grad_scale = 1.0f;
   const float* scale = nullptr;  // () device scalar multiplying the gradient too, or nullptr
   int64_t ignore_index = -100;   // rows whose label equals it contribute nothing (loss 0, zero gradient row)
+  // Teacher probabilities: a row with a negative entry or a sum off 1 by more than this gets a NaN loss (as
+  // does a teacher-logit row with a NaN or +inf, or -inf everywhere), whatever its a: the call's status.
+  float prob_tol = 0.0f;
 
   void* grad = nullptr;  // (B, m) output in the student dtype, or nullptr (no gradient). May equal student.
   int64_t grad_stride = 0;
@@ -61,12 +64,6 @@ void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_byte
 // written; the test runs on the device). grad: (rows, cols) in `dtype`, row stride `stride`; go: (rows,).
 void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_t rows, int64_t cols,
                 cudaStream_t stream);
-
-// One exponentiated-gradient step on the class weights lambda (docs/dro.md), in place, in one
-// block: R_j = risk_j / mass_j where mass_j > 0; lambda_j <- lambda_j exp(step_size * alpha * R_j),
-// renormalised over the classes present; a class with mass_j <= 0 keeps its weight exactly.
-void dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha,
-                float step_size, cudaStream_t stream);
 
 // Which code path and launch shape fused_forward takes for `args` on the current device, in words
 // (for benchmarks and bug reports).

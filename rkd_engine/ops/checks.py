@@ -1,9 +1,12 @@
 """Value checks of a fused call, read from a small status instead of extra passes over the data.
 
 Every backend's kernel computes ``loss_i`` from every element of row ``i`` that the loss uses, so a NaN or
-``+inf`` in the student or the (used) teacher row, or a row of ``-inf`` everywhere (no class left), makes
-``loss_i`` non-finite, and so the reduced loss. The status of a call is therefore computed from the
-reduced loss (or the (B,) losses for ``reduction="none"``), the labels (outside ``[0, m)`` and not
+``+inf`` in the student or the teacher row, or a row of ``-inf`` everywhere (no class left), makes
+``loss_i`` non-finite, and so the reduced loss. The kernels also flag, while they read each element, what
+the loss's arithmetic would not: a row of teacher probabilities with a negative entry or a sum off 1 by
+more than ``PROB_SUM_TOL`` (fp32 accumulation), and a bad teacher row whose term the loss does not use
+(``a_i = 0``) both give a NaN ``loss_i``. The status of a call is therefore computed from the reduced
+loss (or the (B,) losses for ``reduction="none"``), the labels (outside ``[0, m)`` and not
 ``ignore_index``; not looked at on CPU, where they are read before the kernel or refused by the C++
 kernel) and ``a`` (outside ``[0, 1]``; not looked at when it is a constant checked on the host): never a
 pass over B x m. ``validate="sync"`` (``True``) reads one
@@ -27,8 +30,12 @@ VALIDATE_MODES: tuple[str, ...] = ("off", "sync", "async")
 """``validate`` as the op takes it (``distill_loss`` also accepts ``True`` for ``"sync"`` and ``False`` for
 ``"off"``)."""
 
-# How far a row of teacher probabilities may be from summing to 1, by dtype.
+# How far a row of teacher probabilities may be from summing to 1, by dtype (passed to every backend's kernels).
 PROB_SUM_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-8}
+PROB_SUM_UNCHECKED = 1e30
+"""A ``prob_tol`` for the backends' ``fused_forward`` that accepts any finite row sum: for targets that are not
+distributions by design (a top-k teacher without a tail over ``m = k`` classes); negative entries and NaN are
+still flagged."""
 
 
 def normalize_validate(validate: object) -> str:
@@ -61,7 +68,7 @@ def _check_finite(name: str, t: Tensor, *, allow_neg_inf: bool) -> None:
 
 def check_probs(name: str, probs: Tensor) -> None:
     """Teacher probabilities: no NaN or inf, >= 0, rows summing to 1 within the dtype's tolerance (a pass
-    over the tensor: probabilities given directly are not checked inside the kernels' pass)."""
+    over the tensor, taken only to name the problem once the kernels' status reports one)."""
     _check_finite(name, probs, allow_neg_inf=False)
     if (probs < 0).any():
         raise ValueError(f"{name} must be >= 0 everywhere")
@@ -144,8 +151,6 @@ def enforce(
     """
     if mode == "off" or student.device.type == "meta":
         return  # meta tensors hold no values: nothing to read (shapes were checked before the op)
-    if teacher is not None and teacher_is_probs:
-        check_probs("teacher_probs", teacher if labels is None else teacher[labels != ignore_index])
     if loss.device.type == "cpu" and mode == "sync":
         # On CPU every read is free of synchronisation: a few host reads, no (B,) temporaries.
         ok = bool(torch.isfinite(loss).all()) if loss.dim() else math.isfinite(float(loss))

@@ -14,6 +14,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.checks import PROB_SUM_TOL
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _extension: ModuleType | None = None
@@ -67,6 +69,7 @@ def fused_forward(
     grad_out: Tensor | None = None,
     ignore_index: int = -100,
     scale: Tensor | None = None,
+    prob_tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` for CPU tensors; the contract of ``rkd_engine.reference.fused_rows``.
 
@@ -75,7 +78,9 @@ def fused_forward(
     into ``grad_out`` when given (it may be ``student`` itself), or an empty tensor when ``need_grad`` is
     false. Invalid shapes, dtypes or labels raise ``RuntimeError`` from the extension. A row labelled
     ``ignore_index`` gets loss 0, a zero gradient row and adds nothing to the statistics; ``scale``, a
-    0-d CPU tensor, multiplies the gradient (read on the host: free on CPU).
+    0-d CPU tensor, multiplies the gradient (read on the host: free on CPU). A row whose teacher values
+    are invalid gets a NaN loss, whatever its ``a`` (``rkd_engine.ops.checks``: the call's status); ``prob_tol``
+    (default ``checks.PROB_SUM_TOL`` of the dtype) is how far a row of teacher probabilities may sum from 1.
     """
     if scale is not None:
         grad_scale = float(grad_scale) * float(scale)
@@ -92,6 +97,7 @@ def fused_forward(
             teacher_is_probs=bool(teacher_is_probs),
             grad_scale=float(grad_scale),
             need_grad=bool(need_grad),
+            prob_tol=PROB_SUM_TOL.get(student.dtype, 0.0) if prob_tol is None else float(prob_tol),
             grad_out=grad_out,
             ignore_index=int(ignore_index),
         )

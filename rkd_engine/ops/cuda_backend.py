@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.checks import PROB_SUM_TOL
 from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -129,6 +130,7 @@ def fused_forward(
     grad_out: Tensor | None = None,
     ignore_index: int = -100,
     scale: Tensor | None = None,
+    prob_tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` for CUDA tensors; the contract of ``rkd_engine.reference.fused_rows``.
 
@@ -157,6 +159,7 @@ def fused_forward(
             teacher_is_probs=bool(teacher_is_probs),
             grad_scale=float(grad_scale),
             need_grad=bool(need_grad),
+            prob_tol=PROB_SUM_TOL[student.dtype] if prob_tol is None else float(prob_tol),
             grad_out=grad_out if need_grad else None,
             ignore_index=int(ignore_index),
             scale=scale,
@@ -171,20 +174,6 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     tensor on the same device; the skip test runs on the device.
     """
     _require().scale_rows_(grad, go)
-
-
-def dro_update_(weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float, step_size: float) -> None:
-    """One exponentiated-gradient step on ``lambda`` in place (``rkd_engine.reference.dro_update``), one block.
-
-    ``R_j = risk_numerator_j / mass_j`` where ``mass_j > 0``; ``lambda_j <- lambda_j exp(step_size alpha R_j)``
-    renormalised over the classes present, so a class with zero mass keeps its weight exactly. ``weights``,
-    ``risk_numerator`` and ``mass`` are contiguous (m,) float32 CUDA tensors on one device; ``alpha`` and
-    ``step_size`` are numbers. Enqueued on the current stream: no host synchronisation.
-    """
-    for name, value in (("alpha", alpha), ("step_size", step_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    _require().dro_update_(weights, risk_numerator, mass, alpha=float(alpha), step_size=float(step_size))
 
 
 def fused_forward_path(student: Tensor, *, has_teacher: bool = True) -> str:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from rkd_engine import reference
+from rkd_engine.ops.checks import PROB_SUM_TOL
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str | None:
@@ -29,9 +30,11 @@ def fused_forward(
     grad_out: Tensor | None = None,
     ignore_index: int = -100,
     scale: Tensor | None = None,
+    prob_tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss per row, ``grad_scale * scale * dloss/df`` and per-class ``mass``, ``risk``, ``error``; rows
-    labelled ``ignore_index`` contribute nothing."""
+    labelled ``ignore_index`` contribute nothing. A row with invalid teacher values has a NaN loss whatever
+    its ``a`` (``bad_teacher_rows``), as in the kernels: the call's status."""
     out = reference.fused_rows(
         student,
         teacher=teacher,
@@ -50,7 +53,25 @@ def fused_forward(
     grad = out.grad
     if need_grad and grad_out is not None:
         grad = grad_out.copy_(grad)
-    return out.loss, grad, out.mass, out.risk, out.error
+    loss = out.loss
+    if teacher is not None:
+        bad = bad_teacher_rows(teacher, teacher_is_probs, prob_tol)
+        if labels is not None:
+            bad = bad & (labels != ignore_index)
+        loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    return loss, grad, out.mass, out.risk, out.error
+
+
+def bad_teacher_rows(teacher: Tensor, teacher_is_probs: bool, prob_tol: float | None = None) -> Tensor:
+    """(B,) bool: teacher rows the kernels flag with a NaN loss. Logits: a NaN or ``+inf``, or ``-inf``
+    everywhere; probabilities: a negative entry, or a sum (fp32 accumulation, fp64 for fp64) off 1 by more
+    than ``prob_tol`` (default ``PROB_SUM_TOL`` of the dtype; NaN and infinities included)."""
+    if not teacher_is_probs:
+        return (torch.isnan(teacher) | torch.isposinf(teacher)).any(-1) | torch.isneginf(teacher).all(-1)
+    acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    sums = teacher.to(acc).sum(-1)
+    tol = PROB_SUM_TOL.get(teacher.dtype, 0.0) if prob_tol is None else prob_tol
+    return (teacher < 0).any(-1) | ~((sums - 1).abs() <= tol)
 
 
 def scale_rows_(grad: Tensor, go: Tensor) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from rkd_engine.ops.checks import PROB_SUM_TOL
 from rkd_engine.ops.constants import MAX_CLASSES, BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -65,11 +66,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _kernels() -> tuple[ModuleType, ModuleType]:
-    """The kernel modules, imported (with Triton) at the first launch."""
-    from rkd_engine.kernels import distill, dro
+def _kernels() -> ModuleType:
+    """The kernel module, imported (with Triton) at the first launch."""
+    from rkd_engine.kernels import distill
 
-    return distill, dro
+    return distill
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
@@ -126,32 +127,8 @@ def _check_runnable(device: torch.device, dtype: torch.dtype, m: int) -> None:
         raise BackendUnavailableError("triton", device, dtype, m, reason)
 
 
-def fused_forward(
-    student: Tensor,
-    teacher: Tensor | None,
-    labels: Tensor | None,
-    a: Tensor,
-    log_c: Tensor | None,
-    w: Tensor | None,
-    *,
-    gamma: float,
-    tau: float,
-    teacher_is_probs: bool,
-    grad_scale: float,
-    need_grad: bool,
-    grad_out: Tensor | None = None,
-    config: FusedConfig | None = None,
-    ignore_index: int = -100,
-    scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (docs/loss.md).
-
-    The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
-    the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,
-    overrides the default one, e.g. to force the two-pass path on small inputs (tests). A row labelled
-    ``ignore_index`` contributes nothing; ``scale``, a 0-d fp32 tensor on the device, multiplies the
-    gradient (read by the kernels, not the host).
-    """
+def _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, need_grad, grad_out, scale):
+    """The backend contract's checks of a fused call (types, shapes, dtypes, devices, scalars), on the host."""
     if not isinstance(student, Tensor) or student.dim() != 2:
         raise ValueError(f"student must be a (B, m) tensor, got {getattr(student, 'shape', type(student).__name__)}")
     if not student.is_contiguous():
@@ -179,7 +156,39 @@ def fused_forward(
     if scale is not None:
         _check_vector("scale", scale.reshape(-1), 1, torch.float32, device, required=True)
 
-    distill, _ = _kernels()
+
+def fused_forward(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None,
+    a: Tensor,
+    log_c: Tensor | None,
+    w: Tensor | None,
+    *,
+    gamma: float,
+    tau: float,
+    teacher_is_probs: bool,
+    grad_scale: float,
+    need_grad: bool,
+    grad_out: Tensor | None = None,
+    config: FusedConfig | None = None,
+    ignore_index: int = -100,
+    scale: Tensor | None = None,
+    prob_tol: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss per row, ``grad_scale * dloss/df`` and per-class ``mass``, ``risk``, ``error`` (docs/loss.md).
+
+    The contract of ``rkd_engine.reference.fused_rows``; ``grad_out`` (may be ``student`` itself) receives
+    the gradient when given. ``config``, made by ``kernels.distill.fused_config`` for these ``B`` and ``m``,
+    overrides the default one, e.g. to force the two-pass path on small inputs (tests). A row labelled
+    ``ignore_index`` contributes nothing; ``scale``, a 0-d fp32 tensor on the device, multiplies the
+    gradient (read by the kernels, not the host).
+    """
+    _check_inputs(student, teacher, labels, a, log_c, w, gamma, tau, teacher_is_probs, need_grad, grad_out, scale)
+    rows, m = student.shape
+    device = student.device
+
+    distill = _kernels()
     acc = torch.float32
     loss = torch.empty(rows, dtype=acc, device=device)
     new_stat = torch.zeros if rows == 0 else torch.empty  # stage 2 writes every class
@@ -207,7 +216,8 @@ def fused_forward(
         "HAS_W": w is not None,
         "HAS_TAU": float(tau) != 1.0,
     }
-    extra = (scale if scale is not None else a, int(ignore_index))
+    tol = PROB_SUM_TOL[student.dtype] if prob_tol is None else float(prob_tol)
+    extra = (scale if scale is not None else a, int(ignore_index), tol)
     inv_gamma = 1.0 / float(gamma) if gamma > 0 else 1.0
     scalars = (inv_gamma, float(tau), 1.0 / float(tau), float(grad_scale))
     grad_arg = grad if need_grad else dummy
@@ -232,13 +242,13 @@ def _launch_fused(
     """The kernels of one fused call: the narrow kernel or the two wide passes, then stage 2."""
     rows, m = student.shape
     inv_gamma, tau, inv_tau, grad_scale = scalars
-    scale_arg, ignore_index = extra
+    scale_arg, ignore_index, prob_tol = extra
     has_scale = scale_arg is not common[3]
     stride_o = grad_arg.stride(0) if need_grad else m
     if not cfg.wide:
         distill._fused_narrow_kernel[(cfg.programs,)](
             student, student.stride(0), *common, grad_arg, stride_o, loss, parts,
-            rows, m, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index,
+            rows, m, inv_gamma, tau, inv_tau, grad_scale, scale_arg, ignore_index, prob_tol,
             **flags, NEED_GRAD=bool(need_grad), HAS_SCALE=has_scale,
             BLOCK_R=cfg.block_r, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -246,7 +256,7 @@ def _launch_fused(
         row_stats = torch.empty(rows, 8, dtype=torch.float32, device=student.device)
         distill._wide_rows_kernel[(_cdiv(rows, cfg.block_r1),)](
             student, student.stride(0), *common, loss, row_stats,
-            rows, m, inv_gamma, tau, inv_tau, ignore_index,
+            rows, m, inv_gamma, tau, inv_tau, ignore_index, prob_tol,
             **flags, BLOCK_R=cfg.block_r1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps1,
         )  # fmt: skip
         grid = (_cdiv(m, cfg.block_m), cfg.programs)
@@ -270,41 +280,7 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     rows, m = grad.shape
     if rows == 0 or m == 0:
         return
-    distill, _ = _kernels()
+    distill = _kernels()
     block, num_warps = distill.scale_rows_config(m)
     with _on(grad.device):
         distill._scale_rows_kernel[(rows,)](grad, grad.stride(0), go, m, BLOCK=block, num_warps=num_warps)
-
-
-def dro_update_(
-    weights: Tensor, risk_numerator: Tensor, mass: Tensor, *, alpha: float | Tensor, step_size: float | Tensor
-) -> None:
-    """One exponentiated-gradient step on ``lambda`` in place (``rkd_engine.reference.dro_update``).
-
-    ``weights``, ``risk_numerator`` and ``mass`` are (m,) fp32 contiguous on one device; ``alpha`` and
-    ``step_size`` are numbers or one-element fp32 tensors on that device (read on device, never on host).
-    """
-    if not isinstance(weights, Tensor) or weights.dim() != 1:
-        raise ValueError("weights must be a (m,) tensor")
-    m = weights.shape[0]
-    _check_runnable(weights.device, weights.dtype, m)
-    for name, t in (("weights", weights), ("risk_numerator", risk_numerator), ("mass", mass)):
-        _check_vector(name, t, m, torch.float32, weights.device, required=True)
-    if m == 0:
-        return
-    distill, dro = _kernels()
-    scalars = {"alpha": alpha, "step_size": step_size}
-    as_tensors = [isinstance(v, Tensor) for v in scalars.values()]
-    if any(as_tensors):
-        if not all(as_tensors):
-            raise TypeError("alpha and step_size must both be numbers or both be tensors")
-        for name, v in scalars.items():
-            _check_vector(name, v.reshape(-1), 1, torch.float32, weights.device, required=True)
-        coef, step_ptr, alpha_ptr = 0.0, step_size, alpha
-    else:
-        coef, step_ptr, alpha_ptr = float(step_size) * float(alpha), weights, weights
-    with _on(weights.device):
-        dro._dro_update_kernel[(1,)](
-            weights, risk_numerator, mass, m, coef, step_ptr, alpha_ptr,
-            COEF_PTR=any(as_tensors), BLOCK=distill.dro_block(m), num_warps=4,
-        )  # fmt: skip

@@ -53,7 +53,7 @@ int emu_fused_forward(int dtype, int64_t rows, int64_t classes, const void* stud
                       int teacher_is_probs, const int64_t* labels, const float* a, const float* log_c,
                       const float* w, float gamma, float tau, float grad_scale, void* grad, float* loss,
                       float* mass, float* risk, float* error, char* message, int message_size,
-                      int64_t ignore_index, const float* scale) {
+                      int64_t ignore_index, const float* scale, float prob_tol) {
   try {
     rkd_cuda::FusedArgs args = shape_args(dtype, rows, classes, student, teacher);
     args.teacher_is_probs = teacher_is_probs != 0;
@@ -66,6 +66,7 @@ int emu_fused_forward(int dtype, int64_t rows, int64_t classes, const void* stud
     args.grad_scale = grad_scale;
     args.ignore_index = ignore_index;
     args.scale = scale;
+    args.prob_tol = prob_tol;
     args.grad = grad;
     args.grad_stride = classes;
     args.loss = loss;
@@ -96,11 +97,6 @@ int emu_path(int dtype, int64_t rows, int64_t classes, const void* student, char
 
 void emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t cols, const float* go) {
   rkd_cuda::scale_rows(static_cast<rkd_cuda::DType>(dtype), grad, cols, go, rows, cols, nullptr);
-}
-
-void emu_dro_update(float* weights, const float* risk, const float* mass, int64_t classes, float alpha,
-                    float step_size) {
-  rkd_cuda::dro_update(weights, risk, mass, classes, alpha, step_size, nullptr);
 }
 
 }  // extern "C"
