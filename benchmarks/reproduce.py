@@ -7,7 +7,7 @@ tables and the plots; not the run directories) to ``benchmarks/results/reproduce
 
     python benchmarks/reproduce.py                       # both ratios, 5 seeds (minutes on 2 cores)
     python benchmarks/reproduce.py --imbalance 100 --seeds 3 --work /tmp/rkd-sweeps
-    python benchmarks/reproduce.py --alpha 0,0.5,1 --gamma 1   # a 3 x 3 subset (the committed rho = 10 report)
+    python benchmarks/reproduce.py --alpha 0,0.5,1 --gamma 1   # a 3 x 3 subset (165 runs per ratio)
 
 The sweeps live in ``--work`` (default ``sweeps/``), so running the command again after an
 interruption continues where it stopped.
