@@ -130,7 +130,12 @@ class SweepSpec:
     cache_teachers: bool = False  # cache each teacher's outputs once trained; its students read the cache
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """The spec as JSON values; ``objectives`` only when set (the demo's grid), so that a sweep.json
+        written before that field existed still equals the spec of the same command."""
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        if not out["objectives"]:
+            del out["objectives"]
+        return out
 
 
 class SweepFailed(RuntimeError):
