@@ -131,7 +131,6 @@ def raise_for_inputs(
 def enforce(
     mode: str,
     loss: Tensor,
-    loss_rows: Tensor,
     student: Tensor,
     teacher: Tensor | None,
     teacher_is_probs: bool,

@@ -117,7 +117,7 @@ def _forward(
     if validate != "off":
         labels_checked = labels is None or on_cpu
         checks.enforce(
-            validate, loss, loss_rows, student, teacher, teacher_is_probs, labels, a, ignore_index,
+            validate, loss, student, teacher, teacher_is_probs, labels, a, ignore_index,
             labels_checked=labels_checked, a_checked=a_checked,
         )  # fmt: skip
     return loss, grad, mass, risk, error
