@@ -455,6 +455,17 @@ RKD_ALWAYS_INLINE RowA<typename VT::T> pass_a(const RowIO<VT, In>& io, const Con
   return out;
 }
 
+// Tile k of a row in pass B; a row of several tiles reloads the tile's student scores into U (a row of
+// one tile still holds them from pass A).
+template <class VT, class In>
+RKD_ALWAYS_INLINE TileSpan pass_b_tile(const RowIO<VT, In>& io, const Consts<VT>& c, int64_t k) {
+  const TileSpan span = tile_span(c, k);
+  if (c.ntiles != 1) {
+    load_tile<VT, false>(io.f + span.off, span.n, span.npad, io.U, neg_inf<typename VT::T>(), nullptr, nullptr);
+  }
+  return span;
+}
+
 // The per-row scalars of the loss and the gradient.
 template <class T>
 struct RowScalars {
@@ -515,10 +526,9 @@ RKD_ALWAYS_INLINE void hard_pass_b(const RowIO<VT, In>& io, const Consts<VT>& c,
   const T at_y = c.gs * hw * rs.w_y;
   Sums<T> unused = ra.s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
-    const TileSpan span = tile_span(c, k);
+    const TileSpan span = pass_b_tile(io, c, k);
     const int64_t off = span.off, n = span.n, npad = span.npad;
     if (c.ntiles != 1) {
-      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
       exp_pass<VT, In, false, false, true, false, false, false, true>(io.f, io.g, io.U, c, off, n, npad, ra.re,
                                                                       ra.rge, unused);
     }
@@ -564,10 +574,9 @@ RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Cons
   V lsum = VT::zero();  // loss_in_b: sum_j q_j (L - u_j)
   Sums<T> unused = ra.s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
-    const TileSpan span = tile_span(c, k);
+    const TileSpan span = pass_b_tile(io, c, k);
     const int64_t off = span.off, n = span.n, npad = span.npad;
     if (c.ntiles != 1) {
-      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
       load_tile<VT, false>(io.g + off, n, npad, io.E, Probs ? T(0) : neg_inf<T>(), nullptr, nullptr);
       exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(io.f, io.g, io.U, c, off, n, npad, ra.re,
                                                                        ra.rge, unused);
