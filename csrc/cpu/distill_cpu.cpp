@@ -51,11 +51,14 @@
 #include <string>
 #include <vector>
 
+#include "distill_blocks.h"
 #include "distill_kernel.h"
 #include "distill_topk_bind.h"
 
 namespace rkd::cpu {
 namespace {
+
+constexpr const char* kWhere = "rkd_engine._C";
 
 bool cpu_has_avx2() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -158,14 +161,6 @@ const KernelTable* table_with(DType code) {
   return t->rows[code] != nullptr ? t : generic_kernels();
 }
 
-void check_vector(const at::Tensor& t, const char* name, int64_t len, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "rkd_engine._C: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "rkd_engine._C: ", name, " must have shape (", len, ",), got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "rkd_engine._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "rkd_engine._C: ", name, " must be contiguous");
-}
-
 void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "rkd_engine._C: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.sizes() == like.sizes(), "rkd_engine._C: ", name, " must have shape ", like.sizes(), ", got ",
@@ -173,53 +168,6 @@ void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like)
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rkd_engine._C: ", name, " must be ", like.scalar_type(),
               " like the student scores, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "rkd_engine._C: ", name, " must be contiguous");
-}
-
-// Less work than this many logits is done by the calling thread alone: waking another costs more.
-// A row of the fused kernel costs about as much as kRowWork logits besides its own.
-constexpr int64_t kMinParallelWork = 65536;
-constexpr int64_t kRowWork = 128;
-
-// Blocks of rows, each with its own per-class accumulators: enough blocks for the threads to balance
-// their load (threads claim blocks as they finish, which matters on a shared machine), few enough
-// that the accumulators stay small. Results do not depend on which thread ran a block.
-int64_t num_blocks(int64_t rows, int64_t m_pad, int64_t threads, int64_t elem) {
-  constexpr int64_t kBlocksPerThread = 4;
-  constexpr int64_t kMinRowsPerBlock = 16;
-  constexpr int64_t kAccumulatorBytes = int64_t(8) << 20;
-  const int64_t by_memory = std::max<int64_t>(1, kAccumulatorBytes / (3 * m_pad * elem));
-  const int64_t by_rows = std::max<int64_t>(1, rows / kMinRowsPerBlock);
-  const int64_t wanted = std::max<int64_t>(threads, std::min(kBlocksPerThread * threads, by_memory));
-  return std::max<int64_t>(1, std::min(wanted, by_rows));
-}
-
-template <class T>
-void copy_padded(T* dst, const std::optional<at::Tensor>& v, int64_t m, int64_t m_pad, T fill) {
-  if (v.has_value()) {
-    std::memcpy(dst, v->data_ptr(), static_cast<size_t>(m) * sizeof(T));
-  } else {
-    std::fill(dst, dst + m, fill);
-  }
-  std::fill(dst + m, dst + m_pad, T(0));
-}
-
-// mass = sum_b mass_b, risk = sum_b risk_b, error = mass - sum_b hit_b, summing blocks in order.
-template <class T>
-void merge_blocks(const T* stats, int64_t blocks, int64_t m, int64_t m_pad, T* mass, T* risk, T* error) {
-  at::parallel_for(0, m, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      T ms = 0, rs = 0, hs = 0;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const T* st = stats + b * 3 * m_pad;
-        ms += st[j];
-        rs += st[m_pad + j];
-        hs += st[2 * m_pad + j];
-      }
-      mass[j] = ms;
-      risk[j] = rs;
-      error[j] = ms - hs;
-    }
-  });
 }
 
 // The binding's checks of one call: devices, shapes, dtypes and scalars, the guards of the memory the
@@ -239,10 +187,10 @@ DType check_fused_inputs(const at::Tensor& student, const std::optional<at::Tens
   const at::ScalarType acc = code == kFloat64 ? at::kDouble : at::kFloat;
   TORCH_CHECK(teacher.has_value() || labels.has_value(), "rkd_engine._C: need labels, a teacher, or both");
   if (teacher.has_value()) check_matrix(*teacher, "teacher", student);
-  if (labels.has_value()) check_vector(*labels, "labels", rows, at::kLong);
-  check_vector(a, "a", rows, acc);
-  if (log_c.has_value()) check_vector(*log_c, "log_c", m, acc);
-  if (w.has_value()) check_vector(*w, "w", m, acc);
+  if (labels.has_value()) check_vector(*labels, kWhere, "labels", rows, at::kLong);
+  check_vector(a, kWhere, "a", rows, acc);
+  if (log_c.has_value()) check_vector(*log_c, kWhere, "log_c", m, acc);
+  if (w.has_value()) check_vector(*w, kWhere, "w", m, acc);
   TORCH_CHECK(std::isfinite(tau) && tau > 0, "rkd_engine._C: tau must be finite and > 0, got ", tau);
   TORCH_CHECK(!teacher.has_value() || teacher_is_probs || (std::isfinite(gamma) && gamma > 0),
               "rkd_engine._C: gamma must be finite and > 0, got ", gamma);
@@ -267,8 +215,7 @@ Workspace make_workspace(int64_t rows, int64_t m, DType code, const at::TensorOp
   Workspace ws;
   ws.m_pad = round_up(m, kPad);
   ws.elem = code == kFloat64 ? 8 : 4;
-  ws.threads = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows,
-                                                      rows * (m + kRowWork) / kMinParallelWork}));
+  ws.threads = num_threads(rows, m);
   ws.blocks = num_blocks(rows, ws.m_pad, ws.threads, ws.elem);
   ws.tile = tile_len(m, tiling().max_single, tiling().tile);
   ws.scratch_len = kScratchBuffers * ws.tile;
@@ -400,7 +347,7 @@ void scale_rows_(const at::Tensor& grad, const at::Tensor& go) {
   const DType code = dtype_code(grad.scalar_type());
   const int64_t rows = grad.size(0);
   const int64_t m = grad.size(1);
-  check_vector(go, "go", rows, code == kFloat64 ? at::kDouble : at::kFloat);
+  check_vector(go, kWhere, "go", rows, code == kFloat64 ? at::kDouble : at::kFloat);
   if (rows == 0 || m == 0) return;
   const ScaleRowFn fn = table_with(code)->scale_row[code];
   char* base = static_cast<char*>(grad.data_ptr());

@@ -17,20 +17,15 @@
 #include <limits>
 #include <type_traits>
 
+#include "distill_isa_target.h"
 #include "distill_kernel.h"
-
-#define RKD_ISA_PRAGMA_(x) _Pragma(#x)
-#define RKD_ISA_PRAGMA(x) RKD_ISA_PRAGMA_(x)
 
 #if !defined(RKD_ISA_TARGET)
 #define RKD_ISA_ENABLED 1
-#elif (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#elif RKD_TARGET_PRAGMAS
 #define RKD_ISA_ENABLED 1
-#if defined(__clang__)
-RKD_ISA_PRAGMA(clang attribute push(__attribute__((target(RKD_ISA_TARGET))), apply_to = function))
-#else
-#pragma GCC push_options
-RKD_ISA_PRAGMA(GCC target(RKD_ISA_TARGET))
+RKD_TARGET_PUSH(RKD_ISA_TARGET)
+#if !defined(__clang__)
 // GCC builds _mm*_mul_ps and _mm*_add_ps from generic vector arithmetic, which -ffp-contract=fast (its
 // default) may fuse into FMAs differently in each instantiation of the row kernel: off, so that the
 // variants of one call (need_grad or not, streamed or not) round identically and every FMA is written.

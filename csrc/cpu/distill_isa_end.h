@@ -5,11 +5,7 @@ namespace rkd::cpu::RKD_ISA {
 }  // namespace rkd::cpu::RKD_ISA
 
 #if defined(RKD_ISA_TARGET)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RKD_TARGET_POP()
 #endif
 #endif  // RKD_ISA_ENABLED
 

@@ -33,6 +33,20 @@ struct Consts {
   T gs;  // grad_scale
 };
 
+// Tile k of a row: its first class, its length and that length padded to kPad.
+struct TileSpan {
+  int64_t off;
+  int64_t n;
+  int64_t npad;
+};
+
+template <class VT>
+RKD_ALWAYS_INLINE TileSpan tile_span(const Consts<VT>& c, int64_t k) {
+  const int64_t off = k * c.tile;
+  const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
+  return {off, n, round_up(n, kPad)};
+}
+
 // Running sums of pass A, in the frames described in distill_cpu.cpp.
 template <class T>
 struct Sums {
@@ -384,15 +398,13 @@ template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, b
 RKD_ALWAYS_INLINE RowA<typename VT::T> pass_a(const RowIO<VT, In>& io, const Consts<VT>& c) {
   using T = typename VT::T;
   const T ninf = neg_inf<T>();
-  const int64_t m = c.m;
   // rf: max f (for the argmax); r: max (f - lc) as rounded, the student's shift; rg: max g.
   T rf = ninf, r = ninf, rg = ninf, re = 0, rge = 0;
   int64_t am = 0;
   Sums<T> s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
-    const int64_t off = k * c.tile;
-    const int64_t n = m - off < c.tile ? m - off : c.tile;
-    const int64_t npad = round_up(n, kPad);
+    const TileSpan span = tile_span(c, k);
+    const int64_t off = span.off, n = span.n, npad = span.npad;
     T tz = ninf;  // max_j (f_j - lc_j) over the tile
     T tf = ninf;
     T tg = ninf;
@@ -441,6 +453,17 @@ RKD_ALWAYS_INLINE RowA<typename VT::T> pass_a(const RowIO<VT, In>& io, const Con
   out.am = am;
   out.s = s;
   return out;
+}
+
+// Tile k of a row in pass B; a row of several tiles reloads the tile's student scores into U (a row of
+// one tile still holds them from pass A).
+template <class VT, class In>
+RKD_ALWAYS_INLINE TileSpan pass_b_tile(const RowIO<VT, In>& io, const Consts<VT>& c, int64_t k) {
+  const TileSpan span = tile_span(c, k);
+  if (c.ntiles != 1) {
+    load_tile<VT, false>(io.f + span.off, span.n, span.npad, io.U, neg_inf<typename VT::T>(), nullptr, nullptr);
+  }
+  return span;
 }
 
 // The per-row scalars of the loss and the gradient.
@@ -503,11 +526,9 @@ RKD_ALWAYS_INLINE void hard_pass_b(const RowIO<VT, In>& io, const Consts<VT>& c,
   const T at_y = c.gs * hw * rs.w_y;
   Sums<T> unused = ra.s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
-    const int64_t off = k * c.tile;
-    const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
-    const int64_t npad = round_up(n, kPad);
+    const TileSpan span = pass_b_tile(io, c, k);
+    const int64_t off = span.off, n = span.n, npad = span.npad;
     if (c.ntiles != 1) {
-      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
       exp_pass<VT, In, false, false, true, false, false, false, true>(io.f, io.g, io.U, c, off, n, npad, ra.re,
                                                                       ra.rge, unused);
     }
@@ -553,11 +574,9 @@ RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Cons
   V lsum = VT::zero();  // loss_in_b: sum_j q_j (L - u_j)
   Sums<T> unused = ra.s;
   for (int64_t k = 0; k < c.ntiles; ++k) {
-    const int64_t off = k * c.tile;
-    const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
-    const int64_t npad = round_up(n, kPad);
+    const TileSpan span = pass_b_tile(io, c, k);
+    const int64_t off = span.off, n = span.n, npad = span.npad;
     if (c.ntiles != 1) {
-      load_tile<VT, false>(io.f + off, n, npad, io.U, neg_inf<T>(), nullptr, nullptr);
       load_tile<VT, false>(io.g + off, n, npad, io.E, Probs ? T(0) : neg_inf<T>(), nullptr, nullptr);
       exp_pass<VT, In, true, Probs, Tau1, HasW, false, true, NeedGrad>(io.f, io.g, io.U, c, off, n, npad, ra.re,
                                                                        ra.rge, unused);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "distill_blocks.h"
 #include "distill_topk.h"
 #include "distill_topk_bind.h"
 
@@ -45,50 +46,13 @@ bool topk_use_avx2() {
 #endif
 }
 
-void check_1d(const at::Tensor& t, const char* name, int64_t len, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == len && t.scalar_type() == dtype &&
-                  t.is_contiguous(),
-              "rkd_engine._C.topk_forward: ", name, " must be a contiguous CPU ", dtype, " tensor of shape (", len,
-              ",), got ", t.scalar_type(), " ", t.sizes());
-}
+constexpr const char* kWhere = "rkd_engine._C.topk_forward";
 
-template <class T>
-void padded(T* dst, const std::optional<at::Tensor>& v, int64_t m, int64_t m_pad, T fill) {
-  if (v.has_value()) {
-    std::memcpy(dst, v->data_ptr(), static_cast<size_t>(m) * sizeof(T));
-  } else {
-    std::fill(dst, dst + m, fill);
-  }
-  std::fill(dst + m, dst + m_pad, T(0));
-}
-
-// mass, risk and error = mass - hit from the blocks' accumulators, summed in block order.
-template <class T>
-void merge(const T* st, int64_t blocks, int64_t m, int64_t m_pad, at::Tensor& mass, at::Tensor& risk,
-           at::Tensor& error) {
-  T* ms = mass.data_ptr<T>();
-  T* rs = risk.data_ptr<T>();
-  T* es = error.data_ptr<T>();
-  at::parallel_for(0, m, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      T a = 0, b = 0, h = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        a += st[blk * 3 * m_pad + j];
-        b += st[blk * 3 * m_pad + m_pad + j];
-        h += st[blk * 3 * m_pad + 2 * m_pad + j];
-      }
-      ms[j] = a;
-      rs[j] = b;
-      es[j] = a - h;
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forward(
-    const at::Tensor& student, const at::Tensor& index, const at::Tensor& probs,
-    const std::optional<at::Tensor>& labels, const at::Tensor& a, const std::optional<at::Tensor>& log_c,
-    const std::optional<at::Tensor>& w, double tau, bool uniform, double grad_scale, bool need_grad,
-    const std::optional<at::Tensor>& grad_out, int64_t ignore_index) {
+// The binding's checks of one call: devices, shapes, dtypes and scalars (value checks are the caller's).
+void check_topk_inputs(const at::Tensor& student, const at::Tensor& index, const at::Tensor& probs,
+                       const std::optional<at::Tensor>& labels, const at::Tensor& a,
+                       const std::optional<at::Tensor>& log_c, const std::optional<at::Tensor>& w, double tau,
+                       double grad_scale) {
   TORCH_CHECK(student.device().is_cpu() && student.dim() == 2 && student.is_contiguous(),
               "rkd_engine._C.topk_forward: student scores must be a contiguous CPU (B, m) tensor, got ",
               student.sizes());
@@ -97,8 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
               "rkd_engine._C.topk_forward: student scores must be float32, bfloat16, float16 or float64, got ", st);
   const int64_t rows = student.size(0), m = student.size(1);
   TORCH_CHECK(m >= 1, "rkd_engine._C.topk_forward: need at least one class");
-  const bool is_double = st == at::kDouble;
-  const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = st == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(index.device().is_cpu() && index.dim() == 2 && index.size(0) == rows && index.is_contiguous() &&
                   index.scalar_type() == at::kLong,
               "rkd_engine._C.topk_forward: indices must be a contiguous CPU int64 (", rows, ", k) tensor, got ",
@@ -109,13 +72,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
                   probs.is_contiguous(),
               "rkd_engine._C.topk_forward: probs must be a contiguous CPU ", acc, " tensor of shape ", index.sizes(),
               ", got ", probs.scalar_type(), " ", probs.sizes());
-  if (labels.has_value()) check_1d(*labels, "labels", rows, at::kLong);
-  check_1d(a, "a", rows, acc);
-  if (log_c.has_value()) check_1d(*log_c, "log_c", m, acc);
-  if (w.has_value()) check_1d(*w, "w", m, acc);
+  if (labels.has_value()) check_vector(*labels, kWhere, "labels", rows, at::kLong);
+  check_vector(a, kWhere, "a", rows, acc);
+  if (log_c.has_value()) check_vector(*log_c, kWhere, "log_c", m, acc);
+  if (w.has_value()) check_vector(*w, kWhere, "w", m, acc);
   TORCH_CHECK(std::isfinite(tau) && tau > 0, "rkd_engine._C.topk_forward: tau must be finite and > 0, got ", tau);
   TORCH_CHECK(std::isfinite(grad_scale), "rkd_engine._C.topk_forward: grad_scale must be finite, got ", grad_scale);
+}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forward(
+    const at::Tensor& student, const at::Tensor& index, const at::Tensor& probs,
+    const std::optional<at::Tensor>& labels, const at::Tensor& a, const std::optional<at::Tensor>& log_c,
+    const std::optional<at::Tensor>& w, double tau, bool uniform, double grad_scale, bool need_grad,
+    const std::optional<at::Tensor>& grad_out, int64_t ignore_index) {
+  check_topk_inputs(student, index, probs, labels, a, log_c, w, tau, grad_scale);
+  const at::ScalarType st = student.scalar_type();
+  const int64_t rows = student.size(0), m = student.size(1), k = index.size(1);
+  const bool is_double = st == at::kDouble;
+  const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
   const auto acc_opts = student.options().dtype(acc);
   at::Tensor grad = at::empty({0}, student.options());
   if (need_grad) {
@@ -133,14 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
 
   const int64_t m_pad = round_up(m, kPad);
   const int64_t elem = is_double ? 8 : 4;
-  // Threads and blocks: at least 16 rows and some 64k logits of work a block; a few blocks per thread so
-  // that threads claiming blocks as they finish balance a shared machine; accumulators within 8 MiB.
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows, rows * (m + 128) / 65536}));
-  const int64_t by_memory = std::max<int64_t>(1, (int64_t(8) << 20) / (3 * m_pad * elem));
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>({std::max<int64_t>(threads, std::min<int64_t>(4 * threads, by_memory)),
-                                              std::max<int64_t>(1, rows / 16)}));
+  // Threads and blocks as the dense kernel's (distill_blocks.h).
+  const int64_t threads = num_threads(rows, m);
+  const int64_t blocks = num_blocks(rows, m_pad, threads, elem);
   const int64_t scratch_len = kTopkScratch * m_pad;
   at::Tensor workspace = at::empty({2 * m_pad + blocks * 3 * m_pad + threads * scratch_len}, acc_opts);
   char* base = static_cast<char*>(workspace.data_ptr());
@@ -149,11 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
   char* stats = w_pad + m_pad * elem;
   char* scratch = stats + blocks * 3 * m_pad * elem;
   if (is_double) {
-    padded(reinterpret_cast<double*>(lc_pad), log_c, m, m_pad, 0.0);
-    padded(reinterpret_cast<double*>(w_pad), w, m, m_pad, 1.0);
+    copy_padded(reinterpret_cast<double*>(lc_pad), log_c, m, m_pad, 0.0);
+    copy_padded(reinterpret_cast<double*>(w_pad), w, m, m_pad, 1.0);
   } else {
-    padded(reinterpret_cast<float*>(lc_pad), log_c, m, m_pad, 0.0f);
-    padded(reinterpret_cast<float*>(w_pad), w, m, m_pad, 1.0f);
+    copy_padded(reinterpret_cast<float*>(lc_pad), log_c, m, m_pad, 0.0f);
+    copy_padded(reinterpret_cast<float*>(w_pad), w, m, m_pad, 1.0f);
   }
 
   TopkArgs args;
@@ -205,9 +174,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
                 "), row ", bad_index[b], " has one outside");
   }
   if (is_double) {
-    merge(reinterpret_cast<const double*>(stats), blocks, m, m_pad, mass, risk, error);
+    merge_blocks(reinterpret_cast<const double*>(stats), blocks, m, m_pad, mass.data_ptr<double>(),
+                 risk.data_ptr<double>(), error.data_ptr<double>());
   } else {
-    merge(reinterpret_cast<const float*>(stats), blocks, m, m_pad, mass, risk, error);
+    merge_blocks(reinterpret_cast<const float*>(stats), blocks, m, m_pad, mass.data_ptr<float>(),
+                 risk.data_ptr<float>(), error.data_ptr<float>());
   }
   return {loss, grad, mass, risk, error};
 }

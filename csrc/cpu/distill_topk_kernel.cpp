@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "distill_isa_target.h"
 #include "distill_topk.h"
 
 // The generic kernel passes 32-byte vectors between inline functions only: no ABI is crossed.
@@ -17,22 +18,13 @@ namespace rkd::cpu::topk_generic {
 #include "distill_topk_rows.h"
 }  // namespace rkd::cpu::topk_generic
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#if RKD_TARGET_PRAGMAS
 #define RKD_HAVE_AVX2_TOPK 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+RKD_TARGET_PUSH("avx2,fma")
 namespace rkd::cpu::topk_avx2 {
 #include "distill_topk_rows.h"
 }  // namespace rkd::cpu::topk_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RKD_TARGET_POP()
 #endif
 
 namespace rkd::cpu {
