@@ -35,17 +35,9 @@ skip (ignored row), u at the label, inv_tau-free slot (unused)."""
 
 
 @triton.jit
-def _topk_rows_kernel(
-    f_ptr, stride_f, idx_ptr, p_ptr, labels_ptr, a_ptr, logc_ptr, w_ptr, scale_ptr,
-    loss_ptr, stats_ptr, am_ptr, uk_ptr, vk_ptr,
-    m, k, tau, inv_tau, grad_scale, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_LOGC: tl.constexpr, HAS_W: tl.constexpr, HAS_TAU: tl.constexpr,
-    HAS_SCALE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    i = tl.program_id(0).to(tl.int64)
-    row = f_ptr + i * stride_f
+def _row_maxima(row, logc_ptr, m, HAS_LOGC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1 over a student row: ``r = max_j (f_j - log c_j)`` and the argmax of ``f`` (first index)."""
     ninf = float("-inf")
-    # pass 1: r = max (f - log c), the argmax of f (first index)
     r = tl.full((), ninf, tl.float32)
     rf = tl.full((), ninf, tl.float32)
     am = tl.full((), 0, tl.int64)
@@ -62,7 +54,18 @@ def _topk_rows_kernel(
         better = tile_max > rf
         am = tl.where(better, tile_am, am)
         rf = tl.where(better, tile_max, rf)
-    # pass 2: the exponential sums and the row's weight sums
+    return r, am
+
+
+@triton.jit
+def _row_sums(
+    row, logc_ptr, w_ptr, m, r, inv_tau,
+    HAS_LOGC: tl.constexpr, HAS_W: tl.constexpr, HAS_TAU: tl.constexpr, UNIFORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Pass 2 over a student row: ``sum exp(u)``, ``sum exp(u / tau)`` (``u = (f - r) - log c``) and, with a
+    uniform tail, ``sum_j w_j`` and ``sum_{w_j > 0} w_j u_j``."""
+    ninf = float("-inf")
     sz = tl.zeros((), tl.float32)
     szt = tl.zeros((), tl.float32)
     w_all = tl.zeros((), tl.float32)
@@ -83,6 +86,23 @@ def _topk_rows_kernel(
                 wc = tl.load(w_ptr + cols, mask=ok, other=0.0)
             w_all += tl.sum(wc, 0)
             wu_all += tl.sum(tl.where(wc > 0, wc * u, 0.0), 0)
+    return sz, szt, w_all, wu_all
+
+
+@triton.jit
+def _topk_rows_kernel(
+    f_ptr, stride_f, idx_ptr, p_ptr, labels_ptr, a_ptr, logc_ptr, w_ptr, scale_ptr,
+    loss_ptr, stats_ptr, am_ptr, uk_ptr, vk_ptr,
+    m, k, tau, inv_tau, grad_scale, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_LOGC: tl.constexpr, HAS_W: tl.constexpr, HAS_TAU: tl.constexpr,
+    HAS_SCALE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0).to(tl.int64)
+    row = f_ptr + i * stride_f
+    ninf = float("-inf")
+    # pass 1: r = max (f - log c), the argmax of f; pass 2: the exponential sums and the row's weight sums
+    r, am = _row_maxima(row, logc_ptr, m, HAS_LOGC, BLOCK_N)
+    sz, szt, w_all, wu_all = _row_sums(row, logc_ptr, w_ptr, m, r, inv_tau, HAS_LOGC, HAS_W, HAS_TAU, UNIFORM, BLOCK_N)
     if not HAS_TAU:
         szt = sz
     sz = tl.where(r == ninf, float("nan"), sz)

@@ -187,6 +187,45 @@ inline void topk_dense(const T* X, const T* lc, const T* w, const T* tm, const T
   }
 }
 
+// The fix-ups at K and at the label: the gradient there (G[j], whole) and the statistics' corrections (q_j
+// minus what pass B put in), then q at the argmax into hit (v = p / P when `renorm`, else p).
+template <class T, bool Tau1, bool NeedGrad>
+inline void topk_fixups(const T* X, const T* lc, const T* w, const T* tm, const T* S, const T* St,
+                        const int64_t* K, const T* p, int64_t k, T P, bool renorm, bool tail, const TopkRow<T>& row,
+                        T tau, T gs, T* mass, T* risk, T* hit, T* G) {
+  const int64_t y = row.y;
+  auto u_at = [&](int64_t j) { return (X[j] - row.r) - lc[j]; };
+  // q2_j = tau (a t tm_j + a v_j) + (1 - a) [j == y]: the target in the gradient's last term.
+  auto fix = [&](int64_t j, T q, T q2, T added) {
+    // q: the whole q_j; added: what pass B already put into the statistics at j.
+    mass[j] += q - added;
+    const T d = q - added;
+    if (d > 0) risk[j] += d * (row.L - u_at(j));
+    if (NeedGrad) {
+      T g = S[j] * row.c1;
+      if (!Tau1) g += St[j] * row.c2;
+      G[j] = g - w[j] * (gs * q2);
+    }
+  };
+  bool y_done = !(y >= 0 && row.hw != T(0));
+  T q_am = row.c * (tail ? tm[row.am] : T(1));
+  if (row.sw > 0) {
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t j = K[s];
+      const T v = renorm ? p[s] / P : p[s];
+      const T h = j == y ? row.hw : T(0);
+      if (j == y) y_done = true;
+      fix(j, row.sw * v + h, tau * row.sw * v + h, T(0));
+      if (j == row.am) q_am = row.sw * v + h;
+    }
+  }
+  if (!y_done) {
+    fix(y, row.c + row.hw, tau * row.c + row.hw, row.c);
+    if (y == row.am) q_am = row.c + row.hw;
+  }
+  hit[row.am] += q_am;
+}
+
 // One row (not ignored, label valid). Writes loss[i], the gradient row and adds to the accumulators.
 template <class T, bool Tau1, bool NeedGrad>
 void topk_row(const TopkArgs& args, int64_t i, T a_i, int64_t y, T* scratch, int64_t mp, TopkOut& out) {
@@ -281,35 +320,8 @@ void topk_row(const TopkArgs& args, int64_t i, T a_i, int64_t y, T* scratch, int
   } else if (NeedGrad) {
     topk_dense<T, Tau1, NeedGrad, false>(X, lc, w, tm, S, St, m, mp, row, gtq, mass, risk, G, direct);
   }
-  // q2_j = tau (a t tm_j + a v_j) + (1 - a) [j == y]: the target in the gradient's last term.
-  auto fix = [&](int64_t j, T q, T q2, T added) {
-    // q: the whole q_j; added: what pass B already put into the statistics at j.
-    mass[j] += q - added;
-    const T d = q - added;
-    if (d > 0) risk[j] += d * (row.L - u_at(j));
-    if (NeedGrad) {
-      T g = S[j] * row.c1;
-      if (!Tau1) g += St[j] * row.c2;
-      G[j] = g - w[j] * (gs * q2);
-    }
-  };
-  bool y_done = !(y >= 0 && row.hw != T(0));
-  T q_am = row.c * (tail ? tm[row.am] : T(1));
-  if (row.sw > 0) {
-    for (int64_t s = 0; s < k; ++s) {
-      const int64_t j = K[s];
-      const T v = renorm ? p[s] / P : p[s];
-      const T h = j == y ? row.hw : T(0);
-      if (j == y) y_done = true;
-      fix(j, row.sw * v + h, tau * row.sw * v + h, T(0));
-      if (j == row.am) q_am = row.sw * v + h;
-    }
-  }
-  if (!y_done) {
-    fix(y, row.c + row.hw, tau * row.c + row.hw, row.c);
-    if (y == row.am) q_am = row.c + row.hw;
-  }
-  hit[row.am] += q_am;
+  topk_fixups<T, Tau1, NeedGrad>(X, lc, w, tm, S, St, K, p, k, P, renorm, tail, row, tau, gs, mass, risk,
+                                 hit, G);
   if (tail) {
     for (int64_t s = 0; s < k; ++s) tm[K[s]] = 1;
   }
