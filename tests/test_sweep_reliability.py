@@ -77,7 +77,17 @@ def _workers(pid: int) -> list[int]:
 def _start(out: Path, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rkd_engine.cli", "sweep", "--out", str(out), *SLOW, *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    # A terminal's foreground process starts with Ctrl-C at its default action; the test process may have
+    # inherited SIGINT ignored from something earlier in the session, which the child would inherit in turn
+    # (Python then installs no KeyboardInterrupt handler and the ctrl-c case sees the sweep finish instead).
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_until_training(proc: subprocess.Popen, out: Path, runs: int = 1) -> None:
