@@ -381,6 +381,66 @@ def test_bad_inputs_raise_clear_errors(changes, message):
         _bad(**changes)()
 
 
+def _narrow_case(dtype, option, seed):
+    """67 rows of 13 classes (whole groups of W rows plus a tail) with -inf entries, one row ignored."""
+    opts = OPTIONS[option]
+    f, t, y, a, log_c, w = _case(67, 13, dtype, regime="masked", seed=seed, **opts)
+    if y is not None:
+        y = y.clone()
+        y[21] = -100
+    return f, t, y, a, log_c, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_narrow_path_matches_row_kernel(isa, dtype, option, tau):
+    """Calls of at most ``get_narrow_max()`` classes take W rows per vector (csrc/cpu/distill_narrow.h) where a
+    group of rows is regular, and the row kernel elsewhere (an ignored row, a = 0 rows, the tail): the same
+    losses, gradients and statistics as the row kernel alone, up to float rounding, and as the reference."""
+    assert 13 <= _C.get_narrow_max()
+    f, t, y, a, log_c, w = _narrow_case(dtype, option, seed=4)
+    probs = OPTIONS[option].get("teacher") == "probs"
+    kw = dict(gamma=1.5, tau=tau, teacher_is_probs=probs, grad_scale=0.25, need_grad=True, ignore_index=-100)
+    narrow = cpp_backend.fused_forward(f, t, y, a, log_c, w, **kw)
+    before = _C.get_narrow_max()
+    _C.set_narrow_max(0)
+    try:
+        rows = cpp_backend.fused_forward(f, t, y, a, log_c, w, **kw)
+    finally:
+        _C.set_narrow_max(before)
+    acc_tol, grad_tol = CPU_TOL[dtype]
+    for name, got, want in zip(("loss", "grad", "mass", "risk", "error"), narrow, rows, strict=True):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
+        ok = torch.isfinite(want)
+        tol = grad_tol if name == "grad" else 4 * acc_tol
+        _close(got[ok], want[ok].double(), tol, f"narrow vs row kernel: {name}")
+    if y is not None:
+        assert narrow[0][21] == 0 and not narrow[1][21].any()  # the ignored row
+    keep = torch.ones(67, dtype=torch.bool) if y is None else y != -100
+    ref = _reference(f[keep], t if t is None else t[keep], y if y is None else y[keep], a[keep], log_c, w,
+                     gamma=1.5, tau=tau, probs=probs, grad_scale=0.25)  # fmt: skip
+    ok = torch.isfinite(ref.loss)
+    _close(narrow[0][keep][ok], ref.loss[ok], acc_tol, "narrow vs reference: loss")
+
+
+def test_narrow_path_flags_bad_teacher_rows(isa):
+    """A teacher-probability row off 1 inside a regular group gets a NaN loss (the call's status), and only it."""
+    f, t, y, a, log_c, w = _case(16, 10, torch.float32, teacher="probs", labels=False, seed=2)
+    t = t.clone()
+    t[3, 0] += 0.5
+    loss = cpp_backend.fused_forward(f, t, y, a, log_c, w, gamma=1.0, tau=1.0, teacher_is_probs=True,
+                                     grad_scale=1.0, need_grad=False)[0]  # fmt: skip
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(16) != 3]).all()
+
+
+def test_set_narrow_max_rejects_bad_values():
+    before = _C.get_narrow_max()
+    with pytest.raises(RuntimeError, match="narrow_max must be in"):
+        _C.set_narrow_max(-1)
+    assert _C.get_narrow_max() == before
+
+
 def test_set_tiling_rejects_bad_values():
     with pytest.raises(RuntimeError, match="tile must be a positive multiple"):
         _C.set_tiling(100, 24)

@@ -118,6 +118,7 @@ const KernelTable*& active_table() {
 struct Tiling {
   int64_t max_single = kMaxSingleTile;
   int64_t tile = kTile;
+  int64_t narrow_max = kNarrowMax;
 };
 
 Tiling& tiling() {
@@ -130,10 +131,21 @@ void set_tiling(int64_t max_single_tile, int64_t tile) {
   TORCH_CHECK(tile >= kPad && tile % kPad == 0, "rkd_engine._C: tile must be a positive multiple of ", kPad,
               ", got ", tile);
   TORCH_CHECK(max_single_tile >= 0, "rkd_engine._C: max_single_tile must be >= 0, got ", max_single_tile);
-  tiling() = Tiling{max_single_tile, tile};
+  tiling().max_single = max_single_tile;
+  tiling().tile = tile;
 }
 
 std::tuple<int64_t, int64_t> get_tiling() { return {tiling().max_single, tiling().tile}; }
+
+// Calls of at most narrow_max classes (rows held whole) take W rows at a time (distill_narrow.h); 0 turns
+// that path off (tests compare both paths).
+void set_narrow_max(int64_t narrow_max) {
+  TORCH_CHECK(narrow_max >= 0 && narrow_max <= kNarrowLimit, "rkd_engine._C: narrow_max must be in [0, ",
+              kNarrowLimit, "], got ", narrow_max);
+  tiling().narrow_max = narrow_max;
+}
+
+int64_t get_narrow_max() { return tiling().narrow_max; }
 
 std::string cpu_isa() { return active_table()->isa; }
 
@@ -208,6 +220,7 @@ struct Workspace {
   char* stats;    // blocks x 3 x m_pad accumulators
   char* scratch;  // threads x scratch_len
   int64_t m_pad, elem, threads, blocks, tile, scratch_len;
+  bool narrow;  // FusedArgs::narrow
 };
 
 Workspace make_workspace(int64_t rows, int64_t m, DType code, const at::TensorOptions& acc_opts,
@@ -218,7 +231,8 @@ Workspace make_workspace(int64_t rows, int64_t m, DType code, const at::TensorOp
   ws.threads = num_threads(rows, m);
   ws.blocks = num_blocks(rows, ws.m_pad, ws.threads, ws.elem);
   ws.tile = tile_len(m, tiling().max_single, tiling().tile);
-  ws.scratch_len = kScratchBuffers * ws.tile;
+  ws.narrow = m <= tiling().narrow_max && ws.tile == ws.m_pad;
+  ws.scratch_len = kScratchBuffers * ws.tile + (ws.narrow ? kNarrowBuffers * kNarrowLanes * ws.m_pad : 0);
   ws.buffer = at::empty({2 * ws.m_pad + ws.blocks * 3 * ws.m_pad + ws.threads * ws.scratch_len}, acc_opts);
   ws.lc_pad = static_cast<char*>(ws.buffer.data_ptr());
   ws.w_pad = ws.lc_pad + ws.m_pad * ws.elem;
@@ -325,6 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_for
   args.has_w = w.has_value();
   args.stream_grad = stream_gradient(rows * m * static_cast<int64_t>(student.element_size()), need_grad,
                                      grad_out.has_value());
+  args.narrow = ws.narrow;
   run_blocks(args, ws, table_with(code)->rows[code]);
   if (rows == 0) {
     mass.zero_();
@@ -401,5 +416,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "(max_single_tile, tile): rows of up to max_single_tile classes are held whole, wider ones tiled.");
   mod.def("set_tiling", &rkd::cpu::set_tiling, py::arg("max_single_tile"), py::arg("tile"),
           "Change the tiling (for tests of the tiled path; the defaults are the tuned ones).");
+  mod.def("get_narrow_max", &rkd::cpu::get_narrow_max,
+          "Calls of at most this many classes take several rows per vector (the narrow path); 0: never.");
+  mod.def("set_narrow_max", &rkd::cpu::set_narrow_max, py::arg("narrow_max"),
+          "Change the narrow path's class limit (for tests and benchmarks; the default is the tuned one).");
   rkd::cpu::bind_topk(mod);
 }

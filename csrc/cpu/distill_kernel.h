@@ -37,6 +37,14 @@ constexpr int64_t kTile = 4096;
 // Scratch buffers per thread, each of tile_len(...) accumulation-type values: u, e, exp(u), exp(u / tau).
 constexpr int64_t kScratchBuffers = 4;
 
+// Narrow rows (distill_narrow.h): calls with at most kNarrowMax classes (by default; distill_cpu.cpp may
+// change it) take W rows at a time, one per vector lane, through kNarrowBuffers column blocks of
+// round_up(m, kPad) x kNarrowLanes values of scratch (kNarrowLanes: the widest vector of any kernel).
+constexpr int64_t kNarrowMax = 40;  // measured on AVX2: beyond it the row kernel is as fast
+constexpr int64_t kNarrowLimit = 1024;  // the largest narrow_max accepted (bounds the scratch)
+constexpr int64_t kNarrowLanes = 16;
+constexpr int64_t kNarrowBuffers = 8;
+
 constexpr int64_t round_up(int64_t x, int64_t k) { return (x + k - 1) / k * k; }
 
 // The float exponential of every row kernel, 2^y (generic::exp2_lane, and the same operations in the
@@ -85,11 +93,12 @@ struct FusedArgs {
   bool has_log_c;
   bool has_w;
   bool stream_grad;  // write the gradient with non-temporal stores (large outputs; aligned rows only)
+  bool narrow;       // rows held whole and at most narrow_max classes: W rows at a time (distill_narrow.h)
 };
 
 // Per-thread workspace and per-class accumulators (Acc, round_up(m, kPad) each, zero on entry).
 struct ChunkOut {
-  void* scratch;  // kScratchBuffers * tile Acc
+  void* scratch;  // kScratchBuffers * tile Acc, then (narrow calls) the narrow path's buffers
   void* mass;     // sum_i q_ij
   void* risk;     // sum_i q_ij (-log s_ij)
   void* hit;      // sum_i q_ij [argmax_k f_ik == j]   (error = mass - hit)

@@ -23,6 +23,7 @@ struct VecAvx2 {
   static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V gt_select(V a, V b, V x, V y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
   static inline V fma_if_pos(V c, V x, V acc) {
     const V keep = _mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_GT_OQ);
     return _mm256_fmadd_ps(c, _mm256_and_ps(keep, x), acc);
@@ -66,10 +67,20 @@ struct VecAvx2 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static inline V first_lanes(V x, int64_t k, float v) {
+  // Lanes < k (0 <= k) set, as a 32-bit mask per lane.
+  static inline __m256i first_mask(int64_t k) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), lane));
-    return _mm256_blendv_ps(_mm256_set1_ps(v), x, keep);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k < W ? k : W)), lane);
+  }
+  static inline V first_lanes(V x, int64_t k, float v) {
+    return _mm256_blendv_ps(_mm256_set1_ps(v), x, _mm256_castsi256_ps(first_mask(k)));
+  }
+  // v in lane k (0 <= k < W), 0 elsewhere: no store to memory (a vector loaded right after scalar stores
+  // waits for them to reach the cache).
+  static inline V one_lane(int64_t k, float v) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 at = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int>(k)), lane));
+    return _mm256_and_ps(at, _mm256_set1_ps(v));
   }
   static inline int64_t first_eq(const float* p, int64_t n, float v) {
     const V vv = _mm256_set1_ps(v);
@@ -113,6 +124,12 @@ struct VecAvx2 {
   static inline void store_out_stream(bf16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
   static inline void store_out_stream(fp16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
   static inline void stream_fence() { _mm_sfence(); }
+  // float rows: masked loads and stores (no lane outside [0, count) is touched, none faults).
+  static inline void store_out_partial(float* p, V a, int64_t count) { _mm256_maskstore_ps(p, first_mask(count), a); }
+  static inline V load_in_partial(const float* p, int64_t count, float pad) {
+    const __m256i k = first_mask(count);
+    return _mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, k), _mm256_castsi256_ps(k));
+  }
   template <class Out>
   static inline void store_out_partial(Out* p, V a, int64_t count) {
     Out tmp[W];

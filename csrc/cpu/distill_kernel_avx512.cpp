@@ -28,6 +28,9 @@ struct VecAvx512 {
   static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static inline V gt_select(V a, V b, V x, V y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  }
   // acc + c*x where c > 0, acc elsewhere (one masked FMA; a NaN c leaves acc, as in the generic kernel).
   static inline V fma_if_pos(V c, V x, V acc) {
     const __mmask16 keep = _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -80,6 +83,9 @@ struct VecAvx512 {
   // Lanes < k (0 <= k) of x, the others v.
   static inline __mmask16 first_mask(int64_t k) {
     return k >= W ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << k) - 1u);
+  }
+  static inline V one_lane(int64_t k, float v) {
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(1u << k), _mm512_set1_ps(v));
   }
   static inline V first_lanes(V x, int64_t k, float v) {
     return _mm512_mask_blend_ps(first_mask(k), _mm512_set1_ps(v), x);

@@ -89,6 +89,11 @@ struct VecGeneric {
     for (int l = 0; l < N; ++l) r.v[l] = b.v[l] > a.v[l] ? b.v[l] : a.v[l];
     return r;
   }
+  static inline V gt_select(const V& a, const V& b, const V& x, const V& y) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = a.v[l] > b.v[l] ? x.v[l] : y.v[l];
+    return r;
+  }
   static inline V fma_if_pos(const V& c, const V& x, const V& acc) {
     V r;
     for (int l = 0; l < N; ++l) r.v[l] = acc.v[l] + (c.v[l] > T(0) ? c.v[l] * x.v[l] : T(0));
@@ -118,6 +123,11 @@ struct VecGeneric {
     T s = a.v[0];
     for (int l = 1; l < N; ++l) s = a.v[l] > s ? a.v[l] : s;
     return s;
+  }
+  static inline V one_lane(int64_t k, T v) {
+    V r;
+    for (int l = 0; l < N; ++l) r.v[l] = l == k ? v : T(0);
+    return r;
   }
   static inline V first_lanes(const V& x, int64_t k, T v) {
     V r;

@@ -6,10 +6,11 @@
 //
 // VT provides: T (float or double), V (a vector of W values of T), W,
 //   load/store (T*), set1, zero, add, sub, mul, fmadd(a, b, c) = a*b + c, fnmadd(a, b, c) = c - a*b,
-//   max, exp2 (2^y for y <= 127: exact 0 below kExp2Lo and for -inf, NaN propagated), exp2_clamped (y
-//   raised to kExp2Clamp first), fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0), mul_if_nonzero(c, x) =
-//   (c != 0 ? c*x : 0; NaN c gives NaN),
-//   hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v), first_lanes(x, k, v) (lanes >= k set to v),
+//   max, gt_select(a, b, x, y) = (a > b ? x : y, false for NaN), exp2 (2^y for y <= 127: exact 0 below
+//   kExp2Lo and for -inf, NaN propagated), exp2_clamped (y raised to kExp2Clamp first),
+//   fma_if_pos(c, x, acc) = acc + (c > 0 ? c*x : 0), mul_if_nonzero(c, x) = (c != 0 ? c*x : 0; NaN c gives NaN),
+//   one_lane(k, v) (v in lane k, 0 elsewhere), hsum, hmax, first_eq(p, n, v) (first k < n with p[k] == v),
+//   first_lanes(x, k, v) (lanes >= k set to v),
 //   load_in(const In*) / store_out(In*, V) converting W input values to and from T, store_out_partial
 //   (the first count < W values), store_out_partial_stream (the same, whole aligned pieces non-temporal),
 //   load_in_partial(p, count, pad) (count < W values read, the other lanes pad),
@@ -536,12 +537,7 @@ RKD_ALWAYS_INLINE void hard_pass_b(const RowIO<VT, In>& io, const Consts<VT>& c,
     for_vectors<W>(n, vector_start<W>(yl, n), n % W != 0 ? n / W * W : -1, -1, [&](int64_t j, auto special) {
       constexpr bool kSpecial = decltype(special)::value;
       V gv = VT::mul(VT::load(io.S + j), c1);
-      if (kSpecial && yl >= j && yl < j + W) {
-        T tmp[W];
-        VT::store(tmp, gv);
-        tmp[yl - j] -= at_y;
-        gv = VT::load(tmp);
-      }
+      if (kSpecial && yl >= j && yl < j + W) gv = VT::sub(gv, VT::one_lane(yl - j, at_y));
       if (kSpecial && j + W > n) {
         store_grad_partial<VT>(io.grad + off + j, gv, n - j, io.stream);
       } else {
@@ -597,12 +593,7 @@ RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Cons
                      const V e = VT::load(E + j);
                      const V u = VT::load(U + j);
                      V hv = VT::zero();
-                     if (kSpecial && yl >= j && yl < j + W) {
-                       T tmp[W];
-                       std::memset(tmp, 0, sizeof(tmp));
-                       tmp[yl - j] = hw;
-                       hv = VT::load(tmp);
-                     }
+                     if (kSpecial && yl >= j && yl < j + W) hv = VT::one_lane(yl - j, hw);
                      const V q = VT::fmadd(e, ca, hv);
                      VT::store(mass_t + j, VT::add(VT::load(mass_t + j), q));
                      if (loss_in_b<Tau1, HasW>()) {
@@ -720,22 +711,79 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   if (Probs && !probs_row_ok(s, static_cast<T>(args.prob_tol))) *loss = std::numeric_limits<T>::quiet_NaN();
 }
 
-template <class VT, class In, bool Soft, bool Probs, bool Tau1>
-inline auto pick_row(bool need_grad, bool has_w) -> void (*)(const FusedArgs&, const Consts<VT>&, int64_t,
-                                                               typename VT::T, int64_t, typename VT::T*,
-                                                               const ChunkOut&) {
+#include "distill_narrow.h"
+
+// row_kernel as a kernel variant for pick_kernel.
+template <class VT, class In, bool Soft, bool Probs, bool Tau1, bool NeedGrad, bool HasW>
+struct RowKernel {
+  static constexpr auto fn = &row_kernel<VT, In, Soft, Probs, Tau1, NeedGrad, HasW>;
+};
+
+template <class VT, class In>
+using RowFn = void (*)(const FusedArgs&, const Consts<VT>&, int64_t, typename VT::T, int64_t, typename VT::T*,
+                       const ChunkOut&);
+
+// K<VT, In, Soft, Probs, Tau1, need_grad, has_w>::fn (K: RowKernel or GroupKernel).
+template <template <class, class, bool, bool, bool, bool, bool> class K, class VT, class In, bool Soft, bool Probs,
+          bool Tau1>
+inline auto pick_variant(bool need_grad, bool has_w) -> decltype(K<VT, In, Soft, Probs, Tau1, true, true>::fn) {
   if (need_grad) {
-    return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, true, true>
-                 : &row_kernel<VT, In, Soft, Probs, Tau1, true, false>;
+    return has_w ? K<VT, In, Soft, Probs, Tau1, true, true>::fn : K<VT, In, Soft, Probs, Tau1, true, false>::fn;
   }
-  return has_w ? &row_kernel<VT, In, Soft, Probs, Tau1, false, true>
-               : &row_kernel<VT, In, Soft, Probs, Tau1, false, false>;
+  return has_w ? K<VT, In, Soft, Probs, Tau1, false, true>::fn : K<VT, In, Soft, Probs, Tau1, false, false>::fn;
 }
 
-// Rows [begin, end) of one call, with this thread's scratch and accumulators.
+// The variant of kernel K for a call's rows with the teacher term (a teacher given), or for label-only rows
+// (no teacher: they read w at the label alone, ones when absent, so one variant serves both).
+template <template <class, class, bool, bool, bool, bool, bool> class K, class VT, class In>
+inline auto pick_kernel(const FusedArgs& args, bool soft) -> decltype(K<VT, In, true, true, true, true, true>::fn) {
+  const bool g = args.need_grad, w = args.has_w, t1 = args.tau == 1.0;
+  if (!soft) return pick_variant<K, VT, In, false, false, true>(g, true);
+  if (args.teacher_is_probs) {
+    return t1 ? pick_variant<K, VT, In, true, true, true>(g, w) : pick_variant<K, VT, In, true, true, false>(g, w);
+  }
+  return t1 ? pick_variant<K, VT, In, true, false, true>(g, w) : pick_variant<K, VT, In, true, false, false>(g, w);
+}
+
+// Row i of a call through row_kernel (soft: the variant with the teacher term, nullptr without a teacher).
+template <class VT, class In>
+RKD_ALWAYS_INLINE void one_row(const FusedArgs& args, const Consts<VT>& c, int64_t i, RowFn<VT, In> soft,
+                               RowFn<VT, In> hard, ChunkOut& out) {
+  using T = typename VT::T;
+  T* scratch = static_cast<T*>(out.scratch);
+  int64_t y = -1;
+  if (args.labels != nullptr) {
+    y = args.labels[i];
+    if (y == args.ignore_index) {
+      static_cast<T*>(args.loss)[i] = T(0);
+      if (args.need_grad) {
+        std::memset(static_cast<In*>(args.grad) + i * args.m, 0, static_cast<size_t>(args.m) * sizeof(In));
+      }
+      return;
+    }
+    if (y < 0 || y >= args.m) {
+      if (out.bad_row < 0) out.bad_row = i;
+      static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
+      return;
+    }
+  }
+  const T a_i = static_cast<const T*>(args.a)[i];
+  const bool soft_row = soft != nullptr && a_i > 0;
+  (soft_row ? soft : hard)(args, c, i, a_i, y, scratch, out);
+  // A teacher row the loss does not use is still checked: a bad value there is the caller's error too.
+  if (args.teacher != nullptr && !soft_row &&
+      !teacher_row_ok<VT>(static_cast<const In*>(args.teacher) + i * args.m, args.m, args.teacher_is_probs,
+                          static_cast<T>(args.prob_tol), scratch)) {
+    static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// Rows [begin, end) of one call, with this thread's scratch and accumulators. Narrow calls take regular
+// groups of W rows through narrow_group (distill_narrow.h) and the other rows through row_kernel.
 template <class VT, class In>
 void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) {
   using T = typename VT::T;
+  constexpr int W = VT::W;
   Consts<VT> c;
   c.m = args.m;
   c.tile = args.tile;
@@ -748,50 +796,23 @@ void run_rows(const FusedArgs& args, int64_t begin, int64_t end, ChunkOut& out) 
   c.kg = static_cast<T>(1.4426950408889634074 / args.gamma);
   c.kt = static_cast<T>(1.4426950408889634074 / args.tau);
   c.gs = static_cast<T>(args.grad_scale);
-  const bool tau1 = args.tau == 1.0;
-  const bool probs = args.teacher_is_probs;
-  using Fn = void (*)(const FusedArgs&, const Consts<VT>&, int64_t, T, int64_t, T*, const ChunkOut&);
-  // Label-only rows read w at the label alone (ones when absent), so one variant serves both.
-  const Fn hard = args.need_grad ? &row_kernel<VT, In, false, false, true, true, true>
-                                 : &row_kernel<VT, In, false, false, true, false, true>;
-  Fn soft = nullptr;
-  if (args.teacher != nullptr) {
-    if (probs) {
-      soft = tau1 ? pick_row<VT, In, true, true, true>(args.need_grad, args.has_w)
-                  : pick_row<VT, In, true, true, false>(args.need_grad, args.has_w);
-    } else {
-      soft = tau1 ? pick_row<VT, In, true, false, true>(args.need_grad, args.has_w)
-                  : pick_row<VT, In, true, false, false>(args.need_grad, args.has_w);
-    }
-  }
-  const T* a = static_cast<const T*>(args.a);
-  T* scratch = static_cast<T*>(out.scratch);
-  for (int64_t i = begin; i < end; ++i) {
-    int64_t y = -1;
-    if (args.labels != nullptr) {
-      y = args.labels[i];
-      if (y == args.ignore_index) {
-        static_cast<T*>(args.loss)[i] = T(0);
-        if (args.need_grad) {
-          std::memset(static_cast<In*>(args.grad) + i * args.m, 0, static_cast<size_t>(args.m) * sizeof(In));
-        }
-        continue;
-      }
-      if (y < 0 || y >= args.m) {
-        if (out.bad_row < 0) out.bad_row = i;
-        static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
-        continue;
+  const bool teacher = args.teacher != nullptr;
+  const RowFn<VT, In> hard = pick_kernel<RowKernel, VT, In>(args, false);
+  const RowFn<VT, In> soft = teacher ? pick_kernel<RowKernel, VT, In>(args, true) : nullptr;
+  if (!args.narrow) {
+    for (int64_t i = begin; i < end; ++i) one_row<VT, In>(args, c, i, soft, hard, out);
+  } else {
+    const NarrowBufs<VT> nb = narrow_bufs<VT>(static_cast<T*>(out.scratch) + kScratchBuffers * args.tile, args.m);
+    const auto group = pick_kernel<GroupKernel, VT, In>(args, teacher);
+    for (int64_t i = begin; i < end;) {
+      if (end - i >= W && narrow_regular<T, W>(args, i)) {
+        group(args, c, i, nb, out);
+        i += W;
+      } else {
+        one_row<VT, In>(args, c, i++, soft, hard, out);
       }
     }
-    const T a_i = a[i];
-    const bool soft_row = soft != nullptr && a_i > 0;
-    (soft_row ? soft : hard)(args, c, i, a_i, y, scratch, out);
-    // A teacher row the loss does not use is still checked: a bad value there is the caller's error too.
-    if (args.teacher != nullptr && !soft_row &&
-        !teacher_row_ok<VT>(static_cast<const In*>(args.teacher) + i * args.m, args.m, probs,
-                            static_cast<T>(args.prob_tol), scratch)) {
-      static_cast<T*>(args.loss)[i] = std::numeric_limits<T>::quiet_NaN();
-    }
+    fold_narrow<VT>(nb, args.m, out);
   }
   if (args.stream_grad) VT::stream_fence();
 }
