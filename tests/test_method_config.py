@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ from rkd_engine.training.config import (
     validate,
 )
 from rkd_engine.training.methods import METHODS, Distill, Hinton, method_class
+from rkd_engine.training.teacher_cache import check_student_use
 
 CONFIG_PY = Path(__file__).resolve().parents[1] / "rkd_engine" / "training" / "config.py"
 TEACHERS = ("teacher", "teacher_checkpoint", "teacher_cache")
@@ -118,6 +120,19 @@ def test_objective_and_step_rules(method):
     assert resolve_defaults(_student(method, dro_step=0.5, **teacher), cuda_available=False).dro_step == 0.5
     label = "standard" if method == "distill" else method
     assert resolved.out == str(Path("runs") / f"student-{label}-seed0")
+
+
+def test_only_the_margin_methods_refuse_a_topk_cache():
+    refusing = {name for name, cls in METHODS.items() if cls.needs_label_probability}
+    assert refusing == {"ada-alpha", "ada-margin"}
+    cache = types.SimpleNamespace(layout="topk", k=2, num_classes=5, path="c")
+    for name in STUDENT_METHODS:
+        use = dict(method=name, augment=None, cache_augmented=False)
+        if name in refusing:
+            with pytest.raises(ConfigError, match=f"--method {name} needs the teacher's probability of the label"):
+                check_student_use(cache, needs_label_probability=True, **use)
+        check_student_use(cache, needs_label_probability=False, **use)
+        check_student_use(types.SimpleNamespace(layout="dense"), needs_label_probability=True, **use)
 
 
 def test_the_general_teacher_checks_stay_in_config():

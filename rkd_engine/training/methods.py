@@ -161,6 +161,7 @@ class Method:
     without_teacher_weight: ClassVar[str] = "has no teacher target"  # what it does instead of --teacher-weight
     own_objective: ClassVar[bool] = False  # its own worst-class objective: --objective stays standard, no --tau
     default_dro_step: ClassVar[float | None] = None  # --dro-step's default (None: the validation schedule's)
+    needs_label_probability: ClassVar[bool] = False  # reads the teacher's p_y in every row: no top-k cache
 
     def __init__(self, inputs: MethodInputs) -> None:
         self.inputs = inputs
@@ -408,7 +409,13 @@ class Distill(Method):
         """Teacher outputs from ``--teacher-cache``; returns the (unnormalised) ``pi``."""
         cfg, data, device = self.cfg, self.inputs.data, self.inputs.ctx.device
         cache = TeacherCache.open(cfg.teacher_cache)
-        check_student_use(cache, method=self.name, augment=self.inputs.augment, cache_augmented=cfg.cache_augmented)
+        check_student_use(
+            cache,
+            method=self.name,
+            needs_label_probability=self.needs_label_probability,
+            augment=self.inputs.augment,
+            cache_augmented=cfg.cache_augmented,
+        )
         cache.check_data(data)
         self.held_out = {name: cache.logits(name, device) for name in ("val", "test")}
         if cfg.val_labels == "teacher":
@@ -521,6 +528,7 @@ class AdaAlpha(Hinton):
     name = "ada-alpha"
     default_teacher_weight = None
     without_teacher_weight = "sets a per example"
+    needs_label_probability = True
 
     def weight(self, g: Tensor, y: Tensor) -> float | Tensor:
         return ada_alpha_weight(teacher_margin(g, y))
@@ -535,6 +543,7 @@ class AdaMargin(Hinton):
 
     name = "ada-margin"
     default_teacher_weight = 1.0
+    needs_label_probability = True
 
     def loss(self, f: Tensor, rows: Tensor, x: Tensor, y: Tensor) -> LossOutput:
         g = self.teacher_logits(rows, x)
