@@ -256,7 +256,7 @@ def bench_sweep(work: Path, seeds: int, workers: int) -> list[dict]:
             *extra,
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        _, secs = _timed(lambda cmd=cmd: subprocess.run(cmd, check=True, env=env))
+        _, secs = _timed(lambda cmd=cmd, env=env: subprocess.run(cmd, check=True, env=env))
         runs = sum(1 for _ in open(work / f"sweep-{label}" / "runs.csv")) - 1
         rows.append({"kind": "sweep", "case": f"digits_lt.yaml seeds={seeds} {label}", "runs": runs, "seconds": secs})
     rows.append(

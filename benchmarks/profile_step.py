@@ -17,7 +17,7 @@ rows, m = (int(v) for v in shape.split("x"))
 f, g, costs = make_case(rows, m, getattr(torch, dtype_name), "cuda")
 for backend in ("triton", "cuda"):
 
-    def step():
+    def step(backend=backend):
         f.grad = None
         distill_loss(
             f, teacher_logits=g, temperature=GAMMA, class_costs=costs, backend=backend, validate=False

@@ -57,7 +57,7 @@ def main() -> None:
                     variants.append((f"p1={bn1}/{w1} p2={bn}/{w}", wide_variant(base, rows, m, sms, bn1, w1, bn, w)))
         for name, cfg in variants:
 
-            def run(cfg=cfg):
+            def run(cfg=cfg, f=f, g=g, a=a, log_c=log_c, grad=grad):  # bound: deleted after the dtype
                 triton_backend.fused_forward(
                     f,
                     g,
@@ -92,7 +92,7 @@ def main() -> None:
                     "GBps_5pass": gbps5,
                 }
             )
-        del f, g, grad
+        del f, g, grad, run  # free this dtype's tensors before the next dtype's are made
     path = ROOT / "benchmarks" / "results" / f"tune_triton_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:

@@ -35,6 +35,19 @@ skip (ignored row), u at the label, inv_tau-free slot (unused)."""
 
 
 @triton.jit
+def _row_tile(row, logc_ptr, start, m, shift, HAS_LOGC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The column tile of a student row from ``start``: its columns, their mask ``cols < m``, ``f`` in fp32
+    (``-inf`` past ``m``) and ``(f - shift) - log c`` (no ``log c`` without costs)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    ok = cols < m
+    x = tl.load(row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    u = x - shift
+    if HAS_LOGC:
+        u = u - tl.load(logc_ptr + cols, mask=ok, other=0.0)
+    return cols, ok, x, u
+
+
+@triton.jit
 def _row_maxima(row, logc_ptr, m, HAS_LOGC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 1 over a student row: ``r = max_j (f_j - log c_j)`` and the argmax of ``f`` (first index)."""
     ninf = float("-inf")
@@ -42,12 +55,7 @@ def _row_maxima(row, logc_ptr, m, HAS_LOGC: tl.constexpr, BLOCK_N: tl.constexpr)
     rf = tl.full((), ninf, tl.float32)
     am = tl.full((), 0, tl.int64)
     for start in range(0, m, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = cols < m
-        x = tl.load(row + cols, mask=ok, other=ninf).to(tl.float32)
-        z = x
-        if HAS_LOGC:
-            z = x - tl.load(logc_ptr + cols, mask=ok, other=0.0)
+        cols, ok, x, z = _row_tile(row, logc_ptr, start, m, 0.0, HAS_LOGC, BLOCK_N)  # z = f - log c (x - 0 is x)
         r = tl.maximum(r, tl.max(z, 0))
         tile_max = tl.max(x, 0)
         tile_am = tl.min(tl.where((x == tile_max) & ok, cols, m), 0).to(tl.int64)
@@ -65,18 +73,12 @@ def _row_sums(
 ):  # fmt: skip
     """Pass 2 over a student row: ``sum exp(u)``, ``sum exp(u / tau)`` (``u = (f - r) - log c``) and, with a
     uniform tail, ``sum_j w_j`` and ``sum_{w_j > 0} w_j u_j``."""
-    ninf = float("-inf")
     sz = tl.zeros((), tl.float32)
     szt = tl.zeros((), tl.float32)
     w_all = tl.zeros((), tl.float32)
     wu_all = tl.zeros((), tl.float32)
     for start in range(0, m, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = cols < m
-        x = tl.load(row + cols, mask=ok, other=ninf).to(tl.float32)
-        u = x - r
-        if HAS_LOGC:
-            u = u - tl.load(logc_ptr + cols, mask=ok, other=0.0)
+        cols, ok, _, u = _row_tile(row, logc_ptr, start, m, r, HAS_LOGC, BLOCK_N)
         sz += tl.sum(tl.where(ok, tl.exp(u), 0.0), 0)
         if HAS_TAU:
             szt += tl.sum(tl.where(ok, tl.exp(u * inv_tau), 0.0), 0)

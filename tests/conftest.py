@@ -3,12 +3,16 @@ training runs (options, command-line flags, teachers trained once per session) a
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import importlib.util
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,6 +152,38 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
 
 # ``rkd sweep`` options for tiny runs.
 SWEEP_FAST = ["--set", "model=mlp", "--set", "model_options={hidden_sizes: [16]}", "--set", "dro_every=2"]
+
+
+def sweep_rows(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of a sweep's ``runs.csv`` by run name (none while the file does not exist)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["run"]: row for row in csv.DictReader(fh)}
+
+
+def kill_sweep_after(cmd: list[str], out: Path, runs: int, *, timeout: float, cwd: Path | None = None) -> set[str]:
+    """Start the ``rkd sweep`` command ``cmd`` (writing the sweep directory ``out``) in a session of its own,
+    wait until ``runs`` runs have finished (rows in ``runs.csv``), then SIGKILL the whole session: the
+    sweep and its workers, mid-run. Fails the test if the sweep ends first or ``timeout`` s pass.
+    Returns the runs finished by then."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, cwd=cwd)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ended = proc.poll() is not None
+            if len(sweep_rows(out / "runs.csv")) >= runs:
+                break
+            if ended:
+                pytest.fail(f"the sweep ended (status {proc.returncode}) before {runs} runs finished")
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the sweep did not finish {runs} runs in {timeout:g} s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # none left in the session if it ended by itself
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return set(sweep_rows(out / "runs.csv"))
 
 
 @pytest.fixture(scope="session")

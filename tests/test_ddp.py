@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import rkd_env
+from conftest import cli_flags, rkd_env
 
 from rkd_engine.training import StudentConfig, train_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = {"data": "synthetic:m=4,d=6,n=80", "imbalance": 5.0, "model": "mlp", "model_options": {"hidden_sizes": [16]}}
+RUN = {"dro_every": 2, "epochs": 3, "batch_size": 16}  # the students' options, on the command line and in-process
 
 
 def _torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -43,28 +44,9 @@ def teacher(tiny_teacher):
     [("distill", "robust"), ("group-dro", "standard")],
 )
 def test_two_cpu_processes_agree(tmp_path, teacher, method, objective):
-    args = [
-        "student",
-        "--teacher",
-        str(teacher),
-        "--method",
-        method,
-        "--objective",
-        objective,
-        "--dro-every",
-        "2",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--checkpoint-every",
-        "5",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    options = {"teacher": str(teacher), "method": method, "objective": objective, **RUN, "device": "cpu"}
     out = tmp_path / "ddp"
-    done = _torchrun(*args, "--out", str(out))
+    done = _torchrun("student", *cli_flags({**options, "checkpoint_every": 5}), "--quiet", "--out", str(out))
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     dist = metrics["distributed"]
@@ -74,18 +56,7 @@ def test_two_cpu_processes_agree(tmp_path, teacher, method, objective):
     assert max(abs(w - 0.25) for w in rank0) > 1e-4, "lambda never moved"
     # One process over the same global batches ends at the same lambda, up to float rounding.
     single = train_student(
-        StudentConfig(
-            out=str(tmp_path / "single"),
-            teacher=str(teacher),
-            method=method,
-            objective=objective,
-            dro_every=2,
-            epochs=3,
-            batch_size=16,
-            checkpoint_every=0,
-            device="cpu",
-        ),
-        quiet=True,
+        StudentConfig(out=str(tmp_path / "single"), **options, checkpoint_every=0), quiet=True
     ).metrics
     torch.testing.assert_close(torch.tensor(rank0), torch.tensor(single["dro_weights"]), rtol=0, atol=1e-4)
     assert metrics["steps"] == single["steps"]
@@ -104,24 +75,8 @@ def test_batch_size_must_split_over_processes(tmp_path, teacher, monkeypatch):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for nccl")
 def test_two_gpu_processes_agree(tmp_path, teacher):
     out = tmp_path / "ddp-gpu"
-    done = _torchrun(
-        "student",
-        "--teacher",
-        str(teacher),
-        "--objective",
-        "robust",
-        "--dro-every",
-        "2",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--device",
-        "cuda",
-        "--quiet",
-        "--out",
-        str(out),
-    )
+    options = {"teacher": str(teacher), "objective": "robust", **RUN, "device": "cuda"}
+    done = _torchrun("student", *cli_flags(options), "--quiet", "--out", str(out))
     assert done.returncode == 0, done.stderr[-4000:]
     rank0, rank1 = json.loads((out / "metrics.json").read_text())["distributed"]["dro_weights_per_rank"]
     assert rank0 == rank1

@@ -16,8 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import rkd_env
 
 _PRELUDE = """
 import gc, os, sys, threading, time
@@ -95,8 +94,7 @@ for it in range(runs):
 def _two_ranks(tmp_path: Path, body: str, *args: str, timeout: float) -> list[str]:
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(_PRELUDE) + textwrap.dedent(body))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = rkd_env()
     store = str(tmp_path / "store")
     procs = [
         subprocess.Popen(

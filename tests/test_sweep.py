@@ -5,15 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import SWEEP_FAST, fake_sweep_row, write_cifar10
+from conftest import SWEEP_FAST, fake_sweep_row, kill_sweep_after, write_cifar10
 
 from rkd_engine.cli import main
 from rkd_engine.training.config import ConfigError
@@ -206,23 +203,10 @@ def test_killed_sweep_continues(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "rkd_engine.cli", "sweep", "--out", str(out), "--alpha-t", "1", "--alpha-s", "1"]
     cmd += ["--seeds", "2", "--baselines", "none", "--workers", "1", "--quiet", *FAST]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / "runs.csv").exists() and len(_rows(out / "runs.csv")) >= 3:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the sweep did not finish 3 runs in 120 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = {r["run"] for r in _rows(out / "runs.csv")}
+    finished = kill_sweep_after(cmd, out, 3, timeout=120)
     assert 3 <= len(finished) < 12
     stamps = {run: (out / "runs" / run / "metrics.json").stat().st_mtime_ns for run in finished}
-    assert subprocess.run(cmd, env=env).returncode == 0
+    assert subprocess.run(cmd).returncode == 0
     rows = _rows(out / "runs.csv")
     assert len(rows) == 2 * (2 + 4)
     for run, stamp in stamps.items():

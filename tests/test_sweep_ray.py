@@ -3,39 +3,24 @@ the local pool, a failing run reported while the rest complete, a killed sweep t
 
 from __future__ import annotations
 
-import csv
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rkd-engine[ray]')")
 
-from conftest import SWEEP_FAST  # noqa: E402
+from conftest import SWEEP_FAST, kill_sweep_after, sweep_rows  # noqa: E402
 
 from rkd_engine.cli import main  # noqa: E402
+from rkd_engine.training.sweep import CSV_COLUMNS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "epochs=2", *SWEEP_FAST]
 SMALL = ["--alpha-t", "1", "--alpha-s", "1", "--seeds", "1", "--baselines", "hinton", "--quiet", *FAST]
-METRICS = [f"{split}_{m}" for split in ("val", "test") for m in ("average", "balanced", "worst", "worst_k")]
-METRICS += [
-    "k",
-    "test_ece",
-    "test_recall",
-    "teacher_calibration_max",
-    "teacher_calibration_mean",
-    "teacher_calibration",
-]
-
-
-def _rows(path: Path) -> dict[str, dict]:
-    with open(path, newline="") as fh:
-        return {r["run"]: r for r in csv.DictReader(fh)}
+# The metric columns of runs.csv (val_average ... teacher_calibration): the same whichever executor ran.
+METRICS = CSV_COLUMNS[CSV_COLUMNS.index("val_average") : CSV_COLUMNS.index("teacher_calibration") + 1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +40,7 @@ def test_ray_sweep_equals_local_pool(tmp_path, cluster):
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert main(["sweep", "--out", str(local), "--workers", "2", *SMALL]) == 0
     assert main(["sweep", "--out", str(remote), "--executor", "ray", *SMALL]) == 0
-    a, b = _rows(local / "runs.csv"), _rows(remote / "runs.csv")
+    a, b = sweep_rows(local / "runs.csv"), sweep_rows(remote / "runs.csv")
     assert len(a) == 2 + 4 + 1 and set(a) == set(b)
     for run in a:
         assert {m: a[run][m] for m in METRICS} == {m: b[run][m] for m in METRICS}, run
@@ -77,7 +62,7 @@ def test_ray_failing_runs_are_reported_and_the_rest_complete(tmp_path, cluster, 
     assert main(["sweep", "--out", str(out), "--executor", "ray", *SMALL]) == 1
     err = capsys.readouterr().err
     assert "4 run(s) of the sweep failed" in err and "errors/seed0/teacher-a1.log" in err
-    rows = _rows(out / "runs.csv")
+    rows = sweep_rows(out / "runs.csv")
     assert set(rows) == {"seed0/teacher-standard", "seed0/g1/standard__standard", "seed0/g1/baseline-hinton"}
     log = (out / "errors/seed0/g1/standard__a1.log").read_text()
     assert "Traceback" in log and "config.json is not valid JSON" in log
@@ -85,7 +70,7 @@ def test_ray_failing_runs_are_reported_and_the_rest_complete(tmp_path, cluster, 
     for run in ("runs/seed0/teacher-a1", "runs/seed0/g1/standard__a1"):
         (out / run / "config.json").unlink()
     assert main(["sweep", "--out", str(out), "--executor", "ray", *SMALL]) == 0
-    assert len(_rows(out / "runs.csv")) == 7 and not list((out / "errors").rglob("*.log"))
+    assert len(sweep_rows(out / "runs.csv")) == 7 and not list((out / "errors").rglob("*.log"))
 
 
 @pytest.mark.slow
@@ -94,27 +79,13 @@ def test_ray_killed_sweep_continues(tmp_path, cluster, monkeypatch):
     cmd = [sys.executable, "-m", "rkd_engine.cli", "sweep", "--out", str(out), "--executor", "ray"]
     cmd += ["--address", cluster, "--alpha-t", "0,1", "--alpha-s", "1", "--seeds", "1", "--baselines", "none"]
     cmd += ["--quiet", *FAST[:-2], "--set", "epochs=6", "--set", "checkpoint_every=3"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=tmp_path)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if (out / "runs.csv").exists() and len(_rows(out / "runs.csv")) >= 2:
-                break
-            assert proc.poll() is None, "the sweep ended before it was killed"
-            time.sleep(0.1)
-        else:
-            pytest.fail("the sweep did not finish 2 runs in 240 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = set(_rows(out / "runs.csv"))
+    finished = kill_sweep_after(cmd, out, 2, timeout=240, cwd=tmp_path)
     assert 2 <= len(finished) < 9
     stamps = {run: (out / "runs" / run / "metrics.json").stat().st_mtime_ns for run in finished}
     # Continued by another driver, from another working directory, with the path written differently.
     monkeypatch.chdir(out.parent)
     assert main(["sweep", "--out", "sweep", "--executor", "ray", *cmd[cmd.index("--alpha-t") :]]) == 0
-    rows = _rows(out / "runs.csv")
+    rows = sweep_rows(out / "runs.csv")
     assert len(rows) == 3 + 3 * 2
     for run, stamp in stamps.items():
         assert (out / "runs" / run / "metrics.json").stat().st_mtime_ns == stamp

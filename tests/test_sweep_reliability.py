@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SWEEP_FAST, fake_sweep_row
+from conftest import SWEEP_FAST, fake_sweep_row, sweep_rows
 
 from rkd_engine.cli import main
 from rkd_engine.training import sweep as sweep_mod
@@ -29,13 +29,6 @@ TINY = ["--alpha-t", "1", "--alpha-s", "1", "--seeds", "1", "--baselines", "none
 # Twelve runs long enough (a few seconds each) for a signal to land in the middle of some.
 SLOW = ["--alpha-t", "0,1", "--alpha-s", "0,1", "--seeds", "1", "--baselines", "none", "--workers", "2", "--quiet"]
 SLOW += [*FAST, "--set", "epochs=60", "--set", "checkpoint_every=20"]
-
-
-def _rows(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    with open(path, newline="") as fh:
-        return {r["run"]: r for r in csv.DictReader(fh)}
 
 
 def _children(pid: int) -> list[int]:
@@ -111,7 +104,7 @@ def test_interrupt_stops_the_sweep_at_once_and_leaves_no_process(tmp_path, how):
     try:
         _wait_until_training(proc, out)
         workers = _workers(proc.pid)
-        before = set(_rows(out / "runs.csv"))
+        before = set(sweep_rows(out / "runs.csv"))
         if how == "ctrl-c":  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
         else:  # SIGTERM to the sweep process alone (a scheduler, `kill PID`)
@@ -131,14 +124,14 @@ def test_interrupt_stops_the_sweep_at_once_and_leaves_no_process(tmp_path, how):
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)], "worker processes outlived the sweep"
     # At most the runs that were already finishing complete after the signal (the old pool took new ones).
-    after = set(_rows(out / "runs.csv"))
+    after = set(sweep_rows(out / "runs.csv"))
     assert len(after - before) <= 2
     if how == "sigterm":
         # The state is resumable: the same command finishes the sweep, finished runs untouched.
         stamps = {r: (out / "runs" / r / "metrics.json").stat().st_mtime_ns for r in after}
         again = _start(out)
         assert again.wait(timeout=600) == 0, again.stderr.read()
-        assert len(_rows(out / "runs.csv")) == 12
+        assert len(sweep_rows(out / "runs.csv")) == 12
         assert all((out / "runs" / r / "metrics.json").stat().st_mtime_ns == s for r, s in stamps.items())
 
 
@@ -159,12 +152,12 @@ def test_a_killed_worker_fails_only_its_run(tmp_path):
     err = proc.stderr.read()
     assert "its worker process died (killed by SIGKILL)" in err, err
     failed = int(re.search(r"(\d+) run\(s\) of the sweep failed", err).group(1))
-    rows = _rows(out / "runs.csv")
+    rows = sweep_rows(out / "runs.csv")
     # The killed run failed (with its students, if it was a teacher); every other run finished.
     assert failed in (1, 4) and len(rows) == 12 - failed, err
     again = _start(out)
     assert again.wait(timeout=600) == 0, again.stderr.read()
-    assert len(_rows(out / "runs.csv")) == 12
+    assert len(sweep_rows(out / "runs.csv")) == 12
 
 
 # ----------------------------------------------------------------------------------------- item 5
@@ -225,7 +218,7 @@ def test_a_sweep_continues_from_another_directory_and_path(tmp_path, monkeypatch
     (tmp_path / "a/sweep/runs/seed0/g1/standard__a1/metrics.json").unlink()
     os.rename(tmp_path / "a" / "sweep", tmp_path / "moved")
     assert main(["sweep", "--out", "moved", "--set", "epochs=2", *TINY, "--workers", "1"]) == 0
-    rows = _rows(tmp_path / "moved" / "runs.csv")
+    rows = sweep_rows(tmp_path / "moved" / "runs.csv")
     assert len(rows) == 6 and all(r["epochs"] == "2" for r in rows.values())
 
 

@@ -9,6 +9,8 @@ ignored rows, a normaliser, extreme logits, every dtype. tests/test_wide.py cove
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from conftest import TOLERANCES
 
 from rkd_engine import reference, wide
 from rkd_engine.ops import cpp_backend
-from rkd_engine.ops.topk import has_sparse_topk, sparse_topk_forward
+from rkd_engine.ops.topk import SPARSE_TOPK_BACKENDS, has_sparse_topk, sparse_topk_forward, topk_module
 from rkd_engine.wide import fused_linear_distill_loss, topk_distill_loss
 
 needs_cpp = pytest.mark.skipif(not has_sparse_topk("cpp"), reason="rkd_engine._C built without topk_forward")
@@ -175,6 +177,34 @@ def test_cpp_kernel_raises_on_bad_rows_without_validation():
         topk_distill_loss(f, (idx + 9, p), validate=False, backend="cpp")
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, 10\)"):
         topk_distill_loss(f, (idx, p), labels=torch.tensor([1, 2, 30, 4]), teacher_weight=0.5, validate=False)
+
+
+def test_entry_points_are_found_by_backend_name(monkeypatch):
+    assert set(SPARSE_TOPK_BACKENDS) == {"cpp", "triton"}
+    assert topk_module("triton").__name__ == "rkd_engine.ops.triton_topk" and has_sparse_topk("triton")
+    assert topk_module("reference") is None and not has_sparse_topk("reference") and not has_sparse_topk("auto")
+    with pytest.raises(ValueError, match="backend 'reference' has no sparse top-k kernel"):
+        sparse_topk_forward("reference", torch.zeros(1, 3), None, torch.zeros(1, 1), True, None, None, None, None,
+                            tau=1.0, grad_scale=1.0, need_grad=False)  # fmt: skip
+    # A backend adds its kernel with a module rkd_engine.ops.<name>_topk, and nothing edited in ops/topk.py:
+    calls = []
+    entry = types.ModuleType("rkd_engine.ops.reference_topk")
+    entry.available = lambda: True
+    entry.topk_forward = lambda *args, **kwargs: calls.append((args, kwargs)) or "result"
+    monkeypatch.setitem(sys.modules, entry.__name__, entry)
+    topk_module.cache_clear()
+    try:
+        assert has_sparse_topk("reference")
+        probs = torch.tensor([[0.5, 0.25]], dtype=torch.float16)
+        got = sparse_topk_forward("reference", torch.zeros(1, 4, dtype=torch.bfloat16), "idx", probs, False, None,
+                                  "a", None, None, tau=2.0, grad_scale=3.0, need_grad=True)  # fmt: skip
+    finally:
+        topk_module.cache_clear()
+    assert got == "result" and len(calls) == 1
+    args, kwargs = calls[0]
+    assert args[1] == "idx" and args[3:] == (False, None, "a", None, None)
+    assert args[2].dtype == torch.float32 and args[2].tolist() == [[0.5, 0.25]]  # fp32 whatever the input dtype
+    assert kwargs == dict(tau=2.0, grad_scale=3.0, need_grad=True, grad_out=None, ignore_index=-100, scale=None)
 
 
 @needs_cpp

@@ -1,4 +1,4 @@
-"""Launcher of the Triton top-k kernels (``rkd_engine.kernels.topk``) behind ``rkd_engine.ops.topk``.
+"""Launcher of the Triton top-k kernels (``rkd_engine.kernels.topk``): the ``triton`` entry point of ``rkd_engine.ops.topk``.
 
 Checks what the kernels need, allocates the outputs and the small per-row workspaces ((B, 10) fp32 row
 numbers, (B, k) values at the teacher's classes, (row groups, 2, m) partial tail statistics), launches the
@@ -16,6 +16,11 @@ from rkd_engine.ops import triton_backend as tb
 _BLOCK_N = 1024  # classes per column tile
 _BLOCK_N_INTERPRETER = 64  # the interpreter runs tiles one operation at a time: small ones, many loops
 _BLOCK_K = 128  # teacher entries per step
+
+
+def available() -> bool:
+    """Always: the kernels run wherever the Triton backend runs (``dispatch`` has checked that it does)."""
+    return True
 
 
 def _pow2(n: int) -> int:

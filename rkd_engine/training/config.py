@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -22,6 +22,9 @@ from rkd_engine.data.defaults import DEFAULT_IMBALANCE, Protocol
 from rkd_engine.errors import UserError
 from rkd_engine.ops.constants import BACKENDS as _KERNEL_BACKENDS
 from rkd_engine.ops.constants import OBJECTIVES
+
+if TYPE_CHECKING:
+    from rkd_engine.training.methods import Method
 
 STUDENT_METHODS = ("distill", "hinton", "post-shift", "group-dro", "ada-alpha", "ada-margin")
 VAL_LABELS = ("teacher", "onehot")
@@ -382,26 +385,6 @@ def _validate_student(cfg: StudentConfig) -> None:
     _check(cfg.margin_scale >= 0, "margin_scale", "a number >= 0", cfg.margin_scale)
     if cfg.teacher_weight is not None:
         _check(0 <= cfg.teacher_weight <= 1, "teacher_weight", "a number in [0, 1]", cfg.teacher_weight)
-        if cfg.method not in ("hinton", "ada-margin"):
-            raise ConfigError(
-                f"--teacher-weight is used by --method hinton or ada-margin only (--method {cfg.method} "
-                + (
-                    "sets a per example)"
-                    if cfg.method == "ada-alpha"
-                    else "uses a = 1)"
-                    if cfg.method == "distill"
-                    else "has no teacher target)"
-                )
-            )
-    if cfg.teacher_cache is not None and cfg.method in ("post-shift", "group-dro"):
-        raise ConfigError(
-            f"--teacher-cache cannot serve --method {cfg.method}: "
-            + (
-                "its model is the teacher itself (give --teacher)"
-                if cfg.method == "post-shift"
-                else "it has no teacher"
-            )
-        )
     given = [
         name
         for name, value in (
@@ -415,17 +398,14 @@ def _validate_student(cfg: StudentConfig) -> None:
         raise ConfigError(f"pass one teacher: {' or '.join(given)}, not several")
     if (cfg.teacher_model is not None or cfg.teacher_model_options) and cfg.teacher_checkpoint is None:
         raise ConfigError("--teacher-model and --teacher-model-option describe --teacher-checkpoint FILE: pass it too")
-    if cfg.teacher_checkpoint is not None and cfg.method in ("post-shift", "group-dro"):
-        raise ConfigError(f"--method {cfg.method} takes no --teacher-checkpoint (post-shift needs a --teacher run)")
-    if not given and cfg.method != "group-dro":
-        raise ConfigError(
-            f"--teacher RUN_DIR is required for --method {cfg.method} (train one with `rkd teacher`, "
-            "or give a teacher trained elsewhere with --teacher-checkpoint FILE, or its outputs with --teacher-cache CACHE)"
-        )
-    if cfg.method in ("post-shift", "group-dro") and cfg.objective != "standard":
-        raise ConfigError(f"--method {cfg.method} is its own worst-class objective: drop --objective {cfg.objective}")
-    if cfg.tau != 1.0 and cfg.method in ("post-shift", "group-dro"):
-        raise ConfigError(f"--tau has no effect with --method {cfg.method}")
+    _method_class(cfg).check_config(cfg)  # what the method itself refuses (rkd_engine/training/methods.py)
+
+
+def _method_class(cfg: TrainConfig) -> type[Method]:
+    """The ``Method`` class of ``cfg`` (imported when needed: ``methods`` imports this module)."""
+    from rkd_engine.training.methods import method_class
+
+    return method_class(cfg)
 
 
 def resolve_defaults(cfg: TrainConfig, *, cuda_available: bool) -> TrainConfig:
@@ -439,17 +419,14 @@ def resolve_defaults(cfg: TrainConfig, *, cuda_available: bool) -> TrainConfig:
         changes["device"] = "cuda" if cuda_available else "cpu"
     if cfg.data_seed is None:
         changes["data_seed"] = cfg.seed
-    # Validation DRO's step depends on the run's number of updates: ``resolve_data_defaults`` sets it.
-    if cfg.dro_step is None and getattr(cfg, "method", None) in ("group-dro", "post-shift"):
-        changes["dro_step"] = 0.01 if cfg.method == "group-dro" else 0.1
-    if isinstance(cfg, StudentConfig):
-        if cfg.teacher_weight is None and cfg.method in ("hinton", "ada-margin"):
-            changes["teacher_weight"] = 0.5 if cfg.method == "hinton" else 1.0
-        if cfg.val_gamma is None:
-            changes["val_gamma"] = cfg.gamma
+    # The method's own defaults (a baseline's --dro-step, --teacher-weight). Validation DRO's step depends
+    # on the run's number of updates: ``resolve_data_defaults`` sets it.
+    method = _method_class(cfg)
+    changes.update(method.config_defaults(cfg))
+    if isinstance(cfg, StudentConfig) and cfg.val_gamma is None:
+        changes["val_gamma"] = cfg.gamma
     if cfg.out is None:
-        what = getattr(cfg, "method", None)
-        label = cfg.objective if what in (None, "distill") else what
+        label = method.name if method.named else cfg.objective
         changes["out"] = str(Path("runs") / f"{cfg.command}-{label}-seed{cfg.seed}")
     return dataclasses.replace(cfg, **changes)
 
@@ -483,7 +460,7 @@ def resolve_data_defaults(cfg: TrainConfig, dataset: Any, protocol: Protocol) ->
     if cfg.dro_step is None:
         schedule["dro_step"] = default_dro_step(dataset.num_classes, updates)
     cfg = dataclasses.replace(cfg, **schedule)
-    if cfg.objective in ("robust", "tradeoff") and getattr(cfg, "method", "distill") != "group-dro":
+    if cfg.objective in ("robust", "tradeoff") and not _method_class(cfg).own_objective:
         filled.update(schedule, dro_updates=updates)
     return cfg, filled
 

@@ -13,9 +13,12 @@ A ``Method`` is what ``rkd_engine.training.engine`` asks of a run's method, in t
 
 A method that ``trains = False`` (post-shift) has no loop: ``prepare`` then ``after_training(None)``
 returns the model to write. The engine never looks at a method's name; ``METHODS`` maps the names of
-``rkd student --method`` (and ``"teacher"``) to the classes, and ``make_method`` picks one. A new
-student method is one new class here, registered with ``@register``, plus its name in
-``config.STUDENT_METHODS`` (see CONTRIBUTING.md).
+``rkd student --method`` (and ``"teacher"``) to the classes, and ``make_method`` picks one. The option
+checks and defaults that depend on the method are the class's too: ``config.validate`` calls
+``check_config`` and ``config.resolve_defaults`` calls ``config_defaults``, both driven by class
+attributes (``needs_teacher``, ``default_teacher_weight``, ``own_objective``, ...). A new student method
+is one new class here, registered with ``@register``, plus its name in ``config.STUDENT_METHODS`` (the
+``--method`` choices; see CONTRIBUTING.md).
 
 The per-row math of the baselines (teacher margin, AdaAlpha, AdaMargin, post-shift) lives in
 ``rkd_engine.training.baselines`` and is re-exported here.
@@ -41,7 +44,7 @@ from rkd_engine.training.baselines import (
     post_shift_search,
     teacher_margin,
 )
-from rkd_engine.training.config import ConfigError, TrainConfig
+from rkd_engine.training.config import ConfigError, StudentConfig, TrainConfig
 from rkd_engine.training.distributed import DistContext
 from rkd_engine.training.dro_schedule import DROSchedule
 from rkd_engine.training.evaluation import load_model_file, predict, report, teacher_calibration
@@ -67,6 +70,7 @@ __all__ = [
     "ada_margin_shift",
     "load_teacher",
     "make_method",
+    "method_class",
     "post_shift_search",
     "register",
     "teacher_margin",
@@ -97,12 +101,17 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def make_method(inputs: MethodInputs) -> Method:
-    """The method object of a run: ``"teacher"`` for ``rkd teacher``, ``cfg.method`` for ``rkd student``."""
-    name = getattr(inputs.cfg, "method", "teacher")
+def method_class(cfg: TrainConfig) -> type[Method]:
+    """The method class of a config: ``"teacher"`` for ``rkd teacher``, ``cfg.method`` for ``rkd student``."""
+    name = getattr(cfg, "method", "teacher")
     if name not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(n for n in METHODS if n != 'teacher')}, got {name!r}")
-    return METHODS[name](inputs)
+    return METHODS[name]
+
+
+def make_method(inputs: MethodInputs) -> Method:
+    """The method object of a run (the class of ``method_class(inputs.cfg)``)."""
+    return method_class(inputs.cfg)(inputs)
 
 
 def load_teacher(cfg: TrainConfig, data: Dataset, device: torch.device | str) -> nn.Module:
@@ -142,7 +151,17 @@ class Method:
     name: ClassVar[str] = ""  # the key of ``METHODS``: ``--method NAME``, or "teacher"
     trains: ClassVar[bool] = True  # False: no training loop (``after_training(None)`` makes the model)
     student: ClassVar[bool] = False  # written as ``"method"`` in the model spec and the metrics
-    named: ClassVar[bool] = False  # the progress bar shows the name (a baseline), not the objective
+    named: ClassVar[bool] = False  # the progress bar and run name show the name (a baseline), not the objective
+    # The method's options, checked and filled by ``rkd_engine.training.config`` before anything is loaded
+    # (``check_config``, ``config_defaults``): a method states its rules here, config.py never names it.
+    needs_teacher: ClassVar[bool] = False  # a student run needs --teacher, --teacher-checkpoint or --teacher-cache
+    teacher_checkpoint_refusal: ClassVar[str | None] = None  # why it takes no --teacher-checkpoint (None: it does)
+    teacher_cache_refusal: ClassVar[str | None] = None  # why --teacher-cache cannot serve it (None: it can)
+    default_teacher_weight: ClassVar[float | None] = None  # --teacher-weight's default (None: it takes none)
+    without_teacher_weight: ClassVar[str] = "has no teacher target"  # what it does instead of --teacher-weight
+    own_objective: ClassVar[bool] = False  # its own worst-class objective: --objective stays standard, no --tau
+    default_dro_step: ClassVar[float | None] = None  # --dro-step's default (None: the validation schedule's)
+    needs_label_probability: ClassVar[bool] = False  # reads the teacher's p_y in every row: no top-k cache
 
     def __init__(self, inputs: MethodInputs) -> None:
         self.inputs = inputs
@@ -151,6 +170,42 @@ class Method:
         self.loss_fn: nn.Module | None = None
         self.prior: Tensor | None = None
         self.dro_schedule: DROSchedule | None = None
+
+    # ------------------------------------------------------------------------- configuration
+    @classmethod
+    def check_config(cls, cfg: StudentConfig) -> None:
+        """Refuse (``ConfigError`` naming the option) what this method cannot do with a student config;
+        called by ``config.validate`` once every value is in range, before anything is loaded."""
+        method = f"--method {cls.name}"
+        if cfg.teacher_weight is not None and cls.default_teacher_weight is None:
+            takers = " or ".join(name for name, c in METHODS.items() if c.default_teacher_weight is not None)
+            raise ConfigError(
+                f"--teacher-weight is used by --method {takers} only ({method} {cls.without_teacher_weight})"
+            )
+        if cfg.teacher_cache is not None and cls.teacher_cache_refusal is not None:
+            raise ConfigError(f"--teacher-cache cannot serve {method}: {cls.teacher_cache_refusal}")
+        if cfg.teacher_checkpoint is not None and cls.teacher_checkpoint_refusal is not None:
+            raise ConfigError(f"{method} takes no --teacher-checkpoint ({cls.teacher_checkpoint_refusal})")
+        given = (cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_cache)
+        if cls.needs_teacher and all(value is None for value in given):
+            raise ConfigError(
+                f"--teacher RUN_DIR is required for {method} (train one with `rkd teacher`, or give a teacher "
+                "trained elsewhere with --teacher-checkpoint FILE, or its outputs with --teacher-cache CACHE)"
+            )
+        if cls.own_objective and cfg.objective != "standard":
+            raise ConfigError(f"{method} is its own worst-class objective: drop --objective {cfg.objective}")
+        if cls.own_objective and cfg.tau != 1.0:
+            raise ConfigError(f"--tau has no effect with {method}")
+
+    @classmethod
+    def config_defaults(cls, cfg: TrainConfig) -> dict[str, Any]:
+        """The options whose default is the method's (``--dro-step``, ``--teacher-weight``), where not given."""
+        out: dict[str, Any] = {}
+        if cls.default_dro_step is not None and cfg.dro_step is None:
+            out["dro_step"] = cls.default_dro_step
+        if cls.default_teacher_weight is not None and cfg.teacher_weight is None:
+            out["teacher_weight"] = cls.default_teacher_weight
+        return out
 
     # ------------------------------------------------------------------------------- identity
     @property
@@ -323,6 +378,8 @@ class Distill(Method):
 
     name = "distill"
     student = True
+    needs_teacher = True
+    without_teacher_weight = "uses a = 1"
 
     def __init__(self, inputs: MethodInputs) -> None:
         super().__init__(inputs)
@@ -352,7 +409,13 @@ class Distill(Method):
         """Teacher outputs from ``--teacher-cache``; returns the (unnormalised) ``pi``."""
         cfg, data, device = self.cfg, self.inputs.data, self.inputs.ctx.device
         cache = TeacherCache.open(cfg.teacher_cache)
-        check_student_use(cache, method=self.name, augment=self.inputs.augment, cache_augmented=cfg.cache_augmented)
+        check_student_use(
+            cache,
+            method=self.name,
+            needs_label_probability=self.needs_label_probability,
+            augment=self.inputs.augment,
+            cache_augmented=cfg.cache_augmented,
+        )
         cache.check_data(data)
         self.held_out = {name: cache.logits(name, device) for name in ("val", "test")}
         if cfg.val_labels == "teacher":
@@ -443,6 +506,7 @@ class Hinton(Distill):
     name = "hinton"
 
     named = True
+    default_teacher_weight = 0.5
 
     def weight(self, g: Tensor, y: Tensor) -> float | Tensor:
         return float(self.cfg.teacher_weight)
@@ -462,6 +526,9 @@ class AdaAlpha(Hinton):
     """AdaAlpha: the per-row teacher weight ``a_i = clip(mu_i, 0, 1)`` of the teacher margin ``mu``."""
 
     name = "ada-alpha"
+    default_teacher_weight = None
+    without_teacher_weight = "sets a per example"
+    needs_label_probability = True
 
     def weight(self, g: Tensor, y: Tensor) -> float | Tensor:
         return ada_alpha_weight(teacher_margin(g, y))
@@ -475,6 +542,8 @@ class AdaMargin(Hinton):
     """AdaMargin: ``f_iy - delta_i`` with ``delta_i = margin_scale (1 - clip(mu_i, 0, 1))``, constant ``a``."""
 
     name = "ada-margin"
+    default_teacher_weight = 1.0
+    needs_label_probability = True
 
     def loss(self, f: Tensor, rows: Tensor, x: Tensor, y: Tensor) -> LossOutput:
         g = self.teacher_logits(rows, x)
@@ -491,6 +560,10 @@ class GroupDRO(Method):
     student = True
 
     named = True
+    teacher_checkpoint_refusal = "it has no teacher"
+    teacher_cache_refusal = "it has no teacher"
+    own_objective = True
+    default_dro_step = 0.01
 
     def prepare(self) -> None:
         self.prior = _normalised(self.inputs.data.train_prior)
@@ -529,6 +602,11 @@ class PostShiftMethod(Distill):
     trains = False
 
     named = True
+    without_teacher_weight = "has no teacher target"
+    teacher_checkpoint_refusal = "post-shift needs a --teacher run"
+    teacher_cache_refusal = "its model is the teacher itself (give --teacher)"
+    own_objective = True
+    default_dro_step = 0.1
 
     def prepare(self) -> None:
         self.teacher = load_teacher(self.cfg, self.inputs.data, self.inputs.ctx.device)

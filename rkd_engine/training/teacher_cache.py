@@ -627,7 +627,12 @@ def resolve_cache_config(config: Any) -> Any:
 
     cache = TeacherCache.open(config.teacher_cache, verify="size")
     cache.check_options(config.to_dict())
-    check_student_use(cache, method=config.method, augment=None, cache_augmented=config.cache_augmented)
+    from rkd_engine.training.methods import method_class  # methods imports this module
+
+    needs = method_class(config).needs_label_probability
+    check_student_use(
+        cache, method=config.method, needs_label_probability=needs, augment=None, cache_augmented=config.cache_augmented
+    )
     if cache.layout == "topk":
         cache.temperature_index(config.gamma)
     made = cache.manifest["data"]
@@ -648,15 +653,18 @@ def resolve_cache_config(config: Any) -> Any:
     return dataclasses.replace(config, **changes)
 
 
-def check_student_use(cache: TeacherCache, *, method: str, augment: dict | None, cache_augmented: bool) -> None:
-    """Refuse (``ConfigError``) the uses of a cache that would silently change the student's method."""
+def check_student_use(
+    cache: TeacherCache, *, method: str, needs_label_probability: bool, augment: dict | None, cache_augmented: bool
+) -> None:
+    """Refuse (``ConfigError``) the uses of a cache that would silently change the student's method
+    (``needs_label_probability``: the method reads the teacher's probability of the label in every row)."""
     if augment is not None and not cache_augmented:
         raise ConfigError(
             f"--teacher-cache {cache.path} holds the teacher's outputs on un-augmented inputs, but augmentation is "
             f"on ({augment}): pass --augment off, or --cache-augmented to distil every augmented view towards the "
             "teacher's outputs on the un-augmented image (this changes the method)"
         )
-    if cache.layout == "topk" and method in ("ada-alpha", "ada-margin"):
+    if cache.layout == "topk" and needs_label_probability:
         raise ConfigError(
             f"--method {method} needs the teacher's probability of the label in every row, which a top-k cache "
             f"(k = {cache.k} of m = {cache.num_classes}) does not hold: use a dense cache"
