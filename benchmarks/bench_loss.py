@@ -41,7 +41,12 @@ def time_interleaved(
     methods: dict[str, Callable[[], None]], device: str, *, min_reps: int = 15, min_seconds: float = 3.0
 ) -> dict[str, list[float]]:
     """Per-call times in milliseconds of every method, measured in rounds (one call of each method per
-    round, in turn) so that a shared machine's load changes hit every method alike; GPU: ``time_fn``."""
+    round, in turn) so that a shared machine's load changes hit every method alike; GPU: ``time_fn``.
+
+    Each round starts one method later than the one before, so every method follows every other equally
+    often: a method's call after another's leaves the caches and the allocator in that method's state (a
+    compiled graph's temporaries, say), and a fixed order would charge that to whichever method came next.
+    """
     if device == "cuda":
         return {name: time_fn(fn, device) for name, fn in methods.items()}
     for fn in methods.values():
@@ -51,9 +56,11 @@ def time_interleaved(
     start = time.perf_counter()
     rounds = 0
     while rounds < min_reps or time.perf_counter() - start < min_seconds * len(methods):
-        for name, fn in methods.items():
+        names = list(methods)
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
-            fn()
+            methods[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
         if rounds >= 2000:
