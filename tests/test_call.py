@@ -104,3 +104,34 @@ def test_status_from_the_reduced_loss():
     # A bad label the C++ kernel refuses is named as the status names it.
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*first bad row 1"):
         distill_loss(torch.randn(3, 3), labels=torch.tensor([0, 3, 1]), backend="cpp")
+
+
+def test_class_costs_of_the_last_call_are_reused_until_written():
+    """``log c`` of the previous call's costs is reused while that tensor is unchanged; an in-place write
+    (its version counter moves) or another tensor makes it computed, and checked, again."""
+    costs = torch.tensor([1.0, 2.0, 0.5, 4.0, 1.0])
+    first = _describe(class_costs=costs).log_c
+    assert _describe(class_costs=costs).log_c is first  # unchanged: not read again
+    costs[1] = 8.0
+    again = _describe(class_costs=costs).log_c
+    assert again is not first
+    torch.testing.assert_close(again, costs.log())
+    unchecked = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])
+    _describe(class_costs=unchecked, validate=False)  # not checked: not trusted by a checking call
+    with pytest.raises(ValueError, match="class_costs"):
+        _describe(class_costs=unchecked)
+    costs[2] = 0.0
+    with pytest.raises(ValueError, match="class_costs"):
+        _describe(class_costs=costs)
+    other = costs.clone().fill_(2.0)
+    torch.testing.assert_close(_describe(class_costs=other).log_c, other.log())
+
+
+def test_eager_autograd_path_packs_and_unpacks_the_op_arguments():
+    """The eager autograd function takes the op's tensors and one tuple of the rest: the same arguments."""
+    from rkd_engine.ops.op import _pack, _unpack
+
+    args = tuple(range(17))
+    assert _unpack(_pack(args)) == args
+    short = tuple(range(12))
+    assert _unpack(_pack(short)) == short + (-100, 0.0, None, "off", False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -231,15 +232,44 @@ def _teacher_weight(
     return constant_rows(rows, a_const, acc, device), a_const
 
 
+# ``log c`` of the last class-cost tensor seen: (a weak reference to it, its version counter, the
+# accumulation dtype, whether it was checked, log c). A training loop passes the same costs every step.
+_last_log_costs: tuple | None = None
+
+
+def _remembered_log_costs(t: Tensor, acc: torch.dtype, check: bool) -> Tensor | None:
+    """``log c`` of ``t`` computed (and checked, if ``check``) by an earlier call, if ``t`` has not changed
+    since (same tensor, same version counter); else ``None``."""
+    last = _last_log_costs
+    if last is None or torch.compiler.is_compiling():
+        return None
+    ref, version, last_acc, checked, log_c = last
+    if ref() is not t or last_acc != acc or (check and not checked) or t.is_inference() or t._version != version:
+        return None
+    return log_c
+
+
+def _remember_log_costs(t: Tensor, acc: torch.dtype, checked: bool, log_c: Tensor) -> None:
+    global _last_log_costs
+    if torch.compiler.is_compiling() or t.requires_grad or t.is_inference() or type(t) is not Tensor:
+        return  # a traced, differentiable or versionless tensor is not kept
+    _last_log_costs = (weakref.ref(t), t._version, acc, checked, log_c)
+
+
 def _log_costs(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool) -> Tensor:
     """``log c`` of the class costs; ``log c`` is finite exactly when ``c`` is finite and > 0, so the value
-    check reads one flag of the result (no pass of its own)."""
+    check reads one flag of the result (no pass of its own). The costs of the previous call, unchanged
+    (the same tensor, not written since), are not read again."""
     t = check_companion("class_costs", t, (m,), device, ref)
+    remembered = _remembered_log_costs(t, acc, check)
+    if remembered is not None:
+        return remembered
     log_c = torch.log(t if t.dtype == acc else t.to(acc))
     # The sum of m logs of finite floats cannot overflow, so it is finite exactly when every log c is: one
     # reduction and one host read (on CPU, where the read is free, that is all of the check).
     if check and not math.isfinite(float(log_c.sum())):
         _class_values_fail("class_costs", t, positive=True)
+    _remember_log_costs(t, acc, check, log_c)
     return log_c
 
 

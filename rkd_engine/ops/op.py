@@ -108,7 +108,9 @@ def _forward(
             # The C++ kernel refuses a label outside [0, m) before it reads a row: name it as distill_loss does.
             checks.check_labels(labels, student.shape[-1], ignore_index)
         raise
-    if reduction == "mean":
+    if reduction == "mean" and scale is None and grad_scale == 1.0 / student.shape[0]:
+        loss = loss_rows.mean()  # every row counts: one operation instead of a sum and a multiply
+    elif reduction == "mean":
         loss = loss_rows.sum().mul_(grad_scale if scale is None else scale)
     elif reduction == "sum":
         loss = loss_rows.sum()
@@ -299,17 +301,31 @@ class _DistillFunction(torch.autograd.Function):
 class _EagerDistillFunction(torch.autograd.Function):
     """``_DistillFunction`` in the ``forward(ctx, ...)`` form, for plain eager calls outside functorch
     transforms: ``Function.apply`` binds the arguments of a ``setup_context``-form function to its signature
-    with ``inspect`` on every call (some 30 us); this form goes straight to the autograd node."""
+    with ``inspect`` on every call (some 30 us); this form goes straight to the autograd node. Its arguments
+    are the op's tensors and one tuple of the others (``_pack``): ``apply`` looks at each argument it gets."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, student, teacher, labels, a, log_c, w, normalizer_t, options):
+        inputs = _unpack((student, teacher, labels, a, log_c, w, normalizer_t, options))
         output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+        return (_backward(ctx, *grads)[0],) + (None,) * 7
+
+
+def _pack(args: tuple) -> tuple:
+    """The op's arguments (in order) as ``_EagerDistillFunction`` takes them: its 7 tensors, then the rest."""
+    args = tuple(args) + (-100, 0.0, None, "off", False)[len(args) - 12 :]
+    return (*args[:6], args[14], args[6:14] + args[15:])
+
+
+def _unpack(packed: tuple) -> tuple:
+    """The inverse of ``_pack``."""
+    *tensors, normalizer_t, options = packed
+    return (*tensors, *options[:8], normalizer_t, *options[8:])
 
 
 _FAST_PATH_BACKENDS = ("cpp", "triton", "cuda", "reference")
@@ -357,7 +373,7 @@ def call_distill(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(student, teacher, labels, a, log_c, w):
-            return _EagerDistillFunction.apply(*args)
+            return _EagerDistillFunction.apply(*_pack(args))
         return _forward(*args)
     return distill(*args)
 
