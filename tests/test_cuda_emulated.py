@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bad_values import BAD_ROW, value_cases
+from bad_values import BAD_ROW, edge_prob_rows, value_cases
 from conftest import GPU_GRAD_TOL, GPU_STAT_TOL
 
 from rkd_engine import reference
@@ -425,3 +425,28 @@ def test_make_plan_on_a_fake_device(emulated):
     assert (block["team"], block["threads"], block["vec"]) == (128, 128, 8)  # a block per row
     with pytest.raises(ValueError, match="262144"):
         emulated.make_plan(torch.float32, 1, 262145)
+
+
+@pytest.mark.parametrize("m", [256, 1000], ids=["warp", "block"])
+def test_probability_rows_at_the_tolerance_edge(emulated, m):
+    """Rows of teacher probabilities whose exact sum straddles 1 + PROB_SUM_TOL: the kernels' float32 tree sum
+    judges some of them otherwise than float64 (and than the host's sum) does; the status read raises exactly
+    when the kernel flagged a row, naming the first one, on all rows and on the disagreeing rows alone."""
+    rows = 96
+    p, exact = edge_prob_rows(rows, m, spread=5e-7, seed=m)
+    gen = torch.Generator().manual_seed(m)
+    f, y = torch.randn(rows, m, generator=gen), torch.randint(0, m, (rows,), generator=gen)
+    a = torch.full((rows,), 0.5)
+    a[::3] = 0.0  # rows whose teacher term is unused are checked too
+    tol = PROB_SUM_TOL[torch.float32]
+    loss = emulated.fused_forward(f, p, y, a, None, None, probs=True, need_grad=False)[0]
+    flagged = torch.isnan(loss)
+    assert (flagged != ((exact - 1).abs() > tol)).any() and flagged.any() and not flagged.all()
+    host = ~((p.sum(-1) - 1).abs() <= tol)
+    for keep in (torch.arange(rows), (flagged != host).nonzero().squeeze(1)):
+        inputs, sub = (loss[keep], f[keep], p[keep], True, y[keep], a[keep], -100), flagged[keep]
+        if sub.any():
+            with pytest.raises(ValueError, match=rf"teacher_probs rows must sum to 1 \(row {int(sub.nonzero()[0])} "):
+                checks.enforce("sync", *inputs)
+        else:
+            checks.enforce("sync", *inputs)
