@@ -394,6 +394,28 @@ def test_launch_plan_is_computed_once_per_shape(emulated):
     assert emulated.queries() > after_first  # forgotten with the device
 
 
+def test_launch_cache_is_thread_safe(emulated):
+    """Threads asking for plans of many shapes at once (ctypes releases the GIL) get the plans one thread
+    alone gets, and each shape's runtime queries are made once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(rows, m, dtype) for rows in (1, 7, 64) for m in (5, 64, 300, 1000, 4104) for dtype in DTYPE_CODES]
+    students = {(rows, m, dtype): torch.zeros(rows, m, dtype=dtype) for rows, m, dtype in shapes}
+    emulated.configure(3, 2)
+    try:
+        start = emulated.queries()
+        alone = {key: emulated.path(f) for key, f in students.items()}
+        queries = emulated.queries() - start
+        emulated.configure(3, 2)  # forget them all
+        start = emulated.queries()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda key: (key, emulated.path(students[key])), list(students) * 8))
+        assert all(path == alone[key] for key, path in together)
+        assert emulated.queries() - start == queries
+    finally:
+        emulated.configure(2, 1)
+
+
 def test_misaligned_rows_get_their_own_plan(emulated):
     """Alignment is part of the cached plan's key: a student that does not start on a 16-byte boundary takes
     single-element accesses even after an aligned call of the same shape."""
