@@ -25,7 +25,8 @@
 //   soft loss = a tau^2 (Wg log St + Vg / tau) / Sg        (non-negative terms: no cancellation),
 //   hard loss = (1 - a) w_y ((M - u_y) + log S1).
 //
-// Two paths (chosen in make_plan, the one place that picks block sizes):
+// Two paths (chosen in make_plan, the one place that picks block sizes; its plan is computed once per
+// (device, dtype, B, m, alignment) and cached with the device queries it needs, in cached_plan):
 // * Resident (m <= 512 threads x 8 elements = 4,096 classes): a team (one warp for rows of up to 256
 //   classes, else the whole block) holds a whole row of f and g in registers: one read of f and g, one
 //   write of the gradient (3 x element size bytes per logit). At most 8 elements per thread: more would
@@ -1237,7 +1238,9 @@ Plan cached_plan(const FusedArgs& args) {
   auto occupancy = [&](const void* fn, int threads, size_t smem, bool resident) {
     const OccupancyKey okey{device, fn, threads, smem};
     auto it = cache.occupancy.find(okey);
-    if (it == cache.occupancy.end()) it = cache.occupancy.emplace(okey, query_occupancy(fn, threads, smem, resident)).first;
+    if (it == cache.occupancy.end()) {
+      it = cache.occupancy.emplace(okey, query_occupancy(fn, threads, smem, resident)).first;
+    }
     return it->second;
   };
   Plan plan = make_plan(args.dtype, args.rows, args.classes, key.aligned, sms->second, occupancy);
