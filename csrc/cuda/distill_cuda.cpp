@@ -139,7 +139,8 @@ void scale_rows_(const Tensor& grad, const Tensor& go) {
   rkd_cuda::scale_rows(dtype, grad.data_ptr(), go.data_ptr<float>(), grad.size(0), grad.size(1), current_stream());
 }
 
-std::string fused_forward_path(const Tensor& student, bool has_teacher) {
+// The plan depends on the dtype, B, m and the rows' alignment only (a teacher and a gradient like the student).
+std::string fused_forward_path(const Tensor& student) {
   TORCH_CHECK_VALUE(student.is_cuda() && student.dim() == 2 && student.is_contiguous(),
                     "student must be a contiguous (B, m) CUDA tensor");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -149,7 +150,7 @@ std::string fused_forward_path(const Tensor& student, bool has_teacher) {
   args.classes = student.size(1);
   args.device = static_cast<int>(student.get_device());
   args.student = student.data_ptr();
-  args.teacher = has_teacher ? student.data_ptr() : nullptr;
+  args.teacher = student.data_ptr();
   args.grad = student.data_ptr();
   return rkd_cuda::fused_forward_path(args);
 }
@@ -168,7 +169,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("scale_rows_", &scale_rows_, "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1",
              pybind11::arg("grad"), pybind11::arg("go"));
   module.def("fused_forward_path", &fused_forward_path,
-             "The code path and launch shape fused_forward takes for a student like this one (teacher logits, "
-             "gradient written over the student)",
-             pybind11::arg("student"), pybind11::arg("has_teacher") = true);
+             "The code path and launch shape fused_forward takes for a student like this one",
+             pybind11::arg("student"));
 }

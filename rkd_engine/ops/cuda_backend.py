@@ -191,6 +191,6 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     _require().scale_rows_(grad, go)
 
 
-def fused_forward_path(student: Tensor, *, has_teacher: bool = True) -> str:
+def fused_forward_path(student: Tensor) -> str:
     """In words, the code path and launch shape the kernels take for a student like ``student`` (for benchmarks)."""
-    return _require().fused_forward_path(student, has_teacher=has_teacher)
+    return _require().fused_forward_path(student)
