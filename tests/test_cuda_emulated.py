@@ -95,6 +95,7 @@ class Emulated:
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
         lib.emu_configure.argtypes = [i32, i32]
         lib.emu_queries.restype = ctypes.c_long
+        lib.emu_foreign_plan.argtypes = [i32, i64, i64, p, p, p, p, p, p, p, i64, p, ctypes.c_char_p, i32]
         lib.emu_make_plan.argtypes = [i32, i64, i64, i32, i32, i32, ctypes.POINTER(i64), ctypes.c_char_p, i32]
         self.lib = lib
 
@@ -428,6 +429,26 @@ def test_misaligned_rows_get_their_own_plan(emulated):
     assert "vec=1" in emulated.path(shifted)
     out = emulated.fused_forward(shifted, g, y, a, log_c, w, tau=1.5)
     _compare(out, f, g, y, a, log_c, w, tau=1.5)
+
+
+def test_a_plan_of_other_arguments_is_refused(emulated):
+    """fused_forward checks that its plan is this call's (it sizes the grids, the workspace and the 16-byte
+    accesses): a plan made for another B, or for aligned rows given misaligned ones, is refused, not run."""
+    rows, m = 4, 64
+    buffer = torch.zeros(rows * m + 1)
+    aligned, shifted = buffer[: rows * m].view(rows, m), buffer[1:].view(rows, m)
+    y, a = torch.zeros(rows, dtype=torch.long), torch.zeros(rows)
+    outs = [torch.empty(rows)] + [torch.empty(m) for _ in range(3)]
+    message = ctypes.create_string_buffer(512)
+
+    def call(student, plan_rows, plan_student):
+        ptrs = [student.data_ptr(), y.data_ptr(), a.data_ptr(), *(t.data_ptr() for t in outs)]
+        return emulated.lib.emu_foreign_plan(0, rows, m, *ptrs, plan_rows, plan_student.data_ptr(), message, 512)
+
+    assert call(aligned, rows, aligned) == 0
+    assert call(aligned, rows + 1, aligned) == 1 and b"made for other arguments" in message.value
+    assert call(shifted, rows, aligned) == 1 and b"made for other arguments" in message.value
+    assert call(shifted, rows, shifted) == 0
 
 
 def test_make_plan_on_a_fake_device(emulated):

@@ -117,6 +117,32 @@ int emu_fused_forward(int dtype, int64_t rows, int64_t classes, const void* stud
   }
 }
 
+// fused_forward of a labels-only call with the plan of another call (`plan_rows` rows, the student at
+// `plan_student`): 0 if it ran, else 1 with the refusal in `message`.
+int emu_foreign_plan(int dtype, int64_t rows, int64_t classes, const void* student, const int64_t* labels,
+                     const float* a, float* loss, float* mass, float* risk, float* error, int64_t plan_rows,
+                     const void* plan_student, char* message, int message_size) {
+  try {
+    rkd_cuda::FusedArgs args = shape_args(dtype, rows, classes, student, nullptr);
+    args.labels = labels;
+    args.a = a;
+    args.loss = loss;
+    args.mass = mass;
+    args.risk = risk;
+    args.error = error;
+    rkd_cuda::FusedArgs other = args;
+    other.rows = plan_rows;
+    other.student = plan_student;
+    const rkd_cuda::LaunchPlan plan = rkd_cuda::plan_fused_forward(other);
+    std::vector<float4> workspace((plan.workspace_bytes + sizeof(float4) - 1) / sizeof(float4) + 1);
+    rkd_cuda::fused_forward(args, plan, workspace.data(), workspace.size() * sizeof(float4), nullptr);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(message, message_size, "%s", e.what());
+    return 1;
+  }
+}
+
 int emu_path(int dtype, int64_t rows, int64_t classes, const void* student, char* out, int out_size) {
   try {
     const rkd_cuda::FusedArgs args = shape_args(dtype, rows, classes, student, student);
