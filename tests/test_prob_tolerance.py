@@ -83,6 +83,8 @@ def test_a_nan_loss_that_no_check_explains_still_raises():
         checks.enforce("sync", loss_rows.sum(), f, g, False, y, a, -100)
     loss_rows[3] = float("inf")  # a legitimate +inf (a label on a class the student masks) passes
     checks.enforce("sync", loss_rows.sum(), f, g, False, y, a, -100, loss_rows=loss_rows)
+    with pytest.raises(ValueError, match=r"the reduced loss is NaN although no row's loss is"):
+        checks.enforce("sync", loss_rows.sum() * 0.0, f, g, False, y, a, -100, loss_rows=loss_rows)
 
 
 def test_rows_are_named_as_in_the_inputs_when_rows_are_ignored():

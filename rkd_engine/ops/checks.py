@@ -189,6 +189,11 @@ def raise_for_nan_loss(loss: Tensor, loss_rows: Tensor | None, teacher: Tensor |
     if rows is not None:
         nan_rows = torch.isnan(rows)
         if not nan_rows.any():
+            if bool(torch.isnan(loss).any()):
+                raise ValueError(
+                    "the reduced loss is NaN although no row's loss is: an infinite loss_i (a label on a class the "
+                    "student masks with -inf) times a scale of 0 (a normalizer of 0)"
+                )
             return
         where = f"the loss of row {_first_row(nan_rows)} is NaN"
     elif not bool(torch.isnan(loss).any()):
