@@ -55,6 +55,10 @@ def test_validate_raises_exactly_when_the_kernel_flags_an_edge_row(backend, devi
         # The C++ kernel reads a row whose teacher term is unused in a plain loop: another order than torch's
         # sum, so rows it flags that the host's float32 sum passes exist (the case this test is about).
         assert (flagged & ~off_host).any()
+        only = (flagged & ~off_host).nonzero().squeeze(1)
+        sub = dict(kwargs, teacher_probs=p[only], labels=y[only], teacher_weight=w[only])
+        with pytest.raises(ValueError, match=r"\(row 0 sums to [0-9.]+, within rounding of the tolerance 0\.0001"):
+            distill_loss(f[only], **sub)
     total = distill_loss(f, **kwargs, validate=False)
     assert torch.isnan(total.loss)
     _assert_raises_iff_flagged(lambda: distill_loss(f, **kwargs), flagged)

@@ -118,17 +118,17 @@ def check_probs(name: str, probs: Tensor, *, keep: Tensor | None = None, flagged
     acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
     tol = PROB_SUM_TOL[probs.dtype]
     sums = probs.to(acc).sum(-1)
-    off = ~((sums - 1).abs() <= tol)
-    edge = None
+    host_off = ~((sums - 1).abs() <= tol)
+    off = host_off
     if flagged is not None:
         exact = probs.double().sum(-1)
         edge = ((exact - 1).abs() - tol).abs() <= _sum_rounding_bound(probs, acc)
-        off = torch.where(edge, flagged, off)
+        off = torch.where(edge, flagged, host_off)
     if keep is not None:
         off &= keep
     if off.any():
         row = _first_row(off)
-        if edge is not None and bool(edge[row]):
+        if not bool(host_off[row]):  # flagged by the kernel only
             raise ValueError(
                 f"{name} rows must sum to 1 (row {row} sums to {float(exact[row]):.9g}, within rounding of the "
                 f"tolerance {tol:g} for {probs.dtype}: the kernel's {acc} sum of the row is off 1 by more)"
