@@ -76,3 +76,17 @@ def distill_kwargs(inputs: dict, device: str = "cpu") -> dict:
         "labels": inputs["labels"].to(device),
         "teacher_weight": inputs["a"].to(device),
     }
+
+
+def edge_prob_rows(rows: int, m: int, *, spread: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, exact)``: ``rows`` float32 rows of teacher probabilities whose exact sums lie within ``spread`` of
+    the edge of the tolerance, ``1 + PROB_SUM_TOL`` (as float32, the kernels' comparison), and those exact sums
+    (float64). Float32 sums of such rows, in one order or another, fall on either side of the edge."""
+    from rkd_engine.ops.checks import PROB_SUM_TOL
+
+    gen = torch.Generator().manual_seed(seed)
+    edge = 1.0 + float(torch.tensor(PROB_SUM_TOL[torch.float32], dtype=torch.float32))
+    target = edge + (torch.rand(rows, generator=gen, dtype=torch.float64) - 0.5) * 2 * spread
+    p = torch.softmax(2 * torch.randn(rows, m, generator=gen, dtype=torch.float64), -1)
+    p = (p * target[:, None]).float()
+    return p, p.double().sum(-1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bad_values import BAD_ROW, value_cases
+from bad_values import BAD_ROW, edge_prob_rows, value_cases
 from conftest import GPU_GRAD_TOL, GPU_STAT_TOL
 
 from rkd_engine import reference
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "cuda" / "distill_kernels.cu"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PLAN_FIELDS = ("resident", "vec", "vectors", "threads", "team", "smem", "splits", "split_cols", "tiles", "grid",
+               "parts", "workspace_bytes")  # fmt: skip
 
 
 def _cuda_include() -> Path | None:
@@ -92,6 +94,9 @@ class Emulated:
         lib.emu_path.argtypes = [i32, i64, i64, p, ctypes.c_char_p, i32]
         lib.emu_scale_rows.argtypes = [i32, p, i64, i64, p]
         lib.emu_configure.argtypes = [i32, i32]
+        lib.emu_queries.restype = ctypes.c_long
+        lib.emu_foreign_plan.argtypes = [i32, i64, i64, p, p, p, p, p, p, p, i64, p, ctypes.c_char_p, i32]
+        lib.emu_make_plan.argtypes = [i32, i64, i64, i32, i32, i32, ctypes.POINTER(i64), ctypes.c_char_p, i32]
         self.lib = lib
 
     def configure(self, multiprocessors: int, blocks_per_multiprocessor: int) -> None:
@@ -149,6 +154,20 @@ class Emulated:
         if failed:
             raise ValueError(message.value.decode())
         return loss, grad, mass, risk, error
+
+    def queries(self) -> int:
+        """Runtime queries (device attributes, occupancy, function attributes) made by the host code so far."""
+        return self.lib.emu_queries()
+
+    def make_plan(self, dtype, rows, m, *, aligned=True, sms=132, blocks=2) -> dict:
+        """The pure launch-plan function on a fake device of ``sms`` multiprocessors, ``blocks`` per multiprocessor."""
+        out = (ctypes.c_int64 * len(PLAN_FIELDS))()
+        message = ctypes.create_string_buffer(512)
+        failed = self.lib.emu_make_plan(DTYPE_CODES[dtype], rows, m, int(aligned), sms, blocks, out, message, 512)
+        if failed == 2:
+            raise ValueError(message.value.decode())
+        assert failed == 0, "make_plan asked no occupancy"
+        return dict(zip(PLAN_FIELDS, out, strict=True))
 
     def path(self, f) -> str:
         out = ctypes.create_string_buffer(512)
@@ -352,3 +371,125 @@ def test_bad_values_are_flagged_in_the_kernels_pass(emulated, m, match, inputs):
     assert torch.isnan(loss[BAD_ROW]) and torch.isfinite(loss[others]).all()
     with pytest.raises(ValueError, match=match):
         checks.enforce("sync", loss, f, g, probs, y, a, -100)
+
+
+def test_launch_plan_is_computed_once_per_shape(emulated):
+    """The runtime is queried (multiprocessors, occupancy) on the first call of a shape only: a training loop's
+    later calls query nothing; a new batch size with the same m reuses the device's cached properties."""
+    emulated.configure(2, 1)  # a fresh (fake) device: nothing cached
+    f, g, y, a, log_c, w = _inputs(5, 300, torch.float32, seed=2)
+    first = emulated.queries()
+    out = emulated.fused_forward(f, g, y, a, log_c, w)
+    after_first = emulated.queries()
+    assert after_first > first
+    again = emulated.fused_forward(f, g, y, a, log_c, w)
+    assert emulated.queries() == after_first
+    for x, z in zip(out, again, strict=True):
+        assert torch.equal(x, z)
+    emulated.fused_forward(f[:3], g[:3], y[:3], a[:3], log_c, w)  # another B: a new plan, no query
+    assert emulated.queries() == after_first
+    emulated.fused_forward(f[:, :64].contiguous(), g[:, :64].contiguous(), y % 64, a, log_c[:64], w[:64])
+    assert emulated.queries() > after_first  # another kernel variant (warp teams): its occupancy, once
+    emulated.configure(2, 1)
+    emulated.fused_forward(f, g, y, a, log_c, w)
+    assert emulated.queries() > after_first  # forgotten with the device
+
+
+def test_launch_cache_is_thread_safe(emulated):
+    """Threads asking for plans of many shapes at once (ctypes releases the GIL) get the plans one thread
+    alone gets, and each shape's runtime queries are made once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(rows, m, dtype) for rows in (1, 7, 64) for m in (5, 64, 300, 1000, 4104) for dtype in DTYPE_CODES]
+    students = {(rows, m, dtype): torch.zeros(rows, m, dtype=dtype) for rows, m, dtype in shapes}
+    emulated.configure(3, 2)
+    try:
+        start = emulated.queries()
+        alone = {key: emulated.path(f) for key, f in students.items()}
+        queries = emulated.queries() - start
+        emulated.configure(3, 2)  # forget them all
+        start = emulated.queries()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda key: (key, emulated.path(students[key])), list(students) * 8))
+        assert all(path == alone[key] for key, path in together)
+        assert emulated.queries() - start == queries
+    finally:
+        emulated.configure(2, 1)
+
+
+def test_misaligned_rows_get_their_own_plan(emulated):
+    """Alignment is part of the cached plan's key: a student that does not start on a 16-byte boundary takes
+    single-element accesses even after an aligned call of the same shape."""
+    rows, m = 6, 1000
+    f, g, y, a, log_c, w = _inputs(rows, m, torch.bfloat16, seed=4)
+    assert "vec=8" in emulated.path(f)
+    buffer = torch.empty(rows * m + 1, dtype=torch.bfloat16)
+    shifted = buffer[1:].view(rows, m)
+    shifted.copy_(f)
+    assert "vec=1" in emulated.path(shifted)
+    out = emulated.fused_forward(shifted, g, y, a, log_c, w, tau=1.5)
+    _compare(out, f, g, y, a, log_c, w, tau=1.5)
+
+
+def test_a_plan_of_other_arguments_is_refused(emulated):
+    """fused_forward checks that its plan is this call's (it sizes the grids, the workspace and the 16-byte
+    accesses): a plan made for another B, or for aligned rows given misaligned ones, is refused, not run."""
+    rows, m = 4, 64
+    buffer = torch.zeros(rows * m + 1)
+    aligned, shifted = buffer[: rows * m].view(rows, m), buffer[1:].view(rows, m)
+    y, a = torch.zeros(rows, dtype=torch.long), torch.zeros(rows)
+    outs = [torch.empty(rows)] + [torch.empty(m) for _ in range(3)]
+    message = ctypes.create_string_buffer(512)
+
+    def call(student, plan_rows, plan_student):
+        ptrs = [student.data_ptr(), y.data_ptr(), a.data_ptr(), *(t.data_ptr() for t in outs)]
+        return emulated.lib.emu_foreign_plan(0, rows, m, *ptrs, plan_rows, plan_student.data_ptr(), message, 512)
+
+    assert call(aligned, rows, aligned) == 0
+    assert call(aligned, rows + 1, aligned) == 1 and b"made for other arguments" in message.value
+    assert call(shifted, rows, aligned) == 1 and b"made for other arguments" in message.value
+    assert call(shifted, rows, shifted) == 0
+
+
+def test_make_plan_on_a_fake_device(emulated):
+    """The plan is a pure function of (dtype, B, m, alignment) and the device's properties."""
+    plan = emulated.make_plan(torch.float32, 1000, 64, sms=132, blocks=3)
+    # A warp per row (8 per 256-thread block), one 4-float vector per thread; 125 blocks cover the rows.
+    assert (plan["resident"], plan["vec"], plan["vectors"], plan["team"], plan["threads"]) == (1, 4, 1, 32, 256)
+    assert plan["grid"] == plan["parts"] == 125
+    assert plan["smem"] == 4 * 3 * 4 * 256 + 2 * 3 * 16 * 256  # statistics, then the rings of f and g
+    assert plan["workspace_bytes"] == 4 * 3 * 64 * 125  # the blocks' partial statistics (a multiple of 256)
+    assert emulated.make_plan(torch.float32, 10**6, 64, sms=132, blocks=3)["grid"] == 132 * 3  # persistent
+    assert emulated.make_plan(torch.float32, 1000, 64, aligned=False)["vec"] == 1
+    wide = emulated.make_plan(torch.float32, 4, 8192, sms=132, blocks=2)
+    assert (wide["resident"], wide["splits"], wide["split_cols"], wide["tiles"]) == (0, 4, 2048, 8)
+    assert wide["grid"] == 4  # row groups: min(one wave = 132 * 2 / 8 tiles, B)
+    block = emulated.make_plan(torch.bfloat16, 8, 1000)
+    assert (block["team"], block["threads"], block["vec"]) == (128, 128, 8)  # a block per row
+    with pytest.raises(ValueError, match="262144"):
+        emulated.make_plan(torch.float32, 1, 262145)
+
+
+@pytest.mark.parametrize("m", [256, 1000], ids=["warp", "block"])
+def test_probability_rows_at_the_tolerance_edge(emulated, m):
+    """Rows of teacher probabilities whose exact sum straddles 1 + PROB_SUM_TOL: the kernels' float32 tree sum
+    judges some of them otherwise than float64 (and than the host's sum) does; the status read raises exactly
+    when the kernel flagged a row, naming the first one, on all rows and on the disagreeing rows alone."""
+    rows = 96
+    p, exact = edge_prob_rows(rows, m, spread=5e-7, seed=m)
+    gen = torch.Generator().manual_seed(m)
+    f, y = torch.randn(rows, m, generator=gen), torch.randint(0, m, (rows,), generator=gen)
+    a = torch.full((rows,), 0.5)
+    a[::3] = 0.0  # rows whose teacher term is unused are checked too
+    tol = PROB_SUM_TOL[torch.float32]
+    loss = emulated.fused_forward(f, p, y, a, None, None, probs=True, need_grad=False)[0]
+    flagged = torch.isnan(loss)
+    assert (flagged != ((exact - 1).abs() > tol)).any() and flagged.any() and not flagged.all()
+    host = ~((p.sum(-1) - 1).abs() <= tol)
+    for keep in (torch.arange(rows), (flagged != host).nonzero().squeeze(1)):
+        inputs, sub = (loss[keep], f[keep], p[keep], True, y[keep], a[keep], -100), flagged[keep]
+        if sub.any():
+            with pytest.raises(ValueError, match=rf"teacher_probs rows must sum to 1 \(row {int(sub.nonzero()[0])} "):
+                checks.enforce("sync", *inputs)
+        else:
+            checks.enforce("sync", *inputs)

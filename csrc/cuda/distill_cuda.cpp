@@ -101,10 +101,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
   args.dtype = dtype;
   args.rows = rows;
   args.classes = m;
+  args.device = static_cast<int>(student.get_device());
   args.student = student.data_ptr();
-  args.student_stride = m;
   args.teacher = teacher ? teacher->data_ptr() : nullptr;
-  args.teacher_stride = m;
   args.teacher_is_probs = teacher_is_probs;
   args.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
   args.a = a.data_ptr<float>();
@@ -117,15 +116,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward(
   args.ignore_index = ignore_index;
   args.prob_tol = static_cast<float>(prob_tol);
   args.grad = need_grad ? grad.data_ptr() : nullptr;
-  args.grad_stride = m;
   args.loss = loss.data_ptr<float>();
   args.mass = mass.data_ptr<float>();
   args.risk = risk.data_ptr<float>();
   args.error = error.data_ptr<float>();
 
-  const size_t bytes = rkd_cuda::fused_forward_workspace_bytes(args);
+  // The plan is looked up once per call (computed on the first call of its shape only): it sizes the workspace.
+  const rkd_cuda::LaunchPlan plan = rkd_cuda::plan_fused_forward(args);
+  const size_t bytes = plan.workspace_bytes;
   Tensor workspace = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, acc);
-  rkd_cuda::fused_forward(args, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, current_stream());
+  rkd_cuda::fused_forward(args, plan, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, current_stream());
   return {loss, grad, mass, risk, error};
 }
 
@@ -136,23 +136,22 @@ void scale_rows_(const Tensor& grad, const Tensor& go) {
   const rkd_cuda::DType dtype = kernel_dtype(grad, "grad");
   check_vector(go, grad.size(0), at::kFloat, grad, "go");
   const c10::cuda::CUDAGuard guard(grad.device());
-  rkd_cuda::scale_rows(dtype, grad.data_ptr(), grad.size(1), go.data_ptr<float>(), grad.size(0), grad.size(1),
-                       current_stream());
+  rkd_cuda::scale_rows(dtype, grad.data_ptr(), go.data_ptr<float>(), grad.size(0), grad.size(1), current_stream());
 }
 
-std::string fused_forward_path(const Tensor& student, bool has_teacher) {
-  TORCH_CHECK_VALUE(student.is_cuda() && student.dim() == 2, "student must be a (B, m) CUDA tensor");
+// The plan depends on the dtype, B, m and the rows' alignment only (a teacher and a gradient like the student).
+std::string fused_forward_path(const Tensor& student) {
+  TORCH_CHECK_VALUE(student.is_cuda() && student.dim() == 2 && student.is_contiguous(),
+                    "student must be a contiguous (B, m) CUDA tensor");
   const c10::cuda::CUDAGuard guard(student.device());
   rkd_cuda::FusedArgs args;
   args.dtype = kernel_dtype(student, "student");
   args.rows = student.size(0);
   args.classes = student.size(1);
+  args.device = static_cast<int>(student.get_device());
   args.student = student.data_ptr();
-  args.student_stride = student.size(1);
-  args.teacher = has_teacher ? student.data_ptr() : nullptr;
-  args.teacher_stride = student.size(1);
+  args.teacher = student.data_ptr();
   args.grad = student.data_ptr();
-  args.grad_stride = student.size(1);
   return rkd_cuda::fused_forward_path(args);
 }
 
@@ -170,7 +169,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("scale_rows_", &scale_rows_, "grad[i, :] *= go[i] in place, skipping rows where go[i] == 1",
              pybind11::arg("grad"), pybind11::arg("go"));
   module.def("fused_forward_path", &fused_forward_path,
-             "The code path and launch shape fused_forward takes for a student like this one (teacher logits, "
-             "gradient written over the student)",
-             pybind11::arg("student"), pybind11::arg("has_teacher") = true);
+             "The code path and launch shape fused_forward takes for a student like this one",
+             pybind11::arg("student"));
 }

@@ -25,7 +25,8 @@
 //   soft loss = a tau^2 (Wg log St + Vg / tau) / Sg        (non-negative terms: no cancellation),
 //   hard loss = (1 - a) w_y ((M - u_y) + log S1).
 //
-// Two paths (chosen in make_plan, the one place that picks block sizes):
+// Two paths (chosen in make_plan, the one place that picks block sizes; its plan is computed once per
+// (device, dtype, B, m, alignment) and cached with the device queries it needs, in cached_plan):
 // * Resident (m <= 512 threads x 8 elements = 4,096 classes): a team (one warp for rows of up to 256
 //   classes, else the whole block) holds a whole row of f and g in registers: one read of f and g, one
 //   write of the gradient (3 x element size bytes per logit). At most 8 elements per thread: more would
@@ -59,9 +60,11 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 
 namespace rkd_cuda {
 namespace {
@@ -135,16 +138,14 @@ struct alignas(16) RowScalars {
 
 template <typename T>
 struct FusedParams {
+  // f, g and grad are contiguous (B, m) arrays: row i starts at i * m.
   const T* f;  // not __restrict__: the gradient may be written over the student
-  int64_t f_stride;
   const T* __restrict__ g;
-  int64_t g_stride;
   const int64_t* __restrict__ labels;
   const float* __restrict__ a;
   const float* __restrict__ log_c;
   const float* __restrict__ w;
   T* grad;
-  int64_t grad_stride;
   float* __restrict__ loss;
   int64_t rows, m;
   Ctx ctx;
@@ -426,7 +427,7 @@ __device__ __forceinline__ float row_reference(const T* frow) {
 
 template <typename T>
 __device__ __forceinline__ RowInputs load_row_inputs(const FusedParams<T>& p, int64_t row) {
-  const T* frow = p.f + row * p.f_stride;
+  const T* frow = p.f + row * p.m;
   RowInputs r;
   r.R = row_reference(frow);
   r.a = p.a[row];
@@ -549,8 +550,8 @@ template <typename T, int VEC, int V>
 __device__ __forceinline__ void load_resident_row(ResidentRow<T, VEC, V>& r, const FusedParams<T>& p, int64_t row,
                                                   int team, int t) {
   r.in = load_row_inputs(p, row);
-  const T* frow = p.f + row * p.f_stride;
-  const T* grow = p.g + row * p.g_stride;
+  const T* frow = p.f + row * p.m;
+  const T* grow = p.g + row * p.m;
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
@@ -574,22 +575,33 @@ __device__ __forceinline__ void resident_scores(const ResidentRow<T, VEC, V>& r,
   }
 }
 
+// Calls fn(k, col, f, g, lc, w) for each vector k < V of this thread's columns of the row whose scores `cur`
+// holds (first column col, in the row), with its scores, teacher values, log c and w as floats (log_c and
+// w_c: the per-class arrays, or nullptr).
+template <typename T, int VEC, int V, typename Fn>
+__device__ __forceinline__ void for_resident_vectors(const ResidentRow<T, VEC, V>& cur, int64_t m, const Ctx& c,
+                                                     const float* log_c, const float* w_c, int team, int t, Fn&& fn) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
+    if (col < m) {
+      float f[VEC], g[VEC], lc[VEC], w[VEC];
+      resident_scores(cur, k, c, f, g);
+      load_class_floats(log_c, col, 0.0f, lc);
+      load_class_floats(w_c, col, 1.0f, w);
+      fn(k, col, f, g, lc, w);
+    }
+  }
+}
+
 // Pass A of a resident row: the state of this thread's columns of the row whose scores `cur` holds.
 template <typename T, int VEC, int V>
 __device__ __forceinline__ RowState resident_state(const ResidentRow<T, VEC, V>& cur, const FusedParams<T>& p,
                                                    const Ctx& c, int team, int t) {
   RowState st = empty_state(c);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
-    if (col < p.m) {
-      float f[VEC], g[VEC], lc[VEC], w[VEC];
-      resident_scores(cur, k, c, f, g);
-      load_class_floats(p.log_c, col, 0.0f, lc);
-      load_class_floats(p.w, col, 1.0f, w);
-      accumulate(st, f, g, lc, w, col, cur.in.R, c);
-    }
-  }
+  for_resident_vectors(cur, p.m, c, p.log_c, p.w, team, t,
+                       [&](int, int64_t col, const float(&f)[VEC], const float(&g)[VEC], const float(&lc)[VEC],
+                           const float(&w)[VEC]) { accumulate(st, f, g, lc, w, col, cur.in.R, c); });
   return st;
 }
 
@@ -598,7 +610,7 @@ __device__ __forceinline__ RowState resident_state(const ResidentRow<T, VEC, V>&
 template <typename T, int VEC, int V>
 __device__ __forceinline__ void resident_outputs(ResidentRow<T, VEC, V>& cur, const FusedParams<T>& p, const Ctx& c,
                                                  const RowScalars& rs, int64_t row, int team, int t, float* mine) {
-  T* out = c.has(kNeedGrad) ? p.grad + row * p.grad_stride : nullptr;
+  T* out = c.has(kNeedGrad) ? p.grad + row * p.m : nullptr;
   const float* log_c = launder_ptr(p.log_c);
   const float* w_c = launder_ptr(p.w);
 #pragma unroll
@@ -606,27 +618,21 @@ __device__ __forceinline__ void resident_outputs(ResidentRow<T, VEC, V>& cur, co
     launder(cur.f[k]);
     launder(cur.g[k]);
   }
+  for_resident_vectors(cur, p.m, c, log_c, w_c, team, t,
+                       [&](int k, int64_t col, const float(&f)[VEC], const float(&g)[VEC], const float(&lc)[VEC],
+                           const float(&w)[VEC]) {
+                         Pack<T, VEC> o;
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
-    if (col < p.m) {
-      float f[VEC], g[VEC], lc[VEC], w[VEC];
-      resident_scores(cur, k, c, f, g);
-      load_class_floats(log_c, col, 0.0f, lc);
-      load_class_floats(w_c, col, 1.0f, w);
-      Pack<T, VEC> o;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const ElementOut eo = element(rs, c, static_cast<int>(col) + e, f[e], g[e], lc[e], w[e]);
-        o.v[e] = from_float<T>(eo.grad);
-        float* slot = mine + (k * VEC + e) * team;
-        slot[0] += eo.q;
-        slot[V * VEC * team] += eo.risk;
-        slot[2 * V * VEC * team] += eo.error;
-      }
-      if (c.has(kNeedGrad)) store_pack<T, VEC>(out + col, o);
-    }
-  }
+                         for (int e = 0; e < VEC; ++e) {
+                           const ElementOut eo = element(rs, c, static_cast<int>(col) + e, f[e], g[e], lc[e], w[e]);
+                           o.v[e] = from_float<T>(eo.grad);
+                           float* slot = mine + (k * VEC + e) * team;
+                           slot[0] += eo.q;
+                           slot[V * VEC * team] += eo.risk;
+                           slot[2 * V * VEC * team] += eo.error;
+                         }
+                         if (c.has(kNeedGrad)) store_pack<T, VEC>(out + col, o);
+                       });
 }
 
 // A resident block's partial statistics: the sum over its teams of every column's slots, into row blockIdx.x
@@ -704,8 +710,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads) resident_kernel(const Fus
         for (int k = 0; k < V; ++k) {
           const int64_t col = (static_cast<int64_t>(k) * team + t) * VEC;
           if (col < p.m) {
-            copy_async(&slot(ring_f, i, k), p.f + row * p.f_stride + col);
-            if (teacher) copy_async(&slot(ring_g, i, k), p.g + row * p.g_stride + col);
+            copy_async(&slot(ring_f, i, k), p.f + row * p.m + col);
+            if (teacher) copy_async(&slot(ring_g, i, k), p.g + row * p.m + col);
           }
         }
       }
@@ -749,8 +755,8 @@ __global__ void __launch_bounds__(kRowThreads) stream_rows_kernel(const FusedPar
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   const bool teacher = c.has(kHasTeacher);
-  const T* frow = p.f + row * p.f_stride;
-  const T* grow = teacher ? p.g + row * p.g_stride : nullptr;
+  const T* frow = p.f + row * p.m;
+  const T* grow = teacher ? p.g + row * p.m : nullptr;
   const float R = row_reference(frow);
   const int64_t begin = split * p.split_cols;
   const int64_t end = begin + p.split_cols < p.m ? begin + p.split_cols : p.m;
@@ -859,7 +865,7 @@ __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedP
       risk[e] += eo.risk;
       error[e] += eo.error;
     }
-    if (need_grad) store_pack<T, VEC>(p.grad + row * p.grad_stride + col, o);
+    if (need_grad) store_pack<T, VEC>(p.grad + row * p.m + col, o);
   };
   if constexpr (kAsyncCopies<T, VEC>) {
     __shared__ Pack<T, VEC> ring_f[kTileStages][kTileThreads];
@@ -870,8 +876,8 @@ __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedP
     auto issue = [&](int64_t i) {
       const int64_t row = blockIdx.y + i * stride;
       if (row < p.rows) {
-        copy_async(&ring_f[i % kTileStages][t], fcol + row * p.f_stride);
-        if (teacher) copy_async(&ring_g[i % kTileStages][t], gcol + row * p.g_stride);
+        copy_async(&ring_f[i % kTileStages][t], fcol + row * p.m);
+        if (teacher) copy_async(&ring_g[i % kTileStages][t], gcol + row * p.m);
       }
       __pipeline_commit();
     };
@@ -890,15 +896,15 @@ __global__ void __launch_bounds__(kTileThreads) stream_tiles_kernel(const FusedP
     Pack<T, VEC> fn{};
     Pack<T, VEC> gn{};
     if (row < p.rows) {
-      fn = load_pack<T, VEC>(fcol + row * p.f_stride);
-      if (teacher) gn = load_pack<T, VEC>(gcol + row * p.g_stride);
+      fn = load_pack<T, VEC>(fcol + row * p.m);
+      if (teacher) gn = load_pack<T, VEC>(gcol + row * p.m);
     }
     for (; row < p.rows; row += stride) {
       const Pack<T, VEC> fp = fn;
       const Pack<T, VEC> gp = gn;
       if (row + stride < p.rows) {  // the next row, loaded before this row's gradient is stored
-        fn = load_pack<T, VEC>(fcol + (row + stride) * p.f_stride);
-        if (teacher) gn = load_pack<T, VEC>(gcol + (row + stride) * p.g_stride);
+        fn = load_pack<T, VEC>(fcol + (row + stride) * p.m);
+        if (teacher) gn = load_pack<T, VEC>(gcol + (row + stride) * p.m);
       }
       compute(row, fp, gp);
     }
@@ -941,17 +947,18 @@ __global__ void __launch_bounds__(kColsumColumns* kColsumLanes)
 // ---- scale_rows ------------------------------------------------------------------------------------------
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kScaleThreads)
-    scale_rows_kernel(T* grad, int64_t stride, const float* __restrict__ go, int64_t cols) {
+    scale_rows_kernel(T* grad, const float* __restrict__ go, int64_t cols) {
   const int64_t row = blockIdx.x;
   const float scale = go[row];
   if (scale == 1.0f) return;  // multiplying by 1 changes nothing: skip the row's bytes entirely
-  T* r = grad + row * stride;
+  T* r = grad + row * cols;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * kScaleThreads * kScaleVectorsPerThread * VEC;
   Pack<T, VEC> x[kScaleVectorsPerThread];
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
     const int64_t col = begin + (static_cast<int64_t>(k) * blockDim.x + threadIdx.x) * VEC;
-    if (col < cols) x[k] = load_pack<T, VEC>(r + col);
+    // Zeros past the end: with x[k] left undefined there, ptxas spilled scale_rows_kernel<float, 4>.
+    x[k] = col < cols ? load_pack<T, VEC>(r + col) : Pack<T, VEC>{};
   }
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
@@ -979,23 +986,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 size_t round_up_bytes(size_t n) { return (n + 255) / 256 * 256; }
 
-struct Plan {
-  bool resident = true;
-  int vec = 1;  // elements per vector: 16 bytes, or 1 when rows are not 16-byte aligned
-  // resident
-  int vectors = 1;  // V
-  int threads = 0;
-  int team = 0;
-  size_t smem = 0;
-  // streaming
-  int64_t splits = 1;
-  int64_t split_cols = 0;
-  int64_t tiles = 0;
-  // both
-  int64_t grid = 0;   // resident blocks, or streaming row groups
-  int64_t parts = 0;  // partial statistics rows the column sum adds
-  size_t stats_bytes = 0, states_offset = 0, scalars_offset = 0, total_bytes = 0;
-};
+using Plan = LaunchPlan;
 
 // Calls fn(std::integral_constant<int, V>) for the resident vectors-per-thread V of a plan; only the
 // V with V * VEC <= kResidentMaxElements are instantiated.
@@ -1066,10 +1057,11 @@ const void* tiles_function_for(DType dtype, int vec) {
   }
 }
 
-// Blocks of `fn` that fit on one multiprocessor. A block may use more than 48 KB of shared memory (static
-// plus dynamic) only after its dynamic limit is raised; it is raised to the most any plan asks of a resident
-// kernel (the same value from every thread, so concurrent callers cannot undo each other).
-int occupancy(const void* fn, int threads, size_t smem, bool resident) {
+// Blocks of `fn` that fit on one multiprocessor of the current device (a runtime query). A block may use
+// more than 48 KB of shared memory (static plus dynamic) only after its dynamic limit is raised; it is raised
+// to the most any plan asks of a resident kernel (the same value from every thread, so concurrent callers
+// cannot undo each other).
+int query_occupancy(const void* fn, int threads, size_t smem, bool resident) {
   if (resident) {
     check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentMaxSmem),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
@@ -1084,36 +1076,39 @@ int occupancy(const void* fn, int threads, size_t smem, bool resident) {
   return blocks;
 }
 
-int multiprocessors() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return sms;
+// Whether every (B, m) array and per-class array of a call starts on a 16-byte boundary and m fills whole
+// 16-byte vectors: then rows are read and written as 16-byte vectors.
+bool rows_aligned(const FusedArgs& args) {
+  const int full_vec = kVectorBytes / element_size(args.dtype);
+  return args.classes % full_vec == 0 && aligned(args.student) && (args.teacher == nullptr || aligned(args.teacher)) &&
+         (args.grad == nullptr || aligned(args.grad)) && (args.log_c == nullptr || aligned(args.log_c)) &&
+         (args.w == nullptr || aligned(args.w));
 }
 
-// The one place that picks the path, block sizes, grids and workspace for a call.
-Plan make_plan(const FusedArgs& args) {
-  const int64_t B = args.rows;
-  const int64_t m = args.classes;
+void check_sizes(int64_t rows, int64_t m) {
   if (m < 1 || m > kMaxClasses) {
     throw std::invalid_argument("rkd CUDA kernels: the number of classes m must be in [1, " +
                                 std::to_string(kMaxClasses) + "] (kMaxClasses), got " + std::to_string(m));
   }
-  if (B < 0 || B > INT_MAX) {
+  if (rows < 0 || rows > INT_MAX) {
     throw std::invalid_argument("rkd CUDA kernels: the number of rows must be in [0, " + std::to_string(INT_MAX) +
-                                "], got " + std::to_string(B));
+                                "], got " + std::to_string(rows));
   }
+}
+
+// The one place that picks the path, block sizes, grids and workspace for a call: a pure function of the
+// dtype, B, m, the rows' alignment, the device's multiprocessor count `sms` and `occupancy(fn, threads,
+// smem, resident)`, the blocks of kernel `fn` that fit on one multiprocessor.
+template <typename Occupancy>
+Plan make_plan(DType dtype, int64_t B, int64_t m, bool rows_are_aligned, int sms, Occupancy&& occupancy) {
+  check_sizes(B, m);
   Plan plan;
-  const int full_vec = kVectorBytes / element_size(args.dtype);
-  const bool rows_aligned =
-      m % full_vec == 0 && aligned(args.student) && args.student_stride % full_vec == 0 &&
-      (args.teacher == nullptr || (aligned(args.teacher) && args.teacher_stride % full_vec == 0)) &&
-      (args.grad == nullptr || (aligned(args.grad) && args.grad_stride % full_vec == 0)) &&
-      (args.log_c == nullptr || aligned(args.log_c)) && (args.w == nullptr || aligned(args.w));
-  plan.vec = rows_aligned ? full_vec : 1;
+  plan.dtype = dtype;
+  plan.rows = B;
+  plan.classes = m;
+  const int full_vec = kVectorBytes / element_size(dtype);
+  plan.vec = rows_are_aligned ? full_vec : 1;
   const int64_t vec = plan.vec;
-  const int sms = multiprocessors();
 
   plan.resident = m <= static_cast<int64_t>(kResidentMaxThreads) * kResidentMaxElements;
   if (plan.resident) {
@@ -1136,12 +1131,12 @@ Plan make_plan(const FusedArgs& args) {
     plan.smem = sizeof(float) * kStatCount * plan.vectors * vec * plan.threads;
     if (plan.vec == full_vec) plan.smem += 2 * kResidentStages * plan.vectors * kVectorBytes * plan.threads;
     const int per_sm =
-        occupancy(resident_function_for(args.dtype, plan.vec, plan.vectors), plan.threads, plan.smem, true);
+        occupancy(resident_function_for(dtype, plan.vec, plan.vectors), plan.threads, plan.smem, true);
     const int64_t teams_per_block = plan.threads / plan.team;
     plan.grid = std::min<int64_t>(ceil_div(B, teams_per_block), static_cast<int64_t>(sms) * per_sm);
     plan.parts = plan.grid;
     plan.stats_bytes = round_up_bytes(sizeof(float) * kStatCount * m * plan.parts);
-    plan.total_bytes = plan.stats_bytes;
+    plan.workspace_bytes = plan.stats_bytes;
   } else {
     const int64_t min_cols = static_cast<int64_t>(kRowThreads) * vec * kRowMinVectorsPerThread;
     const int64_t target = static_cast<int64_t>(sms) * kRowBlocksPerSm;
@@ -1151,7 +1146,7 @@ Plan make_plan(const FusedArgs& args) {
     plan.split_cols = ceil_div(ceil_div(m, splits), step) * step;
     plan.splits = ceil_div(m, plan.split_cols);
     plan.tiles = ceil_div(m, static_cast<int64_t>(kTileThreads) * vec);
-    const int per_sm = occupancy(tiles_function_for(args.dtype, plan.vec), kTileThreads, 0, false);
+    const int per_sm = occupancy(tiles_function_for(dtype, plan.vec), kTileThreads, 0, false);
     // As many row groups as fill one wave of resident blocks, never more: each block walks its rows to the
     // end, so a partial second wave would take as long as the first.
     const int64_t groups = static_cast<int64_t>(sms) * per_sm / plan.tiles;
@@ -1160,8 +1155,98 @@ Plan make_plan(const FusedArgs& args) {
     plan.stats_bytes = round_up_bytes(sizeof(float) * kStatCount * m * plan.parts);
     plan.states_offset = plan.stats_bytes;
     plan.scalars_offset = plan.states_offset + round_up_bytes(sizeof(RowState) * B * plan.splits);
-    plan.total_bytes = plan.scalars_offset + round_up_bytes(sizeof(RowScalars) * B);
+    plan.workspace_bytes = plan.scalars_offset + round_up_bytes(sizeof(RowScalars) * B);
   }
+  return plan;
+}
+
+// ---- the launch cache: device properties, occupancy and plans, each queried or computed once --------------
+struct PlanKey {
+  int device;
+  DType dtype;
+  int64_t rows, m;
+  bool aligned;
+  bool operator==(const PlanKey& o) const {
+    return device == o.device && dtype == o.dtype && rows == o.rows && m == o.m && aligned == o.aligned;
+  }
+};
+
+struct OccupancyKey {
+  int device;
+  const void* fn;
+  int threads;
+  size_t smem;
+  bool operator==(const OccupancyKey& o) const {
+    return device == o.device && fn == o.fn && threads == o.threads && smem == o.smem;
+  }
+};
+
+inline size_t mix_hash(size_t h, size_t v) { return h ^ (v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2)); }
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    size_t h = std::hash<int64_t>()(k.rows);
+    h = mix_hash(h, std::hash<int64_t>()(k.m));
+    return mix_hash(h, static_cast<size_t>(k.device) * 8 + static_cast<size_t>(k.dtype) * 2 + (k.aligned ? 1 : 0));
+  }
+};
+
+struct OccupancyKeyHash {
+  size_t operator()(const OccupancyKey& k) const {
+    size_t h = std::hash<const void*>()(k.fn);
+    h = mix_hash(h, std::hash<size_t>()(k.smem));
+    return mix_hash(h, static_cast<size_t>(k.device) * 2048 + static_cast<size_t>(k.threads));
+  }
+};
+
+// Plans kept at most; past it the plans (not the device properties) are forgotten and recomputed as needed.
+constexpr size_t kMaxCachedPlans = 4096;
+
+struct LaunchCache {
+  std::mutex mutex;  // guards everything below
+  std::unordered_map<int, int> multiprocessors;  // device -> multiprocessor count
+  std::unordered_map<OccupancyKey, int, OccupancyKeyHash> occupancy;  // -> blocks per multiprocessor
+  std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
+};
+
+LaunchCache& launch_cache() {
+  static LaunchCache cache;
+  return cache;
+}
+
+int current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+// The plan of a call from the cache, computed (with the runtime queries it needs) on the first call only.
+Plan cached_plan(const FusedArgs& args) {
+  check_sizes(args.rows, args.classes);
+  const int device = args.device >= 0 ? args.device : current_device();
+  const PlanKey key{device, args.dtype, args.rows, args.classes, rows_aligned(args)};
+  LaunchCache& cache = launch_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const auto found = cache.plans.find(key);
+  if (found != cache.plans.end()) return found->second;
+  auto sms = cache.multiprocessors.find(device);
+  if (sms == cache.multiprocessors.end()) {
+    int count = 0;
+    check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    sms = cache.multiprocessors.emplace(device, count).first;
+  }
+  auto occupancy = [&](const void* fn, int threads, size_t smem, bool resident) {
+    const OccupancyKey okey{device, fn, threads, smem};
+    auto it = cache.occupancy.find(okey);
+    if (it == cache.occupancy.end()) {
+      it = cache.occupancy.emplace(okey, query_occupancy(fn, threads, smem, resident)).first;
+    }
+    return it->second;
+  };
+  Plan plan = make_plan(args.dtype, args.rows, args.classes, key.aligned, sms->second, occupancy);
+  plan.device = device;
+  if (cache.plans.size() >= kMaxCachedPlans) cache.plans.clear();
+  cache.plans.emplace(key, plan);
   return plan;
 }
 
@@ -1169,15 +1254,12 @@ template <typename T>
 FusedParams<T> make_params(const FusedArgs& args, const Plan& plan, void* workspace) {
   FusedParams<T> p;
   p.f = static_cast<const T*>(args.student);
-  p.f_stride = args.student_stride;
   p.g = static_cast<const T*>(args.teacher);
-  p.g_stride = args.teacher_stride;
   p.labels = args.labels;
   p.a = args.a;
   p.log_c = args.log_c;
   p.w = args.w;
   p.grad = static_cast<T*>(args.grad);
-  p.grad_stride = args.grad_stride;
   p.loss = args.loss;
   p.rows = args.rows;
   p.m = args.classes;
@@ -1243,17 +1325,17 @@ void run_fused(const FusedArgs& args, const Plan& plan, void* workspace, cudaStr
 }
 
 template <typename T>
-void run_scale_rows(void* grad, int64_t stride, const float* go, int64_t rows, int64_t cols, cudaStream_t stream) {
+void run_scale_rows(void* grad, const float* go, int64_t rows, int64_t cols, cudaStream_t stream) {
   constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
-  const bool vectorised = cols % kVec == 0 && stride % kVec == 0 && aligned(grad);
+  const bool vectorised = cols % kVec == 0 && aligned(grad);
   const int64_t vec = vectorised ? kVec : 1;
   const int64_t chunks = ceil_div(cols, static_cast<int64_t>(kScaleThreads) * kScaleVectorsPerThread * vec);
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
   T* g = static_cast<T*>(grad);
   if (vectorised) {
-    scale_rows_kernel<T, kVec><<<grid, kScaleThreads, 0, stream>>>(g, stride, go, cols);
+    scale_rows_kernel<T, kVec><<<grid, kScaleThreads, 0, stream>>>(g, go, cols);
   } else {
-    scale_rows_kernel<T, 1><<<grid, kScaleThreads, 0, stream>>>(g, stride, go, cols);
+    scale_rows_kernel<T, 1><<<grid, kScaleThreads, 0, stream>>>(g, go, cols);
   }
   check_cuda(cudaGetLastError(), "launching scale_rows_kernel");
 }
@@ -1271,12 +1353,27 @@ const char* dtype_name(DType dtype) {
 
 }  // namespace
 
-size_t fused_forward_workspace_bytes(const FusedArgs& args) { return make_plan(args).total_bytes; }
+LaunchPlan plan_fused_forward(const FusedArgs& args) { return cached_plan(args); }
 
-void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  const Plan plan = make_plan(args);
-  if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && (workspace == nullptr || !aligned(workspace)))) {
-    throw std::invalid_argument("rkd CUDA kernels: the workspace must hold " + std::to_string(plan.total_bytes) +
+void clear_launch_cache() {
+  LaunchCache& cache = launch_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.multiprocessors.clear();
+  cache.occupancy.clear();
+  cache.plans.clear();
+}
+
+void fused_forward(const FusedArgs& args, const LaunchPlan& plan, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream) {
+  // The plan sizes the grids, the workspace and the vector accesses: it must be this call's.
+  if (plan.rows != args.rows || plan.classes != args.classes || plan.dtype != args.dtype ||
+      (plan.vec > 1 && !rows_aligned(args))) {
+    throw std::invalid_argument("rkd CUDA kernels: the launch plan was made for other arguments (B, m, dtype or "
+                                "alignment); pass plan_fused_forward(args)");
+  }
+  if (workspace_bytes < plan.workspace_bytes ||
+      (plan.workspace_bytes > 0 && (workspace == nullptr || !aligned(workspace)))) {
+    throw std::invalid_argument("rkd CUDA kernels: the workspace must hold " + std::to_string(plan.workspace_bytes) +
                                 " bytes, 16-byte aligned; got " + std::to_string(workspace_bytes));
   }
   if (args.mass == nullptr || args.risk == nullptr || args.error == nullptr ||
@@ -1300,8 +1397,7 @@ void fused_forward(const FusedArgs& args, void* workspace, size_t workspace_byte
   }
 }
 
-void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_t rows, int64_t cols,
-                cudaStream_t stream) {
+void scale_rows(DType dtype, void* grad, const float* go, int64_t rows, int64_t cols, cudaStream_t stream) {
   if (rows < 0 || rows > INT_MAX || cols < 0) {
     throw std::invalid_argument("rkd CUDA kernels: scale_rows needs 0 <= rows <= INT_MAX and cols >= 0");
   }
@@ -1311,19 +1407,19 @@ void scale_rows(DType dtype, void* grad, int64_t stride, const float* go, int64_
   }
   switch (dtype) {
     case DType::kFloat32:
-      run_scale_rows<float>(grad, stride, go, rows, cols, stream);
+      run_scale_rows<float>(grad, go, rows, cols, stream);
       break;
     case DType::kFloat16:
-      run_scale_rows<__half>(grad, stride, go, rows, cols, stream);
+      run_scale_rows<__half>(grad, go, rows, cols, stream);
       break;
     default:
-      run_scale_rows<__nv_bfloat16>(grad, stride, go, rows, cols, stream);
+      run_scale_rows<__nv_bfloat16>(grad, go, rows, cols, stream);
       break;
   }
 }
 
 std::string fused_forward_path(const FusedArgs& args) {
-  const Plan plan = make_plan(args);
+  const Plan plan = cached_plan(args);
   std::string s = std::string(dtype_name(args.dtype)) + " B=" + std::to_string(args.rows) +
                   " m=" + std::to_string(args.classes) + " vec=" + std::to_string(plan.vec) + ": ";
   if (plan.resident) {
@@ -1335,7 +1431,7 @@ std::string fused_forward_path(const FusedArgs& args) {
          std::to_string(kRowThreads) + " threads, pass 2 " + std::to_string(plan.tiles) + " tiles x " +
          std::to_string(plan.grid) + " row groups x " + std::to_string(kTileThreads) + " threads";
   }
-  s += ", workspace " + std::to_string(plan.total_bytes) + " B";
+  s += ", workspace " + std::to_string(plan.workspace_bytes) + " B";
   return s;
 }
 

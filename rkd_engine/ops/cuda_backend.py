@@ -5,7 +5,10 @@ and the per-class ``mass``, ``risk`` and ``error`` of docs/loss.md, on the curre
 with no host synchronisation: rows of up to 4,096 classes are held in registers (a warp or a block per
 row; f and g read once), wider rows (up to ``MAX_CLASSES``) take an online-softmax pass and a second
 (column tile x row group) pass; per-class statistics are reduced per block and then column-summed in a
-fixed order. ``csrc/cuda/distill_kernels.cu`` states the math and the launch shapes.
+fixed order. ``csrc/cuda/distill_kernels.cu`` states the math and the launch shapes. The launch plan (path,
+block sizes, grids, workspace) is computed once per (device, dtype, B, m, row alignment) and cached in the
+extension, and the device's properties and the kernels' occupancy are queried once: a training loop's
+calls look the plan up and query nothing.
 
 The extension is imported on first use, so a checkout or installation without it still imports;
 ``unavailable_reason`` then says why the backend cannot run.
@@ -47,6 +50,18 @@ def _require() -> ModuleType:
     return module
 
 
+_cuda_seen = False
+
+
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, asked until it is true once (then remembered: a training loop's calls ask
+    the driver nothing)."""
+    global _cuda_seen
+    if not _cuda_seen:
+        _cuda_seen = torch.cuda.is_available()
+    return _cuda_seen
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str | None:
     """``None`` if the CUDA kernels can run (``device``, ``dtype``, ``m``) here, else why not."""
     device = torch.device(device)
@@ -60,7 +75,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, m: int) -> str 
         return f"the CUDA backend needs at least one class, got m={m}"
     if m > MAX_CLASSES:
         return f"m={m} classes is more than the CUDA kernels' limit of {MAX_CLASSES}"
-    if not torch.cuda.is_available():
+    if not _cuda_available():
         return "no CUDA GPU is available to this torch (CPU build, or no device visible)"
     if _load() is None:
         return f"the CUDA extension rkd_engine._C_cuda is not built: {_import_error}"
@@ -176,6 +191,6 @@ def scale_rows_(grad: Tensor, go: Tensor) -> None:
     _require().scale_rows_(grad, go)
 
 
-def fused_forward_path(student: Tensor, *, has_teacher: bool = True) -> str:
+def fused_forward_path(student: Tensor) -> str:
     """In words, the code path and launch shape the kernels take for a student like ``student`` (for benchmarks)."""
-    return _require().fused_forward_path(student, has_teacher=has_teacher)
+    return _require().fused_forward_path(student)

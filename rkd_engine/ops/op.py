@@ -120,7 +120,7 @@ def _forward(
         labels_checked = labels is None or on_cpu
         checks.enforce(
             validate, loss, student, teacher, teacher_is_probs, labels, a, ignore_index,
-            labels_checked=labels_checked, a_checked=a_checked,
+            labels_checked=labels_checked, a_checked=a_checked, loss_rows=loss_rows,
         )  # fmt: skip
     return loss, grad, mass, risk, error
 
