@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -43,9 +44,10 @@ def time_interleaved(
     """Per-call times in milliseconds of every method, measured in rounds (one call of each method per
     round, in turn) so that a shared machine's load changes hit every method alike; GPU: ``time_fn``.
 
-    Each round starts one method later than the one before, so every method follows every other equally
-    often: a method's call after another's leaves the caches and the allocator in that method's state (a
-    compiled graph's temporaries, say), and a fixed order would charge that to whichever method came next.
+    Each round runs the methods in a new random order (seeded), so every method follows every other about
+    equally often: a call leaves the caches and the allocator in its method's state (a compiled graph's
+    temporaries, say), and a fixed order, or a rotation of one, would charge that to whichever method
+    comes after it most.
     """
     if device == "cuda":
         return {name: time_fn(fn, device) for name, fn in methods.items()}
@@ -53,12 +55,13 @@ def time_interleaved(
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
+    order = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while rounds < min_reps or time.perf_counter() - start < min_seconds * len(methods):
         names = list(methods)
-        shift = rounds % len(names)
-        for name in names[shift:] + names[:shift]:
+        order.shuffle(names)
+        for name in names:
             t0 = time.perf_counter()
             methods[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -107,3 +107,9 @@ def fused_forward(
 def scale_rows_(grad: Tensor, go: Tensor) -> None:
     """``grad[i, :] *= go[i]`` in place; rows with ``go[i] == 1`` are neither read nor written."""
     _require().scale_rows_(grad, go)
+
+
+def sum_rows(loss: Tensor, factor: float) -> Tensor:
+    """``factor * loss.sum()`` as a 0-d tensor, summed in float64: the reduced loss of a call, without the
+    fixed cost of an ATen reduction (an optional entry point of the backend contract, see ``ops.op``)."""
+    return _require().sum_rows(loss, float(factor))

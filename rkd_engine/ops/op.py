@@ -108,14 +108,7 @@ def _forward(
             # The C++ kernel refuses a label outside [0, m) before it reads a row: name it as distill_loss does.
             checks.check_labels(labels, student.shape[-1], ignore_index)
         raise
-    if reduction == "mean" and scale is None and grad_scale == 1.0 / student.shape[0]:
-        loss = loss_rows.mean()  # every row counts: one operation instead of a sum and a multiply
-    elif reduction == "mean":
-        loss = loss_rows.sum().mul_(grad_scale if scale is None else scale)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows
+    loss = loss_rows if reduction == "none" else _reduce(loss_rows, reduction, grad_scale, scale, backend)
     if validate != "off":
         labels_checked = labels is None or on_cpu
         checks.enforce(
@@ -123,6 +116,18 @@ def _forward(
             labels_checked=labels_checked, a_checked=a_checked, loss_rows=loss_rows,
         )  # fmt: skip
     return loss, grad, mass, risk, error
+
+
+def _reduce(loss_rows: Tensor, reduction: str, grad_scale: float, scale: Tensor | None, backend: str) -> Tensor:
+    """The reduced loss: ``sum`` of the rows, times the mean's divisor. A backend may provide ``sum_rows``
+    (the C++ one does: one call instead of an ATen reduction and a multiply)."""
+    if reduction == "mean" and scale is not None:
+        return loss_rows.sum().mul_(scale)
+    factor = grad_scale if reduction == "mean" else 1.0
+    sum_rows = getattr(backend_module(backend), "sum_rows", None)
+    if sum_rows is not None:
+        return sum_rows(loss_rows, factor)
+    return loss_rows.sum() if factor == 1.0 else loss_rows.sum().mul_(factor)
 
 
 @torch.library.custom_op("rkd::distill", mutates_args=())
