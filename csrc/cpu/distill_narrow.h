@@ -263,6 +263,9 @@ void narrow_group(const FusedArgs& args, const Consts<VT>& c, int64_t i0, const 
   using T = typename VT::T;
   constexpr int W = VT::W;
   Lanes<T, W> ln;
+  if (NeedGrad && i0 + 2 * W <= args.rows) {  // the next group's gradient rows (see row_kernel)
+    prefetch_for_write(static_cast<In*>(args.grad) + (i0 + W) * c.m, W * c.m * static_cast<int64_t>(sizeof(In)));
+  }
   gather_rows<VT>(static_cast<const In*>(args.student) + i0 * c.m, c.m, b.F, b);
   if (Soft) gather_rows<VT>(static_cast<const In*>(args.teacher) + i0 * c.m, c.m, b.G, b);
   narrow_maxima<VT, Soft, Probs>(b, c, ln);

@@ -630,6 +630,13 @@ RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Cons
   return loss_in_b<Tau1, HasW>() ? VT::hsum(lsum) : T(0);
 }
 
+// Prefetches [p, p + bytes) into the caches with the intent to write it, one cache line at a time.
+inline void prefetch_for_write(const void* p, int64_t bytes) {
+  constexpr int64_t kLine = 64;
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += kLine) __builtin_prefetch(c + off, 1, 3);
+}
+
 // Whether a row of teacher probabilities is one (from pass A's sums, no extra pass): no negative entry, and
 // a sum within `tol` of 1 (a NaN or an infinity makes the sum fail too).
 template <class T>
@@ -691,6 +698,9 @@ void row_kernel(const FusedArgs& args, const Consts<VT>& c, int64_t i, typename 
   // Non-temporal gradient stores need every vector aligned: true when the row start is.
   io.stream =
       NeedGrad && args.stream_grad && reinterpret_cast<uintptr_t>(io.grad) % VT::template stream_align<In>() == 0;
+  // The next gradient row, held whole, is fetched for writing now: its lines are not in any cache
+  // when the caller's memory is fresh, and stores that miss stall the row once the store buffer fills.
+  if (NeedGrad && !io.stream && c.ntiles == 1) prefetch_for_write(io.grad + next, m * static_cast<int64_t>(sizeof(In)));
 
   RowA<T> ra = pass_a<VT, In, Soft, Probs, Tau1, NeedGrad, HasW>(io, c);
   const RowScalars<T> rs = row_scalars<VT, In, Soft, Probs, Tau1, HasW>(ra, io, c, a_i, y);
