@@ -124,8 +124,24 @@ struct VecAvx2 {
   static inline void store_out_stream(bf16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(a)); }
   static inline void store_out_stream(fp16_t* p, V a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_fp16(a)); }
   static inline void stream_fence() { _mm_sfence(); }
-  // float rows: masked loads and stores (no lane outside [0, count) is touched, none faults).
-  static inline void store_out_partial(float* p, V a, int64_t count) { _mm256_maskstore_ps(p, first_mask(count), a); }
+  // float rows: a masked load and piecewise stores (no lane outside [0, count) is touched, none faults).
+  // count < W floats: 4, 2 and 1 at a time (a masked 256-bit store is microcoded and slow on some AMD cores).
+  static inline void store_out_partial(float* p, V a, int64_t count) {
+    __m128 part = _mm256_castps256_ps128(a);
+    if (count >= 4) {
+      _mm_storeu_ps(p, part);
+      part = _mm256_extractf128_ps(a, 1);
+      p += 4;
+      count -= 4;
+    }
+    if (count >= 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+      part = _mm_movehl_ps(part, part);
+      p += 2;
+      count -= 2;
+    }
+    if (count >= 1) _mm_store_ss(p, part);
+  }
   static inline V load_in_partial(const float* p, int64_t count, float pad) {
     const __m256i k = first_mask(count);
     return _mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, k), _mm256_castsi256_ps(k));

@@ -34,7 +34,8 @@ struct Consts {
   T gs;  // grad_scale
 };
 
-// Tile k of a row: its first class, its length and that length padded to kPad.
+// Tile k of a row: its first class, its length and that length padded to the vector width (the buffers
+// hold kPad multiples; a whole vector of padding past the last partial one would only be extra work).
 struct TileSpan {
   int64_t off;
   int64_t n;
@@ -45,7 +46,7 @@ template <class VT>
 RKD_ALWAYS_INLINE TileSpan tile_span(const Consts<VT>& c, int64_t k) {
   const int64_t off = k * c.tile;
   const int64_t n = c.m - off < c.tile ? c.m - off : c.tile;
-  return {off, n, round_up(n, kPad)};
+  return {off, n, round_up(n, VT::W)};
 }
 
 // Running sums of pass A, in the frames described in distill_cpu.cpp.
