@@ -631,7 +631,9 @@ RKD_ALWAYS_INLINE typename VT::T soft_pass_b(const RowIO<VT, In>& io, const Cons
   return loss_in_b<Tau1, HasW>() ? VT::hsum(lsum) : T(0);
 }
 
-// Prefetches [p, p + bytes) into the caches with the intent to write it, one cache line at a time.
+// Prefetches [p, p + bytes) into the caches, one cache line at a time: a write prefetch (PREFETCHW) where
+// the compile target has one, a plain prefetch otherwise, which still spares the later stores a fetch
+// from memory.
 inline void prefetch_for_write(const void* p, int64_t bytes) {
   constexpr int64_t kLine = 64;
   const char* c = static_cast<const char*>(p);

@@ -82,8 +82,7 @@ def fused_forward(
     are invalid gets a NaN loss, whatever its ``a`` (``rkd_engine.ops.checks``: the call's status); ``prob_tol``
     (default ``checks.PROB_SUM_TOL`` of the dtype) is how far a row of teacher probabilities may sum from 1.
     """
-    if scale is not None:
-        grad_scale = float(grad_scale) * float(scale)
+    grad_scale = host_grad_scale(grad_scale, scale)
     return tuple(
         _require().fused_forward(
             student,
@@ -102,6 +101,11 @@ def fused_forward(
             ignore_index=int(ignore_index),
         )
     )
+
+
+def host_grad_scale(grad_scale: float, scale: Tensor | None) -> float:
+    """``grad_scale`` times ``scale`` (a 0-d CPU tensor, read on the host: free on CPU) when given."""
+    return float(grad_scale) if scale is None else float(grad_scale) * float(scale)
 
 
 def scale_rows_(grad: Tensor, go: Tensor) -> None:

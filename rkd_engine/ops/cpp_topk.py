@@ -32,8 +32,7 @@ def topk_forward(
     scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` as ``rkd_engine.ops.topk.sparse_topk_forward`` says."""
-    if scale is not None:  # a 0-d CPU tensor: reading it is free
-        grad_scale = float(grad_scale) * float(scale)
+    grad_scale = cpp_backend.host_grad_scale(grad_scale, scale)
     return tuple(
         cpp_backend._require().topk_forward(
             student, indices, probs, labels, a, log_c, w, tau=float(tau), uniform=bool(uniform),

@@ -87,8 +87,9 @@ def _forward(
     grad_scale, scale = 1.0, None
     if reduction == "mean":
         grad_scale, scale = _mean_scale(student, labels, ignore_index, normalizer, normalizer_t)
+    module = backend_module(backend)
     try:
-        loss_rows, grad, mass, risk, error = backend_module(backend).fused_forward(
+        loss_rows, grad, mass, risk, error = module.fused_forward(
             student,
             teacher,
             labels,
@@ -108,7 +109,7 @@ def _forward(
             # The C++ kernel refuses a label outside [0, m) before it reads a row: name it as distill_loss does.
             checks.check_labels(labels, student.shape[-1], ignore_index)
         raise
-    loss = loss_rows if reduction == "none" else _reduce(loss_rows, reduction, grad_scale, scale, backend)
+    loss = loss_rows if reduction == "none" else _reduce(loss_rows, reduction, grad_scale, scale, module)
     if validate != "off":
         labels_checked = labels is None or on_cpu
         checks.enforce(
@@ -118,13 +119,13 @@ def _forward(
     return loss, grad, mass, risk, error
 
 
-def _reduce(loss_rows: Tensor, reduction: str, grad_scale: float, scale: Tensor | None, backend: str) -> Tensor:
-    """The reduced loss: ``sum`` of the rows, times the mean's divisor. A backend may provide ``sum_rows``
-    (the C++ one does: one call instead of an ATen reduction and a multiply)."""
+def _reduce(loss_rows: Tensor, reduction: str, grad_scale: float, scale: Tensor | None, module) -> Tensor:
+    """The reduced loss: ``sum`` of the rows, times the mean's divisor. The backend ``module`` may provide
+    ``sum_rows`` (the C++ one does: one call instead of an ATen reduction and a multiply)."""
     if reduction == "mean" and scale is not None:
         return loss_rows.sum().mul_(scale)
     factor = grad_scale if reduction == "mean" else 1.0
-    sum_rows = getattr(backend_module(backend), "sum_rows", None)
+    sum_rows = getattr(module, "sum_rows", None)
     if sum_rows is not None:
         return sum_rows(loss_rows, factor)
     return loss_rows.sum() if factor == 1.0 else loss_rows.sum().mul_(factor)
