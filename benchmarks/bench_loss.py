@@ -9,6 +9,11 @@ gradient); a two-pass kernel over rows too wide for the chip moves ``5 x``.
 
     python benchmarks/bench_loss.py                      # the issue's shapes for the device present
     python benchmarks/bench_loss.py --device cpu --shapes 4096x1000 --dtypes float32
+    python benchmarks/bench_loss.py --logit-scale 20     # peaked rows, as a trained model gives (see below)
+
+``--logit-scale S`` multiplies both models' logits (standard deviations 2 and 3) by ``S``: at 20 a row's
+spread is some 100, so most of its probabilities lie far below float32's smallest normal number, where a
+kernel that makes subnormal intermediates slows down severalfold on many x86 cores.
 
 Writes ``benchmarks/results/bench_loss_<device>.csv`` and ``.json`` and a plot ``.png``.
 """
@@ -81,10 +86,10 @@ def copy_bandwidth(device: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------- methods
-def make_case(rows: int, m: int, dtype: torch.dtype, device: str, seed: int = 0):
+def make_case(rows: int, m: int, dtype: torch.dtype, device: str, seed: int = 0, logit_scale: float = 1.0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    f = (torch.randn(rows, m, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_()
-    g = (torch.randn(rows, m, generator=gen) * 3).to(device=device, dtype=dtype)
+    f = (torch.randn(rows, m, generator=gen) * (2 * logit_scale)).to(device=device, dtype=dtype).requires_grad_()
+    g = (torch.randn(rows, m, generator=gen) * (3 * logit_scale)).to(device=device, dtype=dtype)
     lam = torch.softmax(torch.randn(m, generator=gen), 0)
     pi_t = torch.softmax(torch.randn(m, generator=gen), 0)
     costs = (lam / pi_t).to(device)
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. eager,rkd-cpp")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--logit-scale", type=float, default=1.0, help="multiply both models' logits (20: peaked rows)")
     parser.add_argument("--peak-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
@@ -186,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / f"bench_loss_{device}{'_' + args.tag if args.tag else ''}"
     for rows, m in shapes:
         for dtype in dtypes:
-            f, g, costs = make_case(rows, m, dtype, device)
+            f, g, costs = make_case(rows, m, dtype, device, logit_scale=args.logit_scale)
             methods = methods_for(device, f, g, costs)
             if args.methods:
                 keep = set(args.methods.split(",")) | {"eager"}
                 methods = {k: v for k, v in methods.items() if k in keep}
             errors = check_agreement(methods, f)
-            peaks = cpu_peaks(rows, m, dtype, list(methods)) if device == "cpu" else {}
+            peaks = cpu_peaks(rows, m, dtype, list(methods), args.logit_scale) if device == "cpu" else {}
             results = {}
             all_times = time_interleaved(methods, device)
             for name, fn in methods.items():
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rows": rows,
                     "m": m,
                     "dtype": str(dtype).replace("torch.", ""),
+                    "logit_scale": args.logit_scale,
                     "method": name,
                     "median_ms": round(med, 4),
                     "p10_ms": round(q[0], 4),
@@ -247,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cpu_peaks(rows: int, m: int, dtype: torch.dtype, names: list[str]) -> dict[str, int | None]:
+def cpu_peaks(rows: int, m: int, dtype: torch.dtype, names: list[str], logit_scale: float) -> dict[str, int | None]:
     """Peak resident memory of one call of each method, measured in a child process that returns large
     buffers to the system when they are freed (see ``_common.PeakMemory``)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, __file__, "--peak-child", "--device", "cpu", "--shapes", f"{rows}x{m}"]
     cmd += ["--dtypes", str(dtype).replace("torch.", ""), "--methods", ",".join(names)]
+    cmd += ["--logit-scale", str(logit_scale)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"peak memory child failed: {proc.stderr[-500:]}", file=sys.stderr)
@@ -262,7 +270,7 @@ def cpu_peaks(rows: int, m: int, dtype: torch.dtype, names: list[str]) -> dict[s
 
 def _peak_child(args) -> int:
     (rows, m), dtype = args.shapes[0], getattr(torch, args.dtypes)
-    f, g, costs = make_case(rows, m, dtype, "cpu")
+    f, g, costs = make_case(rows, m, dtype, "cpu", logit_scale=args.logit_scale)
     methods = methods_for("cpu", f, g, costs)
     peaks = {}
     for name in args.methods.split(","):

@@ -434,6 +434,38 @@ def test_narrow_path_flags_bad_teacher_rows(isa):
     assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(16) != 3]).all()
 
 
+@pytest.mark.parametrize("option", ["labels-only", "mix"])
+@pytest.mark.parametrize("m", [10, 100, 1001])
+def test_subnormal_results_are_flushed(isa, tiling, option, m):
+    """The kernels flush subnormal results to zero (distill_kernel.h, FlushToZero): on many x86 cores each
+    one costs a microcode assist. Very peaked rows (exp(u) at its floor of 2^-125 for most classes) and
+    the padding lanes of a row's last partial vector would otherwise make them in every row; the gradient
+    still matches the reference (the flushed values lie below float32's smallest normal number)."""
+    f, t, y, a, log_c, w = _case(64, m, torch.float32, **OPTIONS[option])
+    f = f * 300  # a logit spread of some 1000: exp(u) and the teacher's p underflow for most classes
+    t = None if t is None else t * 300
+    out = _check((f, t, y, a, log_c, w), torch.float32, grad_scale=1.0 / 64)
+    grad = out[1]
+    assert int(((grad != 0) & (grad.abs() < torch.finfo(torch.float32).tiny)).sum()) == 0
+    if m > 10:
+        assert int((grad == 0).sum()) > 0  # the flushed classes are there
+
+
+def test_caller_float_mode_is_restored():
+    """The flush-to-zero mode is the kernels' own: after a call (one thread, or the caller's thread inside
+    a parallel region) the caller's arithmetic makes subnormal numbers again."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            f, t, y, a, log_c, w = _case(4096 if n > 1 else 8, 100, torch.float32)
+            _run(f, t, y, a, log_c, w, gamma=2.0, tau=1.0, probs=False)
+            tiny = torch.tensor(1e-30) * torch.tensor(1e-10)
+            assert 0 < tiny.item() < torch.finfo(torch.float32).tiny
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_set_narrow_max_rejects_bad_values():
     before = _C.get_narrow_max()
     with pytest.raises(RuntimeError, match="narrow_max must be in"):

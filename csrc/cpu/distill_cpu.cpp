@@ -268,6 +268,7 @@ void run_blocks(const FusedArgs& args, const Workspace& ws, RowsFn fn) {
   std::vector<int64_t> bad_rows(static_cast<size_t>(ws.blocks), -1);
   std::atomic<int64_t> next_block{0};
   auto work = [&](int64_t begin, int64_t end) {
+    const FlushToZero ftz;  // no subnormal results, no microcode assists (distill_kernel.h)
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t b = next_block.fetch_add(1); b < ws.blocks; b = next_block.fetch_add(1)) {
         char* st = ws.stats + b * 3 * m_pad * elem;
@@ -398,6 +399,7 @@ void scale_rows_(const at::Tensor& grad, const at::Tensor& go) {
     }
     const int64_t count = static_cast<int64_t>(todo.size());
     auto scale = [&](int64_t begin, int64_t end) {
+      const FlushToZero ftz;
       for (int64_t k = begin; k < end; ++k) fn(base + todo[k] * row_bytes, m, static_cast<double>(g[todo[k]]));
     };
     if (count * m < kMinParallelWork) {

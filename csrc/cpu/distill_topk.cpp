@@ -151,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_forw
   std::vector<int64_t> bad_rows(static_cast<size_t>(blocks), -1), bad_index(static_cast<size_t>(blocks), -1);
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t begin, int64_t end) {
+    const FlushToZero ftz;  // see distill_kernel.h
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) {
         char* acc_b = stats + b * 3 * m_pad * elem;
