@@ -44,7 +44,7 @@ constexpr int64_t kScratchBuffers = 4;
 // Narrow rows (distill_narrow.h): calls with at most kNarrowMax classes (by default; distill_cpu.cpp may
 // change it) take W rows at a time, one per vector lane, through kNarrowBuffers column blocks of
 // round_up(m, kPad) x kNarrowLanes values of scratch (kNarrowLanes: the widest vector of any kernel).
-constexpr int64_t kNarrowMax = 40;  // measured on AVX2: beyond it the row kernel is as fast
+constexpr int64_t kNarrowMax = 40;  // measured on AVX2 and AVX-512: beyond it the row kernel is as fast
 constexpr int64_t kNarrowLimit = 1024;  // the largest narrow_max accepted (bounds the scratch)
 constexpr int64_t kNarrowLanes = 16;
 constexpr int64_t kNarrowBuffers = 8;
