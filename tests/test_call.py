@@ -135,3 +135,26 @@ def test_eager_autograd_path_packs_and_unpacks_the_op_arguments():
     assert _unpack(_pack(args)) == args
     short = tuple(range(12))
     assert _unpack(_pack(short)) == short + (-100, 0.0, None, "off", False)
+
+
+@pytest.mark.parametrize("validate", [True, "async"])
+def test_class_value_checks_follow_validate(monkeypatch, validate):
+    """The (m,) costs and weights are checked as ``validate`` asks: ``"async"`` off the CPU enqueues a device
+    assertion and reads nothing on the host (a CUDA training loop, or a CUDA graph capture, must not
+    synchronise); meta tensors, which hold no values, are not read at all; on CPU every mode reads (free
+    there) and names the argument."""
+    enqueued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg="": enqueued.append((ok.device.type, msg)))
+    meta = dict(device="meta")
+    f = torch.randn(8, 5, requires_grad=True, **meta)
+    out = distill_loss(
+        f, teacher_logits=torch.randn(8, 5, **meta), class_costs=torch.rand(5, **meta),
+        class_weights=torch.rand(5, **meta), validate=validate, backend="reference",
+    )  # fmt: skip
+    assert out.loss.device.type == "meta"
+    names = [msg.split(" must ")[0] for _, msg in enqueued if msg.startswith("rkd: class_")]
+    assert names == (["rkd: class_costs", "rkd: class_weights"] if validate == "async" else [])
+    for bad, name in ((dict(class_costs=torch.tensor([1.0, -1, 1, 1, 1])), "class_costs"),
+                      (dict(class_weights=torch.tensor([1.0, float("nan"), 1, 1, 1])), "class_weights")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            distill_loss(torch.randn(8, 5), teacher_logits=torch.randn(8, 5), validate=validate, **bad)

@@ -8,9 +8,11 @@ with one set of messages (which argument, what was expected, what was given), no
 op takes (int64 labels, the per-row ``a`` in the accumulation dtype, ``log c``) and returns a frozen
 ``FusedCall``. The backends keep only the guards that protect memory.
 
-The value checks of the (m,) costs and weights run here (one host read, skipped when ``validate=False``
-or while compiling); the value checks of the (B, m) inputs are read from the kernel's status
-(``rkd_engine.ops.checks``), or run here for the ops that have no status (``host_checks=True``).
+The value checks of the (m,) costs and weights run here, as ``validate`` asks: one host read under
+``"sync"`` (and on CPU, where reads are free), a device-side assertion under ``"async"`` (no host
+synchronisation), nothing when ``validate=False``, while compiling or on meta tensors. The value checks
+of the (B, m) inputs are read from the kernel's status (``rkd_engine.ops.checks``), or run here for the
+ops that have no status (``host_checks=True``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,23 @@ def _class_values_fail(name: str, t: Tensor, *, positive: bool) -> None:
     raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} everywhere")
 
 
+def _check_class_values(ok: Tensor, mode: str, name: str, t: Tensor, *, positive: bool) -> None:
+    """Whether the (m,) class values ``t`` passed (``ok``, a 0-d bool tensor), read as ``mode`` asks.
+
+    ``"async"`` off the CPU enqueues a device assertion (no host synchronisation: the error surfaces at a
+    later one, without the details); meta tensors hold no values, so nothing is read; otherwise one host
+    read, and the precise error (``_class_values_fail``) when it failed.
+    """
+    if mode == "off":
+        return
+    if mode == "async" and ok.device.type != "cpu":
+        expected = "> 0" if positive else ">= 0"
+        torch._assert_async(ok, f"rkd: {name} must be finite and {expected} (run with validate=True for details)")
+        return
+    if ok.device.type != "meta" and not bool(ok):
+        _class_values_fail(name, t, positive=positive)
+
+
 def check_normalizer(normalizer: object, reduction: str, device: torch.device) -> tuple[float, Tensor | None]:
     """``normalizer`` as the op takes it: ``(value, None)`` for a number (0.0: none given) or ``(0.0, t)``
     for a one-element tensor ``t`` (moved to ``device``, never read on the host)."""
@@ -256,30 +275,29 @@ def _remember_log_costs(t: Tensor, acc: torch.dtype, checked: bool, log_c: Tenso
     _last_log_costs = (weakref.ref(t), t._version, acc, checked, log_c)
 
 
-def _log_costs(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool) -> Tensor:
-    """``log c`` of the class costs; ``log c`` is finite exactly when ``c`` is finite and > 0, so the value
-    check reads one flag of the result (no pass of its own). The costs of the previous call, unchanged
-    (the same tensor, not written since), are not read again."""
+def _log_costs(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, mode: str) -> Tensor:
+    """``log c`` of the class costs, checked as ``mode`` asks (``_check_class_values``); ``log c`` is finite
+    exactly when ``c`` is finite and > 0, so the check reads one flag of the result (no pass of its own).
+    The costs of the previous call, unchanged (the same tensor, not written since), are not read again."""
     t = check_companion("class_costs", t, (m,), device, ref)
+    check = mode != "off"
     remembered = _remembered_log_costs(t, acc, check)
     if remembered is not None:
         return remembered
     log_c = torch.log(t if t.dtype == acc else t.to(acc))
-    # The sum of m logs of finite floats cannot overflow, so it is finite exactly when every log c is: one
-    # reduction and one host read (on CPU, where the read is free, that is all of the check).
-    if check and not math.isfinite(float(log_c.sum())):
-        _class_values_fail("class_costs", t, positive=True)
+    # The sum of m logs of finite floats cannot overflow, so it is finite exactly when every log c is.
+    _check_class_values(torch.isfinite(log_c.sum()), mode, "class_costs", t, positive=True)
     _remember_log_costs(t, acc, check, log_c)
     return log_c
 
 
-def _weights(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, check: bool) -> Tensor:
-    """The class weights in ``acc``: finite and >= 0 (their smallest and largest value, one host read)."""
+def _weights(t: object, m: int, device: torch.device, acc: torch.dtype, ref: str, mode: str) -> Tensor:
+    """The class weights in ``acc``, checked as ``mode`` asks: finite and >= 0 (their smallest and largest
+    value; a NaN fails both comparisons)."""
     t = check_companion("class_weights", t, (m,), device, ref)
-    if check:
-        low, high = torch.stack(torch.aminmax(t)).tolist()
-        if not (low >= 0 and high < math.inf):  # False for a NaN
-            _class_values_fail("class_weights", t, positive=False)
+    if mode != "off":
+        low, high = torch.aminmax(t)
+        _check_class_values((low >= 0) & (high < math.inf), mode, "class_weights", t, positive=False)
     return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
 
 
@@ -319,7 +337,8 @@ def describe_call(
     gamma = positive_number("temperature", temperature)
     tau = positive_number("student_temperature", student_temperature)
     mode = checks.normalize_validate(validate)
-    check = mode != "off" and not torch.compiler.is_compiling()
+    value_mode = "off" if torch.compiler.is_compiling() else mode  # how the (m,) class values are checked
+    check = value_mode != "off"
     acc = acc_dtype(dtype)
     if labels is not None:
         labels = _check_labels(labels, rows, device, ref)
@@ -346,8 +365,8 @@ def describe_call(
             raise ValueError("teacher_weight must lie in [0, 1] in every row")
     log_c = log_costs
     if log_c is None and class_costs is not None:
-        log_c = _log_costs(class_costs, m, device, acc, ref, check)
-    w = None if class_weights is None else _weights(class_weights, m, device, acc, ref, check)
+        log_c = _log_costs(class_costs, m, device, acc, ref, value_mode)
+    w = None if class_weights is None else _weights(class_weights, m, device, acc, ref, value_mode)
     name = select_backend(backend, device, dtype, m)
     return FusedCall(
         rows, m, device, dtype, acc, labels, a, a_const, log_c, w, gamma, tau, reduction, ignore_index,
