@@ -23,7 +23,8 @@ for stage in "$@"; do
       ;;
     tests)
       files=$(ls tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_dro.py \
-        tests/test_ignore_index.py tests/test_validate.py tests/test_autograd_edges.py tests/test_wide.py 2>/dev/null)
+        tests/test_ignore_index.py tests/test_validate.py tests/test_autograd_edges.py tests/test_wide.py \
+        tests/test_cuda_graphs.py 2>/dev/null)
       RKD_TEST_LARGE=1 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider $files 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -25
       ;;

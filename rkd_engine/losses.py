@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from rkd_engine.dro import ClassDRO
 from rkd_engine.ops.call import (
     FusedCall,
+    capturing,
     check_companion,
     check_reduction,
     check_scores,
@@ -345,8 +346,9 @@ class RobustDistillationLoss(nn.Module):
     def _log_costs(self, acc: torch.dtype, device: torch.device) -> Tensor | None:
         """``log c`` in ``acc`` on ``device``, kept between DRO updates and prior changes: rebuilt only when
         the DRO state's tensors were replaced (``.to(device)``) or changed in place (their version counters).
-        ``None`` for ``"standard"`` (no costs) and while ``torch.compile`` traces (computed in the graph)."""
-        if self.objective == "standard" or torch.compiler.is_compiling() or device.type == "meta":
+        ``None`` for ``"standard"`` (no costs), and while ``torch.compile`` traces or a CUDA graph is captured
+        (computed in the graph, so that each replay reads the current DRO weights: ``ops.call.capturing``)."""
+        if self.objective == "standard" or torch.compiler.is_compiling() or device.type == "meta" or capturing():
             return None
         weights, prior = self.dro.weights, self.dro.prior
         if weights.device != device:

@@ -158,3 +158,25 @@ def test_class_value_checks_follow_validate(monkeypatch, validate):
                       (dict(class_weights=torch.tensor([1.0, float("nan"), 1, 1, 1])), "class_weights")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             distill_loss(torch.randn(8, 5), teacher_logits=torch.randn(8, 5), validate=validate, **bad)
+
+
+def test_no_cached_log_costs_while_a_cuda_graph_is_captured(monkeypatch):
+    """While a CUDA stream is captured, ``log c`` is computed in the call (so in the graph) and not kept:
+    a replay re-runs only the graph's kernels, so a cached tensor would keep the costs of capture time
+    after later DRO updates. The capture is simulated here (the check is ``ops.call.capturing``)."""
+    costs = torch.tensor([1.0, 2.0, 0.5, 4.0, 1.0])
+    first = _describe(class_costs=costs).log_c
+    assert _describe(class_costs=costs).log_c is first  # eager: kept
+    loss_fn = RobustDistillationLoss(5, "robust")
+    assert loss_fn._log_costs(torch.float32, torch.device("cpu")) is not None  # eager: kept between updates
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = _describe(class_costs=costs).log_c
+    assert captured is not first
+    torch.testing.assert_close(captured, first)
+    assert _describe(class_costs=costs).log_c is not captured  # not remembered either
+    assert loss_fn._log_costs(torch.float32, torch.device("cpu")) is None  # distill_loss computes it
+    f = torch.randn(4, 5, requires_grad=True)
+    g = torch.randn(4, 5)
+    want = distill_loss(f, teacher_logits=g, class_costs=loss_fn.costs.detach(), backend="cpp")
+    torch.testing.assert_close(loss_fn(f, teacher_logits=g).loss, want.loss)

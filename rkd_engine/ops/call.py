@@ -251,6 +251,14 @@ def _teacher_weight(
     return constant_rows(rows, a_const, acc, device), a_const
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph. A captured call must not use a
+    tensor cached by an earlier call for values that can change between replays (``log c`` of the class
+    costs after a DRO update): a replay re-runs only the graph's kernels, never the Python that would
+    refresh such a cache, so captured calls compute those values inside the graph instead."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 # ``log c`` of the last class-cost tensor seen: (a weak reference to it, its version counter, the
 # accumulation dtype, whether it was checked, log c). A training loop passes the same costs every step.
 _last_log_costs: tuple | None = None
@@ -260,7 +268,7 @@ def _remembered_log_costs(t: Tensor, acc: torch.dtype, check: bool) -> Tensor | 
     """``log c`` of ``t`` computed (and checked, if ``check``) by an earlier call, if ``t`` has not changed
     since (same tensor, same version counter); else ``None``."""
     last = _last_log_costs
-    if last is None or torch.compiler.is_compiling():
+    if last is None or torch.compiler.is_compiling() or capturing():
         return None
     ref, version, last_acc, checked, log_c = last
     if ref() is not t or last_acc != acc or (check and not checked) or t.is_inference() or t._version != version:
@@ -270,8 +278,8 @@ def _remembered_log_costs(t: Tensor, acc: torch.dtype, check: bool) -> Tensor | 
 
 def _remember_log_costs(t: Tensor, acc: torch.dtype, checked: bool, log_c: Tensor) -> None:
     global _last_log_costs
-    if torch.compiler.is_compiling() or t.requires_grad or t.is_inference() or type(t) is not Tensor:
-        return  # a traced, differentiable or versionless tensor is not kept
+    if torch.compiler.is_compiling() or t.requires_grad or t.is_inference() or type(t) is not Tensor or capturing():
+        return  # a traced, differentiable, versionless or graph-captured tensor is not kept
     _last_log_costs = (weakref.ref(t), t._version, acc, checked, log_c)
 
 
