@@ -501,3 +501,77 @@ def test_masked_student_and_teacher_columns(isa, tiling, m, weights):
     for stat in out[2:]:
         assert torch.all(stat[1::2] == 0)
     assert torch.all(out[1][:, 1::2].abs() < 1e-30)  # s there is the clamped exp, about 2e-38
+
+
+@pytest.fixture
+def reuse_small(monkeypatch):
+    """Gradient memory kept and reused at any size (the default starts at 8 MiB), this thread's cache empty."""
+    monkeypatch.setattr(cpp_backend, "REUSE_GRAD_BYTES", 0)
+    cpp_backend.release_buffers()
+    yield
+    cpp_backend.release_buffers()
+
+
+def _step_grad(f, g, costs):
+    from rkd_engine import distill_loss
+
+    f.grad = None
+    distill_loss(f, teacher_logits=g, class_costs=costs, backend="cpp").loss.backward()
+    return f.grad
+
+
+def test_gradient_memory_is_reused_once_dropped(reuse_small):
+    """A training loop drops each step's gradient before the next step: the next call writes the same memory
+    (no fresh allocation to fault in), and every step's gradient is the reference's."""
+    torch.manual_seed(0)
+    f = torch.randn(16, 30, requires_grad=True)
+    costs = torch.rand(30) + 0.5
+    pointers = []
+    for _ in range(4):
+        g = torch.randn(16, 30)
+        got = _step_grad(f, g, costs).clone()
+        pointers.append(f.grad.data_ptr())
+        want = torch.autograd.grad(
+            reference.loss_rows(f, teacher=g, a=torch.ones(16), gamma=1.0, log_c=costs.log()).mean(), f
+        )[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert len(set(pointers[1:])) == 1  # from the second step on, one buffer
+
+
+def test_gradient_memory_in_use_is_never_written(reuse_small):
+    """Memory some tensor still uses is not reused: a kept gradient, a view of it, an alias (detach), or a
+    graph not yet backpropagated (its saved gradient)."""
+    torch.manual_seed(1)
+    f = torch.randn(8, 12, requires_grad=True)
+    costs = torch.rand(12) + 0.5
+    for keep in (lambda t: t, lambda t: t.view(-1), lambda t: t.detach()):
+        held = keep(_step_grad(f, torch.randn(8, 12), costs))
+        before = held.clone()
+        _step_grad(f, torch.randn(8, 12), costs)  # drops f.grad; `held` still uses its memory
+        assert torch.equal(held, before)
+        del held
+    from rkd_engine import distill_loss
+
+    g1, g2 = torch.randn(8, 12), torch.randn(8, 12)
+    f.grad = None
+    pending = distill_loss(f, teacher_logits=g1, class_costs=costs, backend="cpp").loss  # graph saves its gradient
+    distill_loss(f, teacher_logits=g2, class_costs=costs, backend="cpp")  # must not write that gradient
+    pending.backward()
+    want = torch.autograd.grad(
+        reference.loss_rows(f, teacher=g1, a=torch.ones(8), gamma=1.0, log_c=costs.log()).mean(), f
+    )[0]
+    torch.testing.assert_close(f.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_release_buffers_drops_the_kept_memory(reuse_small):
+    """``release_buffers`` forgets the kept memory; a storage the caller still holds is never reused."""
+    f = torch.randn(8, 12, requires_grad=True)
+    costs = torch.rand(12) + 0.5
+    _step_grad(f, torch.randn(8, 12), costs)
+    held = f.grad.untyped_storage()  # the caller keeps the gradient's memory, not the tensor
+    before = torch.frombuffer(bytearray(bytes(held)), dtype=torch.float32).clone()
+    _step_grad(f, torch.randn(8, 12), costs)
+    assert torch.equal(torch.frombuffer(bytearray(bytes(held)), dtype=torch.float32), before)
+    assert cpp_backend._buffers.grad is not None
+    cpp_backend.release_buffers()
+    assert cpp_backend._buffers.grad is None

@@ -9,6 +9,8 @@ installation without it still imports; ``unavailable_reason`` then says why the 
 from __future__ import annotations
 
 import importlib
+import sys
+import threading
 from types import ModuleType
 
 import torch
@@ -83,24 +85,61 @@ def fused_forward(
     (default ``checks.PROB_SUM_TOL`` of the dtype) is how far a row of teacher probabilities may sum from 1.
     """
     grad_scale = host_grad_scale(grad_scale, scale)
-    return tuple(
-        _require().fused_forward(
-            student,
-            teacher,
-            labels,
-            a,
-            log_c,
-            w,
-            gamma=float(gamma),
-            tau=float(tau),
-            teacher_is_probs=bool(teacher_is_probs),
-            grad_scale=float(grad_scale),
-            need_grad=bool(need_grad),
-            prob_tol=PROB_SUM_TOL.get(student.dtype, 0.0) if prob_tol is None else float(prob_tol),
-            grad_out=grad_out,
-            ignore_index=int(ignore_index),
-        )
+    reuse = need_grad and grad_out is None and student.numel() * student.element_size() >= REUSE_GRAD_BYTES
+    if reuse:
+        grad_out = _free_gradient(student)
+    out = _require().fused_forward(
+        student,
+        teacher,
+        labels,
+        a,
+        log_c,
+        w,
+        gamma=float(gamma),
+        tau=float(tau),
+        teacher_is_probs=bool(teacher_is_probs),
+        grad_scale=float(grad_scale),
+        need_grad=bool(need_grad),
+        prob_tol=PROB_SUM_TOL.get(student.dtype, 0.0) if prob_tol is None else float(prob_tol),
+        grad_out=grad_out,
+        ignore_index=int(ignore_index),
     )
+    if reuse:
+        # The memory only, not the tensor: autograd hands a gradient tensor that nothing else holds to the
+        # parameter as its .grad (no copy), and the next call finds out whether that .grad was dropped.
+        _buffers.grad = (out[1].shape, out[1].dtype, out[1].untyped_storage())
+    return tuple(out)
+
+
+# Gradients of REUSE_GRAD_BYTES or more: the memory of the last one this thread returned is kept and
+# written again by the next call of its shape and dtype once no tensor uses it any more (the caller dropped
+# the gradient: the usual ``optimizer.zero_grad()`` between steps, or ``f.grad = None``). A fresh
+# allocation that large is memory the C library maps anew and the OS faults in page by page (each fault
+# zeroes a page) on every call: at (1024, 32000) fp32 that cost more than the kernel. Kept is one
+# gradient's memory per thread at most, which the next step needs anyway; ``release_buffers`` drops it.
+REUSE_GRAD_BYTES = 8 << 20
+_buffers = threading.local()
+
+
+def _free_gradient(student: Tensor) -> Tensor | None:
+    """A tensor on this thread's kept gradient memory, if it was a gradient of ``student``'s shape and dtype
+    and nothing uses that memory any more: no tensor (the storage's only C++ reference is its Python
+    object's) and no other Python reference to that storage object (the cache's tuple, ``storage`` here
+    and ``getrefcount``'s argument)."""
+    kept = getattr(_buffers, "grad", None)
+    if kept is None:
+        return None
+    shape, dtype, storage = kept
+    if shape != student.shape or dtype != student.dtype:
+        return None
+    if torch._C._storage_Use_Count(storage._cdata) != 1 or sys.getrefcount(storage) != 3:
+        return None
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def release_buffers() -> None:
+    """Drop this thread's kept gradient buffer (see ``REUSE_GRAD_BYTES``)."""
+    _buffers.grad = None
 
 
 def host_grad_scale(grad_scale: float, scale: Tensor | None) -> float:
