@@ -36,6 +36,7 @@ from _common import ROOT, PeakMemory, environment, pyplot, time_fn, write_result
 
 import rkd_engine
 from rkd_engine import distill_loss, reference
+from rkd_engine.ops import cpp_backend
 
 CPU_SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (1024, 32000), (256, 131072)]
 CUDA_SHAPES = [(8192, 1000), (8192, 32000), (8192, 131072)]
@@ -276,6 +277,9 @@ def _peak_child(args) -> int:
     for name in args.methods.split(","):
         methods[name]()  # warm-up (compilation, first-touch of the inputs)
         f.grad = None
+        # The C++ backend keeps the memory of its last large gradient for the next call (docs/performance.md,
+        # "Gradient memory"): dropped here, so that the figure includes the gradient a call needs.
+        cpp_backend.release_buffers()
         with PeakMemory("cpu") as mem:
             methods[name]()
         peaks[name] = mem.peak_bytes

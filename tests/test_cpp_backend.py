@@ -575,3 +575,33 @@ def test_release_buffers_drops_the_kept_memory(reuse_small):
     assert cpp_backend._buffers.grad is not None
     cpp_backend.release_buffers()
     assert cpp_backend._buffers.grad is None
+
+
+def test_topk_gradient_memory_is_reused_once_dropped(monkeypatch):
+    """The sparse top-k kernel keeps its dense gradient's memory as the dense kernel does: from the second
+    step on one buffer, and every step's gradient equal to one computed into fresh memory."""
+    from rkd_engine import distill_loss
+
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(12, 40, generator=gen, requires_grad=True)
+    steps = []
+    for _ in range(3):
+        p = torch.softmax(torch.randn(12, 40, generator=gen) * 2, -1)
+        vals, idx = p.topk(5, -1)
+        steps.append((idx, vals.float()))
+
+    def grads(reuse_bytes):
+        monkeypatch.setattr(cpp_backend, "REUSE_GRAD_BYTES", reuse_bytes)
+        cpp_backend.release_buffers()
+        out = []
+        for idx, vals in steps:
+            f.grad = None
+            distill_loss(f, teacher_topk=(idx, vals), backend="cpp").loss.backward()
+            out.append((f.grad.clone(), f.grad.data_ptr()))
+        cpp_backend.release_buffers()
+        return out
+
+    reused, fresh = grads(0), grads(1 << 62)
+    assert len({ptr for _, ptr in reused[1:]}) == 1
+    for (got, _), (want, _) in zip(reused, fresh, strict=True):
+        assert torch.equal(got, want)

@@ -85,9 +85,9 @@ def fused_forward(
     (default ``checks.PROB_SUM_TOL`` of the dtype) is how far a row of teacher probabilities may sum from 1.
     """
     grad_scale = host_grad_scale(grad_scale, scale)
-    reuse = need_grad and grad_out is None and student.numel() * student.element_size() >= REUSE_GRAD_BYTES
+    reuse = need_grad and grad_out is None and reuses_gradient(student)
     if reuse:
-        grad_out = _free_gradient(student)
+        grad_out = free_gradient(student)
     out = _require().fused_forward(
         student,
         teacher,
@@ -105,9 +105,7 @@ def fused_forward(
         ignore_index=int(ignore_index),
     )
     if reuse:
-        # The memory only, not the tensor: autograd hands a gradient tensor that nothing else holds to the
-        # parameter as its .grad (no copy), and the next call finds out whether that .grad was dropped.
-        _buffers.grad = (out[1].shape, out[1].dtype, out[1].untyped_storage())
+        keep_gradient(out[1])
     return tuple(out)
 
 
@@ -121,7 +119,19 @@ REUSE_GRAD_BYTES = 8 << 20
 _buffers = threading.local()
 
 
-def _free_gradient(student: Tensor) -> Tensor | None:
+def reuses_gradient(student: Tensor) -> bool:
+    """Whether a gradient like ``student`` is large enough to be kept (``REUSE_GRAD_BYTES``)."""
+    return student.numel() * student.element_size() >= REUSE_GRAD_BYTES
+
+
+def keep_gradient(grad: Tensor) -> None:
+    """Keep ``grad``'s memory for a later call (``free_gradient``). The memory only, not the tensor: autograd
+    hands a gradient tensor that nothing else holds to the parameter as its ``.grad`` (no copy), and the next
+    call finds out whether that ``.grad`` was dropped."""
+    _buffers.grad = (grad.shape, grad.dtype, grad.untyped_storage())
+
+
+def free_gradient(student: Tensor) -> Tensor | None:
     """A tensor on this thread's kept gradient memory, if it was a gradient of ``student``'s shape and dtype
     and nothing uses that memory any more: no tensor (the storage's only C++ reference is its Python
     object's) and no other Python reference to that storage object (the cache's tuple, ``storage`` here

@@ -33,10 +33,13 @@ def topk_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` as ``rkd_engine.ops.topk.sparse_topk_forward`` says."""
     grad_scale = cpp_backend.host_grad_scale(grad_scale, scale)
-    return tuple(
-        cpp_backend._require().topk_forward(
-            student, indices, probs, labels, a, log_c, w, tau=float(tau), uniform=bool(uniform),
-            grad_scale=float(grad_scale), need_grad=bool(need_grad), grad_out=grad_out,
-            ignore_index=int(ignore_index),
-        )
+    reuse = need_grad and grad_out is None and cpp_backend.reuses_gradient(student)
+    if reuse:  # a dense (B, m) gradient, kept between calls as the dense kernel's (cpp_backend)
+        grad_out = cpp_backend.free_gradient(student)
+    out = cpp_backend._require().topk_forward(
+        student, indices, probs, labels, a, log_c, w, tau=float(tau), uniform=bool(uniform),
+        grad_scale=float(grad_scale), need_grad=bool(need_grad), grad_out=grad_out, ignore_index=int(ignore_index),
     )  # fmt: skip
+    if reuse:
+        cpp_backend.keep_gradient(out[1])
+    return tuple(out)
