@@ -249,14 +249,13 @@ Workspace make_workspace(int64_t rows, int64_t m, DType code, const at::TensorOp
 }
 
 // A gradient of 8 MiB or more leaves the caches before anything reads it: write it around them
-// (non-temporal stores, some 10% faster at 16 MiB here). Not into memory the OS has yet to map,
-// though: first-touch page faults under streaming stores cost more than the kernel. A fresh
-// allocation of 32 MiB or more is such memory (glibc maps it anew each time); grad_out and
-// smaller allocations (reused heap memory) are not.
+// (non-temporal stores, some 10% faster at 16 MiB here), but only into grad_out, memory that was written
+// before (the Python backend passes the kept memory of the previous gradient there: cpp_backend,
+// REUSE_GRAD_BYTES). A gradient allocated here may be a mapping the OS has yet to fault in (glibc maps
+// large allocations anew), and first-touch page faults under streaming stores cost more than the kernel.
 bool stream_gradient(int64_t grad_bytes, bool need_grad, bool into_grad_out) {
   constexpr int64_t kStreamBytes = int64_t(8) << 20;
-  constexpr int64_t kFreshMapBytes = int64_t(32) << 20;
-  return need_grad && grad_bytes >= kStreamBytes && (into_grad_out || grad_bytes < kFreshMapBytes);
+  return need_grad && into_grad_out && grad_bytes >= kStreamBytes;
 }
 
 // Runs the row kernel over every block of rows (threads claim blocks as they finish) and raises for the
