@@ -85,28 +85,15 @@ def fused_forward(
     (default ``checks.PROB_SUM_TOL`` of the dtype) is how far a row of teacher probabilities may sum from 1.
     """
     grad_scale = host_grad_scale(grad_scale, scale)
-    reuse = need_grad and grad_out is None and reuses_gradient(student)
-    if reuse:
-        grad_out = free_gradient(student)
-    out = _require().fused_forward(
-        student,
-        teacher,
-        labels,
-        a,
-        log_c,
-        w,
-        gamma=float(gamma),
-        tau=float(tau),
-        teacher_is_probs=bool(teacher_is_probs),
-        grad_scale=float(grad_scale),
-        need_grad=bool(need_grad),
-        prob_tol=PROB_SUM_TOL.get(student.dtype, 0.0) if prob_tol is None else float(prob_tol),
-        grad_out=grad_out,
-        ignore_index=int(ignore_index),
-    )
-    if reuse:
-        keep_gradient(out[1])
-    return tuple(out)
+    prob_tol = PROB_SUM_TOL.get(student.dtype, 0.0) if prob_tol is None else float(prob_tol)
+    return with_kept_gradient(
+        lambda out: _require().fused_forward(
+            student, teacher, labels, a, log_c, w, gamma=float(gamma), tau=float(tau),
+            teacher_is_probs=bool(teacher_is_probs), grad_scale=float(grad_scale), need_grad=bool(need_grad),
+            prob_tol=prob_tol, grad_out=out, ignore_index=int(ignore_index),
+        ),
+        student, need_grad, grad_out,
+    )  # fmt: skip
 
 
 # Gradients of REUSE_GRAD_BYTES or more: the memory of the last one this thread returned is kept and
@@ -119,19 +106,20 @@ REUSE_GRAD_BYTES = 8 << 20
 _buffers = threading.local()
 
 
-def reuses_gradient(student: Tensor) -> bool:
-    """Whether a gradient like ``student`` is large enough to be kept (``REUSE_GRAD_BYTES``)."""
-    return student.numel() * student.element_size() >= REUSE_GRAD_BYTES
+def with_kept_gradient(run, student: Tensor, need_grad: bool, grad_out: Tensor | None) -> tuple:
+    """``run(grad_out)``, a kernel call returning ``(loss, grad, ...)`` with its gradient written into
+    ``grad_out`` (allocated by the kernel when ``None``): for a large gradient the caller did not place, into
+    this thread's kept memory when it is free, and the new gradient's memory is kept afterwards. The
+    memory only, not the tensor: autograd hands a gradient tensor that nothing else holds to the parameter
+    as its ``.grad`` (no copy), and the next call finds out whether that ``.grad`` was dropped."""
+    if not need_grad or grad_out is not None or student.numel() * student.element_size() < REUSE_GRAD_BYTES:
+        return tuple(run(grad_out))
+    out = run(_free_gradient(student))
+    _buffers.grad = (out[1].shape, out[1].dtype, out[1].untyped_storage())
+    return tuple(out)
 
 
-def keep_gradient(grad: Tensor) -> None:
-    """Keep ``grad``'s memory for a later call (``free_gradient``). The memory only, not the tensor: autograd
-    hands a gradient tensor that nothing else holds to the parameter as its ``.grad`` (no copy), and the next
-    call finds out whether that ``.grad`` was dropped."""
-    _buffers.grad = (grad.shape, grad.dtype, grad.untyped_storage())
-
-
-def free_gradient(student: Tensor) -> Tensor | None:
+def _free_gradient(student: Tensor) -> Tensor | None:
     """A tensor on this thread's kept gradient memory, if it was a gradient of ``student``'s shape and dtype
     and nothing uses that memory any more: no tensor (the storage's only C++ reference is its Python
     object's) and no other Python reference to that storage object (the cache's tuple, ``storage`` here

@@ -33,13 +33,10 @@ def topk_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad, mass, risk, error)`` as ``rkd_engine.ops.topk.sparse_topk_forward`` says."""
     grad_scale = cpp_backend.host_grad_scale(grad_scale, scale)
-    reuse = need_grad and grad_out is None and cpp_backend.reuses_gradient(student)
-    if reuse:  # a dense (B, m) gradient, kept between calls as the dense kernel's (cpp_backend)
-        grad_out = cpp_backend.free_gradient(student)
-    out = cpp_backend._require().topk_forward(
-        student, indices, probs, labels, a, log_c, w, tau=float(tau), uniform=bool(uniform),
-        grad_scale=float(grad_scale), need_grad=bool(need_grad), grad_out=grad_out, ignore_index=int(ignore_index),
+    return cpp_backend.with_kept_gradient(  # a dense (B, m) gradient, kept between calls as the dense kernel's
+        lambda out: cpp_backend._require().topk_forward(
+            student, indices, probs, labels, a, log_c, w, tau=float(tau), uniform=bool(uniform),
+            grad_scale=float(grad_scale), need_grad=bool(need_grad), grad_out=out, ignore_index=int(ignore_index),
+        ),
+        student, need_grad, grad_out,
     )  # fmt: skip
-    if reuse:
-        cpp_backend.keep_gradient(out[1])
-    return tuple(out)
